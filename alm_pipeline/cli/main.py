@@ -1,0 +1,169 @@
+"""The ``alm-pipeline`` command line: a thin layer that parses options into config objects and calls the
+library (``alm_pipeline.pipeline`` / ``alm_pipeline.cache``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    name="alm-pipeline",
+    help="Cross-tokenizer distillation with Approximate Likelihood Matching, around a precomputed teacher cache.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+def _say(message: str) -> None:
+    typer.echo(f"[alm-pipeline] {message}", err=True)
+
+
+def _default_corpus() -> str:
+    from alm_pipeline.assets import bundled_corpus_path
+
+    return str(bundled_corpus_path())
+
+
+RayAddress = Annotated[
+    str | None,
+    typer.Option(
+        "--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray started for the run)"
+    ),
+]
+NumCpus = Annotated[int | None, typer.Option(help="CPUs of the local Ray instance (default: all cores)")]
+
+
+@app.command("teacher-cache")
+def teacher_cache(
+    output: Annotated[Path, typer.Option(help="Cache directory to create (or resume)")] = Path(
+        "caches/teacher"
+    ),
+    teacher: Annotated[
+        str, typer.Option(help="Teacher model: local path, short name (smollm2-135m) or hub name")
+    ] = ("smollm2-135m"),
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help="Corpus: .jsonl/.json/.parquet file or folder, save_to_disk folder, or hub dataset "
+            "(default: the bundled Shakespeare corpus)"
+        ),
+    ] = None,
+    text_field: Annotated[str, typer.Option(help="Field holding the document text")] = "text",
+    id_field: Annotated[
+        str | None, typer.Option(help="Field holding a unique document id (default: hash of text)")
+    ] = None,
+    split: Annotated[str, typer.Option(help="Split, for hub datasets and DatasetDict folders")] = "train",
+    max_docs: Annotated[int | None, typer.Option(help="Use only the first N usable documents")] = None,
+    engine: Annotated[
+        str, typer.Option(help="Teacher engine: hf (transformers, any machine) or vllm")
+    ] = "hf",
+    max_length: Annotated[
+        int, typer.Option(help="Teacher tokens per document (longer ones are truncated)")
+    ] = 1024,
+    dtype: Annotated[
+        str,
+        typer.Option(help="Teacher weights dtype: float32, bfloat16, float16 (log-probs are always fp32)"),
+    ] = "float32",
+    shard_size: Annotated[
+        int, typer.Option(help="Documents per shard (the unit of work and of resume)")
+    ] = 256,
+    batch_tokens: Annotated[int, typer.Option(help="Padded tokens per forward pass")] = 8192,
+    concurrency: Annotated[int, typer.Option(help="Teacher replicas (Ray actors)")] = 1,
+    num_gpus_per_actor: Annotated[float, typer.Option(help="GPUs per teacher replica")] = 0.0,
+    num_cpus_per_actor: Annotated[float, typer.Option(help="CPUs per teacher replica")] = 1.0,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace an existing cache that has other settings")
+    ] = False,
+    address: RayAddress = None,
+    num_cpus: NumCpus = None,
+    verbose: Annotated[bool, typer.Option(help="Show Ray worker logs")] = False,
+) -> None:
+    """Run the teacher over a corpus once and store per-token log-probs and boundary log-probs.
+
+    Writes Parquet shards + manifest.json. Re-running the same command resumes an interrupted run.
+    """
+    from alm_pipeline.pipeline.corpus import CorpusConfig
+    from alm_pipeline.pipeline.ray_utils import RayConfig
+    from alm_pipeline.pipeline.teacher_cache import TeacherCacheConfig, TeacherCacheError, build_teacher_cache
+
+    config = TeacherCacheConfig(
+        teacher=teacher,
+        corpus=CorpusConfig(
+            path=data or _default_corpus(),
+            text_field=text_field,
+            id_field=id_field,
+            split=split,
+            limit=max_docs,
+        ),
+        output=str(output),
+        engine=engine,
+        max_length=max_length,
+        dtype=dtype,
+        shard_size=shard_size,
+        batch_tokens=batch_tokens,
+        concurrency=concurrency,
+        num_gpus_per_actor=num_gpus_per_actor,
+        num_cpus_per_actor=num_cpus_per_actor,
+        overwrite=overwrite,
+        ray=RayConfig(address=address, num_cpus=num_cpus, log_to_driver=verbose),
+    )
+    try:
+        summary = build_teacher_cache(config, progress=_say)
+    except (TeacherCacheError, ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    _say(
+        f"done: {summary.docs} documents, {summary.tokens} tokens in {summary.shards_total} shards "
+        f"({summary.shards_reused} reused) in {summary.seconds:.1f}s -> {summary.output}"
+    )
+
+
+@app.command()
+def inspect(
+    path: Annotated[Path, typer.Argument(help="A teacher cache directory")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+    verify: Annotated[bool, typer.Option(help="Verify every shard's checksum")] = True,
+) -> None:
+    """Summarise a teacher cache: teacher, tokenizer, documents, tokens, size, bits per byte."""
+    from alm_pipeline.cache.reader import open_cache
+    from alm_pipeline.cache.store import CacheIntegrityError
+
+    try:
+        cache = open_cache(path, verify=verify, require_complete=False)
+    except (CacheIntegrityError, ValueError) as err:
+        _fail(str(err))
+    summary = cache.summary()
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    _print_table(summary)
+
+
+def _print_table(summary: dict, indent: str = "") -> None:
+    width = max(len(k) for k in summary)
+    for key, value in summary.items():
+        if isinstance(value, dict):
+            typer.echo(f"{indent}{key}:")
+            _print_table(value, indent + "  ")
+        else:
+            typer.echo(f"{indent}{key.ljust(width)}  {value}")
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

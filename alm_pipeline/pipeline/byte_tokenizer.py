@@ -1,0 +1,42 @@
+"""The built-in ``bytes`` tokenizer: 256 byte tokens plus BOS/EOS/PAD, nothing else.
+
+Token id ``b`` (0..255) is the byte ``b``; ``<pad>`` = 256, ``<bos>`` = 257, ``<eos>`` = 258. It is an ordinary
+Hugging Face fast tokenizer (byte-level alphabet, no merges), so ``save_pretrained`` / ``AutoTokenizer``
+round-trip it and vLLM can serve a model trained with it. It prepends ``<bos>`` so that the first byte of
+every document is predicted.
+"""
+
+from __future__ import annotations
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+from alm_pipeline.pipeline.byteview import unicode_to_bytes
+
+PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
+
+
+def build_byte_backend() -> Tokenizer:
+    byte_chars = {b: c for c, b in unicode_to_bytes().items()}
+    vocab = {byte_chars[b]: b for b in range(256)}
+    vocab.update({PAD: 256, BOS: 257, EOS: 258})
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], ignore_merges=True))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([PAD, BOS, EOS])
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, 257)]
+    )
+    return backend
+
+
+def build_byte_tokenizer():
+    """The ``bytes`` tokenizer as a transformers ``PreTrainedTokenizerFast``."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=build_byte_backend(),
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        model_max_length=1 << 30,
+    )

@@ -1,0 +1,395 @@
+"""Exact byte views of tokenizers.
+
+Every stage of the pipeline works on bytes, never on decoded strings. A :class:`ByteView` knows, for every
+token id of a tokenizer, the exact UTF-8 bytes that token stands for in the text:
+
+* byte-level BPE (GPT-2, Llama-3, Qwen, SmolLM): vocabulary strings are written in the GPT-2
+  ``bytes_to_unicode`` alphabet (``Ġ`` = space, ``Ċ`` = newline, ...), one character per byte;
+* SentencePiece style (Mistral, Llama-2, Gemma): ``▁`` stands for a space and ``<0xNN>`` pieces are
+  single bytes (byte fallback); the tokenizer may add a "dummy prefix" space that is not in the text;
+* plain tokenizers whose vocabulary strings are the text itself (character- or word-level);
+* special tokens (BOS, EOS, chat-template tokens) cover no bytes of the text.
+
+``encode`` tokenizes a text as plain text (strings such as ``<|endoftext|>`` or ``<s>`` inside a document are
+never turned into control tokens), adds the tokenizer's own prefix/suffix special tokens, and returns per
+token the byte END offset into the text's UTF-8 encoding. It checks that the tokens' bytes concatenate to
+the text and raises :class:`TokenizerMismatchError` otherwise: offsets that do not reproduce the text are
+never returned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import unicodedata
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+# Bytes after which a new pretoken starts: the boundary set B of the method (space, newline, tab).
+BOUNDARY_BYTES = frozenset(b" \n\t")
+
+_BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+_SPIECE_SPACE = "\u2581"  # ▁
+_UNICODE_NORMALIZERS = {"NFC", "NFD", "NFKC", "NFKD"}
+_HARMLESS_NORMALIZERS = {"Prepend", "Replace"}  # checked in detail below
+
+
+class TokenizerMismatchError(ValueError):
+    """The tokenizer cannot reproduce the bytes of a text (or cannot be used at all)."""
+
+
+@lru_cache(maxsize=1)
+def unicode_to_bytes() -> dict[str, int]:
+    """Inverse of GPT-2's ``bytes_to_unicode``: stand-in character -> byte value."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    byte_values = printable[:]
+    code_points = printable[:]
+    n = 0
+    for b in range(256):
+        if b not in printable:
+            byte_values.append(b)
+            code_points.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(byte_values, code_points, strict=True)}
+
+
+@dataclass(frozen=True)
+class EncodedText:
+    """A text tokenized with exact byte offsets.
+
+    ``offsets[u]`` is the byte END offset of token u in ``text.encode("utf-8")``; a token covering no bytes
+    (BOS, a dummy-prefix piece) repeats the previous offset (0 at the start).
+    """
+
+    text: str
+    token_ids: np.ndarray  # int32
+    offsets: np.ndarray  # int32
+    truncated: bool = False
+
+
+@dataclass
+class ByteView:
+    """Byte representation of a tokenizer's vocabulary plus its encoding conventions."""
+
+    name: str
+    kind: str  # "byte_level" | "sentencepiece" | "plain"
+    tokenizer: Tokenizer  # the backend, with unicode normalizers removed (see ``text_normalization``)
+    token_bytes: list[bytes]
+    is_special: np.ndarray  # bool, per id
+    prefix_ids: list[int]
+    suffix_ids: list[int]
+    text_normalization: str | None  # "NFC" etc. when the original tokenizer normalized text that way
+    fingerprint: str
+    eos_id: int | None = None
+    bos_id: int | None = None
+    pad_id: int | None = None
+    token_lengths: np.ndarray = field(init=False)
+    boundary_mask: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.token_lengths = np.array([len(b) for b in self.token_bytes], dtype=np.int32)
+        starts_at_boundary = np.array(
+            [len(b) > 0 and b[0] in BOUNDARY_BYTES for b in self.token_bytes], dtype=bool
+        )
+        self.boundary_mask = starts_at_boundary | self.is_special
+
+    def __setstate__(self, state: dict) -> None:
+        # `encode_special_tokens` is not part of a tokenizer's serialized form: restore it after unpickling
+        # (Ray ships byte views to workers), or special-token strings in documents would become control tokens.
+        self.__dict__.update(state)
+        self.tokenizer.encode_special_tokens = True
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.token_bytes)
+
+    @property
+    def max_token_bytes(self) -> int:
+        return int(self.token_lengths.max()) if self.vocab_size else 1
+
+    def boundary_token_ids(self) -> np.ndarray:
+        return np.flatnonzero(self.boundary_mask).astype(np.int32)
+
+    def normalize_text(self, text: str) -> str:
+        """Apply the unicode normalization the original tokenizer would have applied."""
+        if self.text_normalization:
+            return unicodedata.normalize(self.text_normalization, text)
+        return text
+
+    def encode(
+        self,
+        text: str,
+        max_length: int | None = None,
+        add_special_tokens: bool = True,
+        doc_ref: str = "",
+    ) -> EncodedText:
+        """Tokenize ``text`` as plain text with exact byte offsets.
+
+        With ``max_length``, keeps the first ``max_length`` tokens (prefix special tokens included) and cuts
+        the text to exactly the bytes those tokens cover, backing off to the last token boundary that falls
+        on a UTF-8 character boundary so the kept text is valid UTF-8.
+        """
+        where = f" (document {doc_ref})" if doc_ref else ""
+        text_bytes = text.encode("utf-8")  # raises on lone surrogates: caller validates first
+        prefix = self.prefix_ids if add_special_tokens else []
+        suffix = self.suffix_ids if add_special_tokens else []
+        source = text
+        precut = False
+        if max_length is not None:
+            # Bound memory for huge documents: tokenizing far more bytes than max_length tokens can cover
+            # is wasted work. Cut at a character boundary well past what max_length tokens can span.
+            limit_bytes = (max_length + 8) * max(self.max_token_bytes, 4) * 2
+            if len(text_bytes) > limit_bytes:
+                source = text_bytes[:limit_bytes].decode("utf-8", errors="ignore")
+                precut = True
+        ids = self.tokenizer.encode(source, add_special_tokens=False).ids
+        source_bytes = source.encode("utf-8") if precut else text_bytes
+        lengths = self.token_lengths[ids] if ids else np.zeros(0, dtype=np.int32)
+        joined = b"".join(self.token_bytes[i] for i in ids)
+        if joined != source_bytes:
+            if joined == b" " + source_bytes and ids and self.token_bytes[ids[0]][:1] == b" ":
+                lengths = lengths.copy()
+                lengths[0] -= 1  # dummy-prefix space: carried by the first token, not in the text
+            else:
+                raise TokenizerMismatchError(
+                    f"tokenizer {self.name!r} does not reproduce the bytes of the text{where}: "
+                    f"{_first_difference(joined, source_bytes)}"
+                )
+        all_ids = np.array(list(prefix) + list(ids) + list(suffix), dtype=np.int32)
+        body_ends = np.cumsum(lengths, dtype=np.int64)
+        end = int(body_ends[-1]) if len(body_ends) else 0
+        offsets = np.concatenate(
+            [np.zeros(len(prefix), dtype=np.int64), body_ends, np.full(len(suffix), end, dtype=np.int64)]
+        ).astype(np.int32)
+        truncated = precut
+        if max_length is not None and len(all_ids) > max_length:
+            truncated = True
+            keep = max_length
+            # back off until the kept tokens end on a character boundary
+            while keep > 0 and not _is_char_boundary(source_bytes, int(offsets[keep - 1])):
+                keep -= 1
+            all_ids, offsets = all_ids[:keep], offsets[:keep]
+        if truncated:
+            end = int(offsets[-1]) if len(offsets) else 0
+            text = source_bytes[:end].decode("utf-8")
+        return EncodedText(text=text, token_ids=all_ids, offsets=offsets, truncated=truncated)
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "vocab_size": self.vocab_size,
+            "prefix_ids": self.prefix_ids,
+            "suffix_ids": self.suffix_ids,
+            "special_ids": np.flatnonzero(self.is_special).tolist(),
+            "text_normalization": self.text_normalization,
+            "fingerprint": self.fingerprint,
+        }
+
+
+def _is_char_boundary(data: bytes, offset: int) -> bool:
+    return offset <= 0 or offset >= len(data) or (data[offset] & 0xC0) != 0x80
+
+
+def _first_difference(got: bytes, want: bytes) -> str:
+    n = next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), min(len(got), len(want)))
+    return (
+        f"token bytes {got[max(0, n - 10) : n + 10]!r} vs text bytes {want[max(0, n - 10) : n + 10]!r} "
+        f"at byte {n} (tokens cover {len(got)} bytes, text has {len(want)})"
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Construction
+
+
+def byte_view_from_hf(tokenizer, name: str | None = None) -> ByteView:
+    """Build a :class:`ByteView` from a transformers tokenizer (fast) or a ``tokenizers.Tokenizer``."""
+    backend = tokenizer if isinstance(tokenizer, Tokenizer) else getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise TokenizerMismatchError(
+            f"tokenizer {name or tokenizer!r} has no fast (Rust) backend; only `tokenizers`-based tokenizers "
+            "are supported"
+        )
+    name = name or getattr(tokenizer, "name_or_path", None) or "tokenizer"
+    spec = json.loads(backend.to_str())
+    backend, normalization = _strip_unicode_normalizers(backend, spec, name)
+    spec = json.loads(backend.to_str())
+    backend.encode_special_tokens = True  # special-token strings inside documents are plain text
+
+    size = backend.get_vocab_size(with_added_tokens=True)
+    if not isinstance(tokenizer, Tokenizer):
+        size = max(size, len(tokenizer))
+    vocab = backend.get_vocab(with_added_tokens=True)
+    added = {int(i): tok for i, tok in backend.get_added_tokens_decoder().items()}
+    kind = _detect_kind(spec)
+    strings: list[str | None] = [None] * size
+    for tok, i in vocab.items():
+        if i < size:
+            strings[i] = tok
+    table = unicode_to_bytes()
+    token_bytes: list[bytes] = []
+    is_special = np.zeros(size, dtype=bool)
+    for i, tok in enumerate(strings):
+        if i in added:
+            is_special[i] = added[i].special
+            token_bytes.append(b"" if added[i].special else added[i].content.encode("utf-8"))
+        elif tok is None:
+            token_bytes.append(b"")
+        else:
+            token_bytes.append(_token_to_bytes(tok, kind, table))
+
+    with_specials = backend.encode("a", add_special_tokens=True).ids
+    without = backend.encode("a", add_special_tokens=False).ids
+    prefix_ids, suffix_ids = _split_around(with_specials, without)
+    fingerprint_source = json.dumps(
+        {"tokenizer": spec, "normalization": normalization, "prefix": prefix_ids, "suffix": suffix_ids},
+        sort_keys=True,
+    )
+    view = ByteView(
+        name=str(name),
+        kind=kind,
+        tokenizer=backend,
+        token_bytes=token_bytes,
+        is_special=is_special,
+        prefix_ids=prefix_ids,
+        suffix_ids=suffix_ids,
+        text_normalization=normalization,
+        fingerprint=hashlib.sha256(fingerprint_source.encode()).hexdigest()[:32],
+        eos_id=_special_id(tokenizer, "eos_token_id"),
+        bos_id=_special_id(tokenizer, "bos_token_id"),
+        pad_id=_special_id(tokenizer, "pad_token_id"),
+    )
+    _probe(view)
+    return view
+
+
+def load_byte_view(path_or_name: str | Path) -> ByteView:
+    """Load a tokenizer by path (or the built-in name ``bytes``) and build its byte view."""
+    from transformers import AutoTokenizer
+
+    if str(path_or_name) == "bytes":
+        from alm_pipeline.pipeline.byte_tokenizer import build_byte_tokenizer
+
+        return byte_view_from_hf(build_byte_tokenizer(), name="bytes")
+    tok = AutoTokenizer.from_pretrained(str(path_or_name))
+    return byte_view_from_hf(tok, name=str(path_or_name))
+
+
+def _special_id(tokenizer, attr: str) -> int | None:
+    value = getattr(tokenizer, attr, None)
+    return int(value) if isinstance(value, int) else None
+
+
+def _split_around(with_specials: list[int], without: list[int]) -> tuple[list[int], list[int]]:
+    n = len(without)
+    for start in range(len(with_specials) - n + 1):
+        if with_specials[start : start + n] == without:
+            return list(with_specials[:start]), list(with_specials[start + n :])
+    raise TokenizerMismatchError(
+        "could not locate the text tokens inside the tokenizer's special-token template"
+    )
+
+
+def _detect_kind(spec: dict) -> str:
+    def types(node) -> set[str]:
+        if not node:
+            return set()
+        found = {node.get("type", "")}
+        for key in ("pretokenizers", "normalizers", "decoders"):
+            for child in node.get(key, []) or []:
+                found |= types(child)
+        return found
+
+    pre, dec, norm = (
+        types(spec.get("pre_tokenizer")),
+        types(spec.get("decoder")),
+        types(spec.get("normalizer")),
+    )
+    if "ByteLevel" in pre or ("ByteLevel" in dec and "Metaspace" not in pre):
+        return "byte_level"
+    model = spec.get("model", {})
+    if "Metaspace" in pre or "Metaspace" in dec or model.get("byte_fallback") or "Prepend" in norm:
+        return "sentencepiece"
+    if "Replace" in norm and _SPIECE_SPACE in json.dumps(spec.get("normalizer")):
+        return "sentencepiece"
+    return "plain"
+
+
+def _token_to_bytes(tok: str, kind: str, table: dict[str, int]) -> bytes:
+    if kind == "byte_level":
+        if all(c in table for c in tok):
+            return bytes(table[c] for c in tok)
+        return tok.encode("utf-8")
+    if kind == "sentencepiece":
+        m = _BYTE_FALLBACK.match(tok)
+        if m:
+            return bytes([int(m.group(1), 16)])
+        return tok.replace(_SPIECE_SPACE, " ").encode("utf-8")
+    return tok.encode("utf-8")
+
+
+def _strip_unicode_normalizers(backend: Tokenizer, spec: dict, name: str) -> tuple[Tokenizer, str | None]:
+    """Remove NFC/NFKC/... normalizers (recording which) and refuse normalizers that rewrite text."""
+    node = spec.get("normalizer")
+    if not node:
+        return backend, None
+    children = node.get("normalizers", []) if node.get("type") == "Sequence" else [node]
+    kept, forms = [], []
+    for child in children:
+        kind = child.get("type")
+        if kind in _UNICODE_NORMALIZERS:
+            forms.append(kind)
+        elif (
+            kind == "Replace"
+            and child.get("content") == _SPIECE_SPACE
+            or kind == "Prepend"
+            and child.get("prepend") == _SPIECE_SPACE
+        ):
+            kept.append(child)
+        else:
+            raise TokenizerMismatchError(
+                f"tokenizer {name!r} has a {kind!r} normalizer, which rewrites the text; its tokens cannot "
+                "be mapped back to the document's bytes, so it is not supported"
+            )
+    if len(forms) > 1:
+        raise TokenizerMismatchError(f"tokenizer {name!r} chains several unicode normalizers {forms}")
+    if not forms:
+        return backend, None
+    if not kept:
+        spec["normalizer"] = None
+    elif len(kept) == 1:
+        spec["normalizer"] = kept[0]
+    else:
+        spec["normalizer"] = {"type": "Sequence", "normalizers": kept}
+    return Tokenizer.from_str(json.dumps(spec)), forms[0]
+
+
+# ASCII only: a tokenizer without byte fallback may lack rarer characters, which is a per-document problem
+# (reported for the document), not a reason to refuse the tokenizer.
+_PROBE_TEXTS = [
+    "Hello world",
+    " two  spaces\tand a tab\nnewline\r\nend",
+    "<|endoftext|> <s> </s>",
+]
+
+
+def _probe(view: ByteView) -> None:
+    """Refuse, at construction, a tokenizer whose pre-tokenizer or model drops or rewrites bytes."""
+    for text in _PROBE_TEXTS:
+        try:
+            view.encode(view.normalize_text(text), add_special_tokens=False)
+        except TokenizerMismatchError as err:
+            raise TokenizerMismatchError(
+                f"tokenizer {view.name!r} cannot reproduce plain text exactly ({err}); tokenizers whose "
+                "pre-tokenizer or normalizer changes the text (e.g. WordPiece, lower-casing) are not supported"
+            ) from None

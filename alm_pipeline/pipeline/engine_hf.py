@@ -1,0 +1,175 @@
+"""Teacher engine ``hf``: exact per-token log-probs and boundary log-probs with transformers.
+
+For each sequence of teacher token ids it returns
+
+* ``logprob[u] = log p_T(t_u | t_<u)`` (NaN at u = 0, where nothing predicts the token), and
+* ``boundary_logprob[u] = log Σ_{v ∈ B} p_T(v | t_≤u)``: the probability that the token after u starts at a
+  pretoken boundary (space/newline/tab byte, or a special token),
+
+both from the FULL softmax in fp32. The model body runs once per batch; the LM head and the log-softmax run
+over slices of positions so that at most ``max_logit_elements`` fp32 logits exist at any time (a 150k
+vocabulary never materialises a [batch, length, vocab] tensor). Sequences are sorted by length and packed
+into batches under a token budget to cut padding; results come back in the input order. Ids at or beyond
+the tokenizer's size (padded vocabulary rows) are excluded from the softmax.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class HFEngineConfig:
+    model: str  # local path (or hub name when the network allows)
+    dtype: str = "float32"  # model weights/compute: float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    max_batch_tokens: int = 8192  # padded tokens per forward pass
+    max_logit_elements: int = 1 << 25  # fp32 logits alive at once (128 MiB)
+    num_threads: int | None = None  # torch intra-op threads on CPU (None: torch's default)
+    trust_remote_code: bool = False
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class HFTeacherEngine:
+    name = "hf"
+
+    def __init__(self, config: HFEngineConfig, boundary_token_ids: np.ndarray, tokenizer_size: int):
+        from transformers import AutoModelForCausalLM
+
+        if config.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {config.dtype!r}")
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.config = config
+        self.device = torch.device(
+            ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            config.model, dtype=_DTYPES[config.dtype], trust_remote_code=config.trust_remote_code
+        )
+        self.model = model.eval().to(self.device)
+        self.body = getattr(model, model.base_model_prefix, None)
+        self.head = model.get_output_embeddings()
+        if self.body is None or self.head is None:
+            raise ValueError(f"{config.model}: cannot split the model into body and LM head")
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        self.scale = getattr(model.config, "logit_scale", None)
+        vocab_rows = self.head.weight.shape[0]
+        if tokenizer_size > vocab_rows:
+            raise ValueError(
+                f"{config.model}: tokenizer has {tokenizer_size} tokens but the LM head only {vocab_rows} rows"
+            )
+        self.tokenizer_size = tokenizer_size
+        boundary = torch.zeros(vocab_rows, dtype=torch.bool)
+        boundary[torch.as_tensor(np.asarray(boundary_token_ids, dtype=np.int64))] = True
+        boundary[tokenizer_size:] = False
+        self.boundary = boundary.to(self.device)
+        self.valid_vocab = torch.arange(vocab_rows, device=self.device) < tokenizer_size
+        self._self_check()
+
+    # ------------------------------------------------------------------ public
+    def describe(self) -> dict:
+        import transformers
+
+        return {
+            "engine": self.name,
+            "engine_version": f"transformers {transformers.__version__}, torch {torch.__version__}",
+            "dtype": self.config.dtype,
+            "device": str(self.device),
+            "logits": "fp32 log-softmax over the tokenizer's ids (padded vocabulary rows excluded)",
+        }
+
+    @torch.inference_mode()
+    def score(self, sequences: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(logprob, boundary_logprob) per sequence, float32 arrays of the sequence's length."""
+        results: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(sequences)
+        for batch in self._batches(sequences):
+            for idx, out in zip(batch, self._score_batch([sequences[i] for i in batch]), strict=True):
+                results[idx] = out
+        return results  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ internals
+    def _batches(self, sequences: list[np.ndarray]) -> list[list[int]]:
+        """Indices grouped into batches: longest first, padded size under ``max_batch_tokens``."""
+        order = sorted(range(len(sequences)), key=lambda i: (-len(sequences[i]), i))
+        batches: list[list[int]] = []
+        current: list[int] = []
+        for i in order:
+            width = len(sequences[current[0]]) if current else len(sequences[i])
+            if current and (len(current) + 1) * width > self.config.max_batch_tokens:
+                batches.append(current)
+                current = []
+            current.append(i)
+        if current:
+            batches.append(current)
+        return batches
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.head(hidden).float()
+        if self.scale:
+            logits = logits * self.scale
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits.masked_fill_(~self.valid_vocab, -math.inf)
+
+    def _score_batch(self, seqs: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        lengths = [len(s) for s in seqs]
+        width = max(lengths)
+        ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        mask = torch.zeros(len(seqs), width, dtype=torch.long)
+        for row, seq in enumerate(seqs):
+            ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+            mask[row, : len(seq)] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        hidden = self.body(input_ids=ids, attention_mask=mask).last_hidden_state
+        flat_hidden = hidden[mask.bool()]  # [N, d] valid positions, row-major
+        # the token each position predicts (the next one in the same row; a dummy 0 at each row's end)
+        next_ids = torch.zeros_like(ids)
+        next_ids[:, :-1] = ids[:, 1:]
+        flat_next = next_ids[mask.bool()]
+        n = flat_hidden.shape[0]
+        step = max(1, self.config.max_logit_elements // self.head.weight.shape[0])
+        target_lp = torch.empty(n, dtype=torch.float32, device=self.device)
+        boundary_lp = torch.empty(n, dtype=torch.float32, device=self.device)
+        for start in range(0, n, step):
+            logits = self._logits(flat_hidden[start : start + step])
+            lse = torch.logsumexp(logits, dim=-1)
+            target_lp[start : start + step] = (
+                logits.gather(1, flat_next[start : start + step, None])[:, 0] - lse
+            )
+            boundary_lse = torch.logsumexp(logits.masked_fill(~self.boundary, -math.inf), dim=-1)
+            boundary_lp[start : start + step] = boundary_lse - lse
+        target_lp = target_lp.clamp_(max=0.0).cpu().numpy()
+        boundary_lp = boundary_lp.clamp_(max=0.0).cpu().numpy()
+        out = []
+        pos = 0
+        for length in lengths:
+            lp = np.empty(length, dtype=np.float32)
+            lp[0] = np.nan
+            lp[1:] = target_lp[pos : pos + length - 1]
+            out.append((lp, boundary_lp[pos : pos + length].copy()))
+            pos += length
+        return out
+
+    @torch.inference_mode()
+    def _self_check(self) -> None:
+        """Refuse models whose logits are not ``head(body(x))`` (e.g. unsupported post-processing)."""
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, self.tokenizer_size, (1, 12), generator=gen).to(self.device)
+        full = self.model(input_ids=ids).logits.float()[0]
+        full = full.masked_fill(~self.valid_vocab, -math.inf).log_softmax(-1)
+        ours = self._logits(self.body(input_ids=ids).last_hidden_state[0]).log_softmax(-1)
+        valid = self.valid_vocab
+        diff = (full[:, valid] - ours[:, valid]).abs().max().item()
+        tol = 1e-3 if self.config.dtype == "float32" else 5e-2
+        if not diff <= tol:
+            raise ValueError(
+                f"{self.config.model}: the sliced LM-head path differs from the model's own logits by {diff:.2e}; "
+                "this model applies logit post-processing the hf engine does not know"
+            )

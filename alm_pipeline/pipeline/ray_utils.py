@@ -1,0 +1,48 @@
+"""Connecting to Ray: a cluster when an address is given, else a local instance started for the run."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str | None = None  # "auto", "ray://host:10001", ...; None: $RAY_ADDRESS, else start locally
+    num_cpus: int | None = None  # local instance only (None: all cores)
+    object_store_memory: int | None = None  # local instance only, bytes
+    log_to_driver: bool = False  # forward worker logs to this console
+
+
+def ensure_ray(config: RayConfig = RayConfig()) -> None:
+    """Initialise Ray once per process; a no-op when it is already up."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = config.address or os.environ.get("RAY_ADDRESS") or None
+    common = {"log_to_driver": config.log_to_driver, "logging_level": logging.WARNING}
+    # Workers must find this package: it is installed in the environment (pip install -e .), so no
+    # runtime_env is needed locally; on a cluster the image or runtime_env provides it.
+    if address:
+        ray.init(address=address, **common)
+    else:
+        # A private local instance started for this run: token auth protects shared clusters, not this.
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(num_cpus=config.num_cpus, object_store_memory=config.object_store_memory, **common)
+    configure_ray_data()
+
+
+def configure_ray_data(progress_bars: bool = False) -> None:
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = progress_bars
+    ctx.print_on_execution_start = False
+
+
+def cluster_cpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", 1.0))

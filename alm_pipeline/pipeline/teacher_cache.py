@@ -1,0 +1,523 @@
+"""The ``teacher-cache`` stage: corpus → (Ray Data) tokenize → score → write Parquet shards + manifest.
+
+Plan of a run:
+
+1. **Stage** (driver, one pass): read and validate the corpus, apply the teacher tokenizer's unicode
+   normalization, and write it as fixed-size input shards (``shard_size`` documents each, in corpus order)
+   under ``<output>/_staging``. The pass also fingerprints the corpus. Shard *k* is therefore a
+   deterministic function of the corpus slice *k* and the settings.
+2. **Check** the output directory: an existing cache with another identity (teacher, tokenizer, corpus,
+   settings, format) is refused with the differences listed (``overwrite`` replaces it); shards whose
+   ``.done.json`` marker verifies are kept, so re-running an interrupted command resumes it.
+3. **Ray Data**: one row per pending shard flows through ``tokenize`` (CPU tasks) → ``score`` (an actor
+   pool, one teacher engine per actor, GPUs if asked) → ``write`` (CPU tasks, atomic). Between stages a shard
+   travels as one Arrow IPC payload, so the tokenize and write work never occupies the scoring actors.
+4. **Finish**: the manifest lists every verified shard and the totals; the staging folder is removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from alm_pipeline.cache import store
+from alm_pipeline.cache.schema import (
+    CACHE_KIND,
+    CACHE_SCHEMA,
+    FORMAT_VERSION,
+    STAGED_SCHEMA,
+    TOKENIZED_SCHEMA,
+    ipc_to_table,
+    table_to_ipc,
+)
+from alm_pipeline.pipeline.byteview import ByteView, TokenizerMismatchError, byte_view_from_hf
+from alm_pipeline.pipeline.corpus import CorpusConfig, CorpusError, CorpusStats, iter_documents
+from alm_pipeline.pipeline.engine_hf import HFEngineConfig
+from alm_pipeline.pipeline.ray_utils import RayConfig, ensure_ray
+
+STAGING = "_staging"
+BOUNDARY_FILE = "boundary_tokens.json"
+BOUNDARY_DEFINITION = "next token starts with a space, newline or tab byte, or is a special token"
+
+
+class TeacherCacheError(RuntimeError):
+    """The teacher-cache stage cannot proceed; the message says why and names the file or document."""
+
+
+@dataclass(frozen=True)
+class TeacherCacheConfig:
+    teacher: str  # model path, short name (see alm_pipeline.assets) or hub name
+    corpus: CorpusConfig
+    output: str
+    engine: str = "hf"  # hf | vllm
+    max_length: int = 1024  # teacher tokens per document, special tokens included
+    dtype: str = "float32"
+    shard_size: int = 256  # documents per shard
+    batch_tokens: int = 8192  # padded tokens per forward pass
+    concurrency: int = 1  # scoring actors (engine replicas)
+    num_gpus_per_actor: float = 0.0
+    num_cpus_per_actor: float = 1.0
+    overwrite: bool = False
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def identity_settings(self) -> dict:
+        """Settings that change the cache's content (runtime knobs such as concurrency excluded)."""
+        return {
+            "engine": self.engine,
+            "max_length": self.max_length,
+            "dtype": self.dtype,
+            "shard_size": self.shard_size,
+        }
+
+
+@dataclass
+class CacheRunSummary:
+    output: str
+    shards_total: int
+    shards_written: int
+    shards_reused: int
+    docs: int
+    tokens: int
+    seconds: float
+    tokens_per_second: float
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------------------------ driver
+
+
+def build_teacher_cache(
+    config: TeacherCacheConfig, progress: Callable[[str], None] | None = None
+) -> CacheRunSummary:
+    """Run the whole stage (see module docstring). Returns a summary; raises TeacherCacheError on refusal."""
+    say = progress or (lambda msg: None)
+    t0 = time.time()
+    out = Path(config.output).absolute()
+    teacher_path = _resolve_teacher(config.teacher)
+    view = _teacher_byte_view(teacher_path)
+
+    say(f"reading corpus {config.corpus.path}")
+    staged = _stage_corpus(config, view, out / STAGING)
+    if staged.num_docs == 0:
+        raise TeacherCacheError(f"{config.corpus.path}: no usable documents ({staged.stats.to_json()})")
+    identity = {
+        "format_version": FORMAT_VERSION,
+        "teacher": {"name": config.teacher, "weights_digest": _weights_digest(teacher_path)},
+        "tokenizer_fingerprint": view.fingerprint,
+        "corpus": {
+            **config.corpus.describe(),
+            "rows": staged.num_docs,
+            "content_sha256": staged.content_sha256,
+        },
+        "settings": config.identity_settings(),
+    }
+    existing = _check_existing(out, identity, config.overwrite)
+    num_shards = staged.num_shards
+    boundary_ids = view.boundary_token_ids()
+    store.atomic_write_json(
+        out / BOUNDARY_FILE, {"definition": BOUNDARY_DEFINITION, "ids": boundary_ids.tolist()}
+    )
+    manifest = _manifest(config, identity, view, teacher_path, staged, boundary_ids, state="in_progress")
+    if existing is None or existing.get("state") != "complete":
+        store.atomic_write_json(out / store.MANIFEST, manifest)
+
+    pending = [k for k in range(num_shards) if store.verified_shard(out, k) is None]
+    reused = num_shards - len(pending)
+    if reused:
+        say(f"resuming: {reused}/{num_shards} shards already written and verified")
+    if pending:
+        say(f"scoring {len(pending)} shards ({staged.num_docs} documents) with engine {config.engine!r}")
+        _run_ray_pipeline(config, teacher_path, view, out, pending, say)
+
+    infos = []
+    for k in range(num_shards):
+        info = store.verified_shard(out, k)
+        if info is None:
+            raise TeacherCacheError(f"{store.shard_path(out, k)}: shard missing or unverified after the run")
+        infos.append(info)
+    manifest = _manifest(
+        config, identity, view, teacher_path, staged, boundary_ids, state="complete", shards=infos
+    )
+    store.atomic_write_json(out / store.MANIFEST, manifest)
+    shutil.rmtree(out / STAGING, ignore_errors=True)
+    seconds = time.time() - t0
+    tokens = manifest["totals"]["tokens"]
+    return CacheRunSummary(
+        output=str(out),
+        shards_total=num_shards,
+        shards_written=len(pending),
+        shards_reused=reused,
+        docs=manifest["totals"]["docs"],
+        tokens=tokens,
+        seconds=round(seconds, 2),
+        tokens_per_second=round(tokens / seconds, 1) if seconds > 0 else 0.0,
+    )
+
+
+def _resolve_teacher(name: str) -> str:
+    try:
+        from alm_pipeline.assets import resolve_model
+    except ImportError:  # pragma: no cover - assets module is part of the package
+        return name
+    return resolve_model(name)
+
+
+def _teacher_byte_view(teacher_path: str) -> ByteView:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(teacher_path)
+    except Exception as err:
+        raise TeacherCacheError(f"{teacher_path}: cannot load the teacher's tokenizer ({err})") from None
+    try:
+        return byte_view_from_hf(tok, name=teacher_path)
+    except TokenizerMismatchError as err:
+        raise TeacherCacheError(str(err)) from None
+
+
+def _weights_digest(path: str) -> str:
+    """Cheap content digest of a local model folder: config, and name/size/first+last MiB of each weight file.
+
+    Hashing whole multi-GB weight files on every (re)run would cost minutes; this still changes whenever the
+    weights are replaced or retrained. For a hub name the name itself is recorded.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        return f"hub:{path}"
+    h = hashlib.sha256()
+    for f in sorted(root.iterdir()):
+        if f.name == "config.json":
+            h.update(f.read_bytes())
+        elif f.suffix in (".safetensors", ".bin", ".pt", ".gguf"):
+            size = f.stat().st_size
+            h.update(f"{f.name}:{size}".encode())
+            with open(f, "rb") as fh:
+                h.update(fh.read(1 << 20))
+                fh.seek(max(0, size - (1 << 20)))
+                h.update(fh.read(1 << 20))
+    return h.hexdigest()[:32]
+
+
+@dataclass
+class StagedCorpus:
+    num_docs: int
+    num_shards: int
+    content_sha256: str
+    stats: CorpusStats
+
+
+def _stage_corpus(config: TeacherCacheConfig, view: ByteView, staging: Path) -> StagedCorpus:
+    """Validated corpus → ``staging/input-K.parquet`` (``shard_size`` docs each) + a content fingerprint."""
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    stats = CorpusStats()
+    digest = hashlib.sha256()
+    buffer: list[tuple[str, str, str]] = []
+    shard = 0
+    count = 0
+
+    def flush() -> None:
+        nonlocal shard, buffer
+        table = pa.table(
+            {
+                "doc_id": [b[0] for b in buffer],
+                "text": [b[1] for b in buffer],
+                "source": [b[2] for b in buffer],
+            },
+            schema=STAGED_SCHEMA,
+        )
+        pq.write_table(table, staging / f"input-{shard:05d}.parquet")
+        shard += 1
+        buffer = []
+
+    try:
+        for doc in iter_documents(config.corpus, stats):
+            text = view.normalize_text(doc.text)
+            digest.update(doc.doc_id.encode() + b"\0" + text.encode("utf-8") + b"\0")
+            buffer.append((doc.doc_id, text, doc.source))
+            count += 1
+            if len(buffer) == config.shard_size:
+                flush()
+    except CorpusError as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise TeacherCacheError(str(err)) from None
+    if buffer:
+        flush()
+    return StagedCorpus(num_docs=count, num_shards=shard, content_sha256=digest.hexdigest(), stats=stats)
+
+
+def _check_existing(out: Path, identity: dict, overwrite: bool) -> dict | None:
+    manifest_file = out / store.MANIFEST
+    if not manifest_file.exists():
+        if (out / store.SHARD_DIR).exists() and any((out / store.SHARD_DIR).iterdir()):
+            if not overwrite:
+                raise TeacherCacheError(f"{out}: has shards but no manifest; pass overwrite to replace it")
+            shutil.rmtree(out / store.SHARD_DIR)
+        return None
+    existing = store.read_json(manifest_file)
+    if existing.get("kind") != CACHE_KIND:
+        raise TeacherCacheError(f"{out}: exists and is not a teacher cache (kind={existing.get('kind')!r})")
+    differences = _diff(existing.get("identity", {}), identity)
+    if not differences:
+        return existing
+    if not overwrite:
+        lines = "\n".join(f"  {k}: cache has {a!r}, this run has {b!r}" for k, a, b in differences)
+        raise TeacherCacheError(
+            f"{out}: a teacher cache with different settings is already there:\n{lines}\n"
+            "Use another --output, or --overwrite to replace it."
+        )
+    shutil.rmtree(out / store.SHARD_DIR, ignore_errors=True)
+    manifest_file.unlink()
+    return None
+
+
+def _diff(old, new, prefix: str = "") -> list[tuple[str, object, object]]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new)):
+            out += _diff(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else key)
+        return out
+    return [] if old == new else [(prefix, old, new)]
+
+
+def _manifest(
+    config: TeacherCacheConfig,
+    identity: dict,
+    view: ByteView,
+    teacher_path: str,
+    staged: StagedCorpus,
+    boundary_ids: np.ndarray,
+    state: str,
+    shards: list[store.ShardInfo] | None = None,
+) -> dict:
+    import transformers
+
+    from alm_pipeline import __version__
+
+    shards = shards or []
+    totals = {
+        "docs": sum(s.rows for s in shards),
+        "tokens": sum(s.tokens for s in shards),
+        "bytes_on_disk": sum(s.bytes for s in shards),
+    }
+    for key in ("truncated_docs", "text_bytes", "predicted_tokens", "predicted_bytes", "sum_logprob"):
+        totals[key] = sum(s.stats.get(key, 0) for s in shards)
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    return {
+        "kind": CACHE_KIND,
+        "format_version": FORMAT_VERSION,
+        "state": state,
+        "identity": identity,
+        "teacher": {
+            "name": config.teacher,
+            "path": teacher_path,
+            "engine": config.engine,
+            "engine_version": f"transformers {transformers.__version__}",
+            "dtype": config.dtype,
+        },
+        "tokenizer": view.describe(),
+        "corpus": {
+            **config.corpus.describe(),
+            "rows": staged.num_docs,
+            "content_sha256": staged.content_sha256,
+            "stats": staged.stats.to_json(),
+        },
+        "settings": {**config.identity_settings(), "batch_tokens": config.batch_tokens},
+        "boundary_tokens": {
+            "definition": BOUNDARY_DEFINITION,
+            "file": BOUNDARY_FILE,
+            "count": int(len(boundary_ids)),
+            "sha256": hashlib.sha256(np.asarray(boundary_ids, dtype=np.int32).tobytes()).hexdigest(),
+        },
+        "num_shards": staged.num_shards,
+        "shards": [s.to_json() for s in shards],
+        "totals": totals,
+        "created_with": f"alm-pipeline {__version__}",
+        "updated_at": now,
+    }
+
+
+# ------------------------------------------------------------------------------------------ Ray Data
+
+
+def _run_ray_pipeline(
+    config: TeacherCacheConfig,
+    teacher_path: str,
+    view: ByteView,
+    out: Path,
+    pending: list[int],
+    say: Callable[[str], None],
+) -> None:
+    import ray
+    import ray.data
+    from tqdm import tqdm
+
+    ensure_ray(config.ray)
+    engine_config = _engine_config(config, teacher_path)
+    light = {"num_cpus": 0.25}  # tokenize/write are short and must not starve the scoring actors
+    ds = ray.data.from_items([{"shard": k} for k in pending], override_num_blocks=len(pending))
+    ds = ds.map(_TokenizeShard(view, str(out / STAGING), config.max_length), **light)
+    ds = ds.map_batches(
+        _ScoreShards,
+        fn_constructor_kwargs={
+            "engine": config.engine,
+            "engine_config": engine_config,
+            "boundary_file": str(out / BOUNDARY_FILE),
+            "tokenizer_size": view.vocab_size,
+        },
+        batch_size=1,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=config.concurrency),
+        num_cpus=config.num_cpus_per_actor,
+        num_gpus=config.num_gpus_per_actor or None,
+    )
+    ds = ds.map(_WriteShard(str(out)), **light)
+    bar = tqdm(total=len(pending), unit="shard", desc="teacher-cache", dynamic_ncols=True)
+    t0, tokens = time.time(), 0
+    try:
+        for row in ds.iter_rows():
+            tokens += int(row["tokens"])
+            bar.set_postfix_str(f"{tokens / max(time.time() - t0, 1e-9):,.0f} tok/s")
+            bar.update(1)
+    except Exception as err:  # surface our own error (naming the document) instead of Ray's wrapper
+        raise TeacherCacheError(_root_cause_message(err)) from err
+    finally:
+        bar.close()
+
+
+def _engine_config(config: TeacherCacheConfig, teacher_path: str):
+    if config.engine == "hf":
+        return HFEngineConfig(model=teacher_path, dtype=config.dtype, max_batch_tokens=config.batch_tokens)
+    if config.engine == "vllm":
+        raise TeacherCacheError("engine 'vllm' is not available yet in this version; use --engine hf")
+    raise TeacherCacheError(f"unknown engine {config.engine!r} (choose hf or vllm)")
+
+
+def _root_cause_message(err: BaseException) -> str:
+    seen = err
+    ours = (TokenizerMismatchError, CorpusError, TeacherCacheError, store.CacheIntegrityError)
+    while seen is not None:
+        if isinstance(seen, ours):
+            return str(seen)
+        # Ray wraps user errors (RayTaskError keeps the original in `.cause`)
+        seen = getattr(seen, "cause", None) or seen.__cause__ or seen.__context__
+    return f"{type(err).__name__}: {err}"
+
+
+class _TokenizeShard:
+    """Ray Data task: staged input shard → tokenized shard payload (Arrow IPC bytes)."""
+
+    def __init__(self, view: ByteView, staging: str, max_length: int):
+        self.view, self.staging, self.max_length = view, staging, max_length
+
+    def __call__(self, row: dict) -> dict:
+        k = int(row["shard"])
+        staged = pq.read_table(Path(self.staging) / f"input-{k:05d}.parquet")
+        ids, offsets, texts, truncated = [], [], [], []
+        for doc_id, text, source in zip(
+            staged["doc_id"].to_pylist(),
+            staged["text"].to_pylist(),
+            staged["source"].to_pylist(),
+            strict=True,
+        ):
+            try:
+                enc = self.view.encode(text, max_length=self.max_length, doc_ref=f"{doc_id} at {source}")
+            except TokenizerMismatchError as err:
+                raise TokenizerMismatchError(
+                    f"{err}. The teacher tokenizer cannot represent this document exactly; remove or fix it."
+                ) from None
+            ids.append(enc.token_ids)
+            offsets.append(enc.offsets)
+            texts.append(enc.text)
+            truncated.append(enc.truncated)
+        table = pa.table(
+            {
+                "doc_id": staged["doc_id"],
+                "text": texts,
+                "token_ids": _ragged(ids, pa.int32()),
+                "offsets": _ragged(offsets, pa.int32()),
+                "truncated": truncated,
+            },
+            schema=TOKENIZED_SCHEMA,
+        )
+        return {"shard": k, "payload": table_to_ipc(table)}
+
+
+class _ScoreShards:
+    """Ray Data actor: one teacher engine, scores whole shards (length-sorted batches inside)."""
+
+    def __init__(self, engine: str, engine_config, boundary_file: str, tokenizer_size: int):
+        boundary_ids = np.asarray(store.read_json(Path(boundary_file))["ids"], dtype=np.int64)
+        if engine == "hf":
+            from alm_pipeline.pipeline.engine_hf import HFTeacherEngine
+
+            self.engine = HFTeacherEngine(engine_config, boundary_ids, tokenizer_size)
+        else:  # pragma: no cover - guarded by _engine_config
+            raise TeacherCacheError(f"unknown engine {engine!r}")
+
+    def __call__(self, batch: dict) -> dict:
+        shards, payloads = [], []
+        for k, payload in zip(batch["shard"], batch["payload"], strict=True):
+            table = ipc_to_table(payload)
+            seqs = [np.asarray(x, dtype=np.int32) for x in table["token_ids"].to_numpy(zero_copy_only=False)]
+            scored = self.engine.score(seqs)
+            table = table.append_column("logprob", _ragged([s[0] for s in scored], pa.float32()))
+            table = table.append_column("boundary_logprob", _ragged([s[1] for s in scored], pa.float32()))
+            shards.append(int(k))
+            payloads.append(table_to_ipc(table))
+        return {"shard": np.array(shards), "payload": np.array(payloads, dtype=object)}
+
+
+class _WriteShard:
+    """Ray Data task: scored shard payload → ``shards/shard-K.parquet`` + marker (atomic)."""
+
+    def __init__(self, out: str):
+        self.out = out
+
+    def __call__(self, row: dict) -> dict:
+        k = int(row["shard"])
+        table = ipc_to_table(row["payload"]).select(CACHE_SCHEMA.names).cast(CACHE_SCHEMA)
+        stats = shard_stats(table)
+        info = store.write_shard(Path(self.out), k, table, tokens=stats["tokens"], stats=stats)
+        return {"shard": k, "tokens": info.tokens, "rows": info.rows}
+
+
+def _ragged(arrays: list[np.ndarray], value_type: pa.DataType) -> pa.ListArray:
+    lengths = np.array([len(a) for a in arrays], dtype=np.int64)
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    values = np.concatenate(arrays) if arrays else np.zeros(0)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.astype(value_type.to_pandas_dtype())))
+
+
+def shard_stats(table: pa.Table) -> dict:
+    """Totals of one cache shard used by ``inspect`` (and bits per byte)."""
+    tokens = pa.compute.list_value_length(table["token_ids"]).to_numpy()
+    offsets = table["offsets"].to_numpy(zero_copy_only=False)
+    logprob = table["logprob"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    predicted_bytes = sum(int(o[-1] - o[0]) for o in offsets if len(o))
+    return {
+        "docs": table.num_rows,
+        "tokens": int(tokens.sum()),
+        "truncated_docs": int(pa.compute.sum(table["truncated"]).as_py() or 0),
+        "text_bytes": int(sum(len(t.encode("utf-8")) for t in table["text"].to_pylist())),
+        "predicted_tokens": int(np.isfinite(logprob).sum()),
+        "predicted_bytes": predicted_bytes,
+        "sum_logprob": float(np.nansum(logprob.astype(np.float64))),
+    }
+
+
+def manifest_summary(manifest: dict) -> str:  # used by the CLI after a run
+    return json.dumps(manifest.get("totals", {}), indent=2)

@@ -1,0 +1,149 @@
+"""Byte views: every token's exact bytes, offsets that reproduce the text, refusal of lossy tokenizers."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+from alm_pipeline.pipeline.byteview import TokenizerMismatchError, byte_view_from_hf, load_byte_view
+from tests import factories
+
+TRICKY_TEXTS = [
+    "Hello world",
+    " leading space and trailing space ",
+    "CRLF line\r\nnext\ttab\t\tdouble",
+    "NUL \x00 and control \x07\x1b chars",
+    "emoji with ZWJ 👩‍💻 flag 🇺🇳 skin 👍🏽",
+    "combining e\u0301 a\u0308 and precomposed é",
+    "中文文本 and 日本語 and 한국어",
+    "RTL العربية עברית mixed",
+    "special strings <|endoftext|> <s> </s> <unk> <pad>",
+    "    many    spaces     ",
+    "\n\n\nnewlines only at start",
+]
+
+
+def _views(tokenizer_dirs):
+    views = {kind: load_byte_view(path) for kind, path in tokenizer_dirs.items() if kind != "char"}
+    views["bytes"] = load_byte_view("bytes")
+    return views
+
+
+def _covered(view, enc) -> bytes:
+    """Bytes of the text as cut by the offsets, in order; checks they are contiguous and monotone."""
+    data = enc.text.encode("utf-8")
+    starts = np.concatenate([[0], enc.offsets[:-1]])
+    assert np.all(np.diff(enc.offsets) >= 0)
+    assert np.all(starts <= enc.offsets)
+    return b"".join(data[s:e] for s, e in zip(starts, enc.offsets, strict=True))
+
+
+@pytest.mark.parametrize("text", TRICKY_TEXTS)
+def test_offsets_cover_text_exactly(tokenizer_dirs, text):
+    for kind, view in _views(tokenizer_dirs).items():
+        enc = view.encode(text)
+        data = text.encode("utf-8")
+        assert enc.text == text
+        assert _covered(view, enc) == data, kind
+        assert enc.offsets[-1] == len(data), kind
+        # each byte-covering token's span equals its own bytes (except a dummy-prefix space)
+        starts = np.concatenate([[0], enc.offsets[:-1]])
+        for tok, s, e in zip(enc.token_ids, starts, enc.offsets, strict=True):
+            tb = view.token_bytes[tok]
+            assert data[s:e] == tb or (s == 0 and tb == b" " + data[s:e]), (kind, tok)
+
+
+def test_special_token_strings_are_plain_text(tokenizer_dirs):
+    for kind, view in _views(tokenizer_dirs).items():
+        enc = view.encode("a <|endoftext|> b <s> c </s> d <bos> <eos> <pad>")
+        body = enc.token_ids[len(view.prefix_ids) :]
+        assert not view.is_special[body].any(), kind
+
+
+def test_prefix_tokens_follow_tokenizer(tokenizer_dirs):
+    views = _views(tokenizer_dirs)
+    assert views["byte_level"].prefix_ids == []  # GPT-2 style: no BOS
+    sp = views["sentencepiece"]
+    assert len(sp.prefix_ids) == 1 and sp.is_special[sp.prefix_ids[0]]
+    enc = sp.encode("Hi")
+    assert enc.offsets[0] == 0  # BOS covers no bytes
+    assert views["bytes"].encode("Hi").token_ids.tolist() == [257, ord("H"), ord("i")]
+
+
+def test_sentencepiece_dummy_prefix_and_byte_fallback(tokenizer_dirs):
+    sp = load_byte_view(tokenizer_dirs["sentencepiece"])
+    assert sp.kind == "sentencepiece"
+    enc = sp.encode("Ωmega 🦜")  # characters outside the tiny vocab: byte fallback pieces
+    assert _covered(sp, enc) == "Ωmega 🦜".encode()
+    # the first text token carries the dummy-prefix space, which covers no byte of the text
+    first = enc.token_ids[len(sp.prefix_ids)]
+    assert sp.token_bytes[first].startswith(b" ")
+
+
+def test_boundary_mask(tokenizer_dirs):
+    view = load_byte_view(tokenizer_dirs["byte_level"])
+    for i in range(view.vocab_size):
+        b = view.token_bytes[i]
+        expected = view.is_special[i] or (len(b) > 0 and b[:1] in (b" ", b"\n", b"\t"))
+        assert view.boundary_mask[i] == expected
+    assert view.boundary_mask.sum() > 10
+
+
+@pytest.mark.parametrize("max_length", [1, 2, 3, 5, 17])
+def test_truncation_cuts_text_at_kept_tokens(tokenizer_dirs, max_length):
+    text = "Emoji 👩‍💻 and café 中文 " * 4
+    for kind, view in _views(tokenizer_dirs).items():
+        enc = view.encode(text, max_length=max_length)
+        assert len(enc.token_ids) <= max_length
+        assert enc.truncated
+        assert text.startswith(enc.text)
+        assert enc.text.encode() == _covered(view, enc)
+        assert (enc.offsets[-1] if len(enc.offsets) else 0) == len(enc.text.encode()), kind
+
+
+def test_huge_document_is_bounded(tokenizer_dirs):
+    view = load_byte_view(tokenizer_dirs["byte_level"])
+    text = "word " * 200_000 + "tail"  # 1M characters
+    enc = view.encode(text, max_length=64)
+    assert len(enc.token_ids) == 64 and enc.truncated
+    assert text.startswith(enc.text)
+
+
+def test_pickle_keeps_plain_text_special_strings(tokenizer_dirs):
+    view = pickle.loads(pickle.dumps(load_byte_view(tokenizer_dirs["sentencepiece"])))
+    enc = view.encode("x <s> y")
+    assert not view.is_special[enc.token_ids[1:]].any()
+
+
+def test_lowercasing_tokenizer_is_refused():
+    tok = factories.train_byte_level_bpe()
+    tok.normalizer = normalizers.Lowercase()
+    with pytest.raises(TokenizerMismatchError, match="Lowercase"):
+        byte_view_from_hf(tok, name="lowercasing")
+
+
+def test_whitespace_dropping_tokenizer_is_refused():
+    tok = Tokenizer(models.WordLevel(vocab={"[UNK]": 0, "hello": 1, "world": 2}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    with pytest.raises(TokenizerMismatchError, match="cannot reproduce"):
+        byte_view_from_hf(tok, name="wordlevel")
+
+
+def test_nfc_normalizer_is_recorded_and_applied_to_text():
+    tok = factories.train_byte_level_bpe()
+    tok.normalizer = normalizers.NFC()
+    view = byte_view_from_hf(tok, name="nfc")
+    assert view.text_normalization == "NFC"
+    decomposed = "e\u0301"
+    assert view.normalize_text(decomposed) == "é"
+    enc = view.encode(decomposed)  # the backend no longer normalizes: bytes are reproduced exactly
+    assert _covered(view, enc) == decomposed.encode()
+
+
+def test_unknown_character_is_a_clear_error(tokenizer_dirs):
+    view = load_byte_view(tokenizer_dirs["char"])
+    with pytest.raises(TokenizerMismatchError, match="doc-7"):
+        view.encode("Ω is not in this vocabulary", doc_ref="doc-7")

@@ -1,0 +1,247 @@
+"""The teacher-cache stage end to end under a real local Ray: values, offsets, bad input, resume, refusal."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from alm_pipeline.cache import open_cache
+from alm_pipeline.cache.store import CacheIntegrityError
+from alm_pipeline.pipeline.byteview import load_byte_view
+from alm_pipeline.pipeline.corpus import CorpusConfig
+from alm_pipeline.pipeline.ray_utils import RayConfig
+from alm_pipeline.pipeline.teacher_cache import TeacherCacheConfig, TeacherCacheError, build_teacher_cache
+from tests.test_engine_hf import reference
+
+pytestmark = pytest.mark.ray
+
+BAD_INPUT_DOCS = [
+    {"id": "plain", "text": "An ordinary sentence with words."},
+    {"id": "empty", "text": ""},
+    {"id": "blank", "text": "  \n\t  "},
+    {"id": "nul", "text": "NUL \x00 and bell \x07 and escape \x1b controls"},
+    {"id": "zwj", "text": "family 👨‍👩‍👧 coder 👩‍💻 flag 🇺🇳"},
+    {"id": "combining", "text": "e\u0301 a\u0308 o\u0302 combining marks"},
+    {"id": "cjk", "text": "中文文本测试。日本語のテキスト。"},
+    {"id": "crlf", "text": "windows\r\nline\r\nendings\r\n"},
+    {"id": "specials", "text": "text with <|endoftext|> and <s> and </s> inside"},
+    {"id": "huge", "text": "long document " * 75_000},  # ~1M characters
+]
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def _config(model_dir, data, out, **kw) -> TeacherCacheConfig:
+    defaults = {"max_length": 128, "shard_size": 3, "batch_tokens": 512}
+    defaults.update(kw)
+    return TeacherCacheConfig(
+        teacher=str(model_dir),
+        corpus=CorpusConfig(path=str(data), id_field="id"),
+        output=str(out),
+        ray=RayConfig(num_cpus=2),
+        **defaults,
+    )
+
+
+def _rows(cache_dir: Path) -> list[dict]:
+    cache = open_cache(cache_dir)
+    rows = []
+    for table in cache.iter_tables():
+        rows += table.to_pylist()
+    return rows
+
+
+@pytest.mark.parametrize("model_fixture", ["llama_sp_model", "gpt2_bl_model"])
+def test_cache_values_offsets_and_bad_input(request, ray_local, tmp_path, model_fixture):
+    model_dir = request.getfixturevalue(model_fixture)
+    data = _write_jsonl(tmp_path / "bad.jsonl", BAD_INPUT_DOCS)
+    summary = build_teacher_cache(_config(model_dir, data, tmp_path / "cache"))
+    view = load_byte_view(model_dir)
+    rows = _rows(tmp_path / "cache")
+    by_id = {r["doc_id"]: r for r in rows}
+    assert [r["doc_id"] for r in rows] == [d["id"] for d in BAD_INPUT_DOCS if d["text"].strip()]
+    assert summary.docs == len(rows) == 8
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert manifest["corpus"]["stats"]["skipped_empty"] == 2
+    assert manifest["state"] == "complete" and manifest["totals"]["truncated_docs"] == 1
+    for row in rows:
+        ids = np.array(row["token_ids"], dtype=np.int32)
+        offsets = np.array(row["offsets"])
+        data_bytes = row["text"].encode("utf-8")
+        starts = np.concatenate([[0], offsets[:-1]])
+        # offsets cover the stored text exactly, in order
+        assert offsets[-1] == len(data_bytes) and np.all(np.diff(offsets) >= 0)
+        for tok, s, e in zip(ids, starts, offsets, strict=True):
+            tb = view.token_bytes[tok]
+            assert data_bytes[s:e] == tb or (s == 0 and tb == b" " + data_bytes[s:e])
+        # special-token strings in text are never control tokens
+        assert not view.is_special[ids[len(view.prefix_ids) :]].any()
+        # values equal an independent plain forward
+        ref_lp, ref_bl = reference(model_dir, view, ids)
+        np.testing.assert_allclose(np.array(row["logprob"][1:]), ref_lp[1:], atol=1e-5)
+        np.testing.assert_allclose(np.array(row["boundary_logprob"]), ref_bl, atol=1e-5)
+        assert np.isnan(row["logprob"][0])
+    huge = by_id["huge"]
+    assert huge["truncated"] and len(huge["token_ids"]) == 128
+    assert next(d["text"] for d in BAD_INPUT_DOCS if d["id"] == "huge").startswith(huge["text"])
+    assert by_id["nul"]["text"] == BAD_INPUT_DOCS[3]["text"]
+    assert by_id["crlf"]["text"] == BAD_INPUT_DOCS[7]["text"]
+
+
+def test_refusal_on_different_settings_and_overwrite(ray_local, tmp_path, gpt2_bl_model):
+    data = _write_jsonl(tmp_path / "c.jsonl", BAD_INPUT_DOCS[:4])
+    build_teacher_cache(_config(gpt2_bl_model, data, tmp_path / "cache"))
+    with pytest.raises(TeacherCacheError, match=r"settings\.max_length: cache has 128, this run has 64"):
+        build_teacher_cache(_config(gpt2_bl_model, data, tmp_path / "cache", max_length=64))
+    other = _write_jsonl(tmp_path / "other.jsonl", BAD_INPUT_DOCS[4:6])
+    with pytest.raises(TeacherCacheError, match=r"corpus\.content_sha256"):
+        build_teacher_cache(_config(gpt2_bl_model, other, tmp_path / "cache"))
+    summary = build_teacher_cache(
+        _config(gpt2_bl_model, data, tmp_path / "cache", max_length=64, overwrite=True)
+    )
+    assert summary.shards_written == summary.shards_total
+    assert open_cache(tmp_path / "cache").manifest["settings"]["max_length"] == 64
+    # same command again: nothing is recomputed
+    again = build_teacher_cache(_config(gpt2_bl_model, data, tmp_path / "cache", max_length=64))
+    assert again.shards_reused == again.shards_total and again.shards_written == 0
+
+
+def test_corrupted_shard_and_wrong_version_are_refused(ray_local, tmp_path, gpt2_bl_model):
+    data = _write_jsonl(tmp_path / "c.jsonl", BAD_INPUT_DOCS[:5])
+    build_teacher_cache(_config(gpt2_bl_model, data, tmp_path / "cache"))
+    shard = tmp_path / "cache" / "shards" / "shard-00000.parquet"
+    blob = bytearray(shard.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    shard.write_bytes(bytes(blob))
+    with pytest.raises(CacheIntegrityError, match="shard-00000.parquet: checksum"):
+        open_cache(tmp_path / "cache")
+    manifest_file = tmp_path / "cache" / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    manifest["format_version"] = 99
+    manifest_file.write_text(json.dumps(manifest))
+    with pytest.raises(CacheIntegrityError, match="format version 99"):
+        open_cache(tmp_path / "cache", verify=False)
+
+
+def test_bad_document_error_names_file_and_line(ray_local, tmp_path, gpt2_bl_model):
+    path = tmp_path / "broken.jsonl"
+    path.write_bytes(b'{"id": "a", "text": "fine"}\n{"id": "b", "text": "bad \xff byte"}\n')
+    with pytest.raises(TeacherCacheError, match=r"broken\.jsonl:2: invalid UTF-8"):
+        build_teacher_cache(_config(gpt2_bl_model, path, tmp_path / "cache"))
+    assert not (tmp_path / "cache" / "shards").exists()
+
+
+def test_untokenizable_document_is_named(ray_local, tmp_path, tokenizer_dirs, assets_dir):
+    from tests import factories
+
+    model = factories.make_model("gpt2", tokenizer_dirs["char"], assets_dir / "gpt2_char")
+    data = _write_jsonl(
+        tmp_path / "c.jsonl", [{"id": "ok", "text": "fine"}, {"id": "omega", "text": "Ω here"}]
+    )
+    with pytest.raises(TeacherCacheError, match=r"document omega at .*c\.jsonl:2"):
+        build_teacher_cache(_config(model, data, tmp_path / "cache"))
+
+
+@pytest.mark.slow
+def test_resume_after_kill_gives_identical_cache(ray_local, tmp_path, assets_dir, tokenizer_dirs):
+    """kill -9 the CLI mid-run, re-run the same command: same rows, same values as an uninterrupted run."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    # a slower teacher so that a run takes several seconds and can be killed between shards
+    model_dir = assets_dir / "llama_slow"
+    if not model_dir.exists():
+        tok = AutoTokenizer.from_pretrained(str(tokenizer_dirs["byte_level"]))
+        torch.manual_seed(1)
+        cfg = LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=256,
+            intermediate_size=1024,
+            num_hidden_layers=6,
+            num_attention_heads=8,
+            num_key_value_heads=8,
+            max_position_embeddings=2048,
+        )
+        LlamaForCausalLM(cfg).save_pretrained(str(model_dir))
+        tok.save_pretrained(str(model_dir))
+    docs = [
+        {"id": f"doc{i:02d}", "text": f"Document {i}: " + "several words of text here. " * 60}
+        for i in range(16)
+    ]
+    data = _write_jsonl(tmp_path / "c.jsonl", docs)
+    kw = {"max_length": 384, "shard_size": 2}
+    build_teacher_cache(_config(model_dir, data, tmp_path / "reference", **kw))
+    expected = _rows(tmp_path / "reference")
+
+    out = tmp_path / "resumed"
+    cmd = [
+        sys.executable,
+        "-m",
+        "alm_pipeline.cli.main",
+        "teacher-cache",
+        "--teacher",
+        str(model_dir),
+        "--data",
+        str(data),
+        "--id-field",
+        "id",
+        "--output",
+        str(out),
+        "--max-length",
+        "384",
+        "--shard-size",
+        "2",
+        "--batch-tokens",
+        "512",
+        "--num-cpus",
+        "2",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "RAY_ADDRESS": ""},
+    )
+    deadline = time.time() + 240
+    while time.time() < deadline and not list((out / "shards").glob("*.done.json")):
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(list((out / "shards").glob("*.done.json")))
+    assert 1 <= done_before < 8, done_before
+    assert json.loads((out / "manifest.json").read_text())["state"] == "in_progress"
+
+    summary = build_teacher_cache(_config(model_dir, data, out, **kw))
+    assert summary.shards_reused >= done_before and summary.shards_total == 8
+    got = _rows(out)
+    assert [r["doc_id"] for r in got] == [r["doc_id"] for r in expected]
+    for a, b in zip(got, expected, strict=True):
+        assert a["token_ids"] == b["token_ids"] and a["offsets"] == b["offsets"] and a["text"] == b["text"]
+        np.testing.assert_array_equal(np.array(a["logprob"]), np.array(b["logprob"]))
+        np.testing.assert_array_equal(np.array(a["boundary_logprob"]), np.array(b["boundary_logprob"]))
+    assert not (out / "_staging").exists()
+    # parquet files are readable by plain pyarrow with the documented columns
+    table = pq.read_table(out / "shards" / "shard-00000.parquet")
+    assert table.column_names == [
+        "doc_id",
+        "text",
+        "token_ids",
+        "offsets",
+        "logprob",
+        "boundary_logprob",
+        "truncated",
+    ]
