@@ -84,6 +84,9 @@ def teacher_cache(
     concurrency: Annotated[int, typer.Option(help="Teacher replicas (Ray actors)")] = 1,
     num_gpus_per_actor: Annotated[float, typer.Option(help="GPUs per teacher replica")] = 0.0,
     num_cpus_per_actor: Annotated[float, typer.Option(help="CPUs per teacher replica")] = 1.0,
+    threads_per_actor: Annotated[
+        int | None, typer.Option(help="torch threads per CPU replica (default: its CPUs, rounded)")
+    ] = None,
     overwrite: Annotated[
         bool, typer.Option(help="Replace an existing cache that has other settings")
     ] = False,
@@ -117,6 +120,7 @@ def teacher_cache(
         concurrency=concurrency,
         num_gpus_per_actor=num_gpus_per_actor,
         num_cpus_per_actor=num_cpus_per_actor,
+        threads_per_actor=threads_per_actor,
         overwrite=overwrite,
         ray=RayConfig(address=address, num_cpus=num_cpus, log_to_driver=verbose),
     )
@@ -131,20 +135,87 @@ def teacher_cache(
 
 
 @app.command()
+def align(
+    cache: Annotated[Path, typer.Option(help="Teacher cache directory (from `alm-pipeline teacher-cache`)")],
+    student_tokenizer: Annotated[
+        list[str],
+        typer.Option(
+            help="Student tokenizer: `bytes`, a tokenizer folder, or a short name (repeat for several)"
+        ),
+    ],
+    output: Annotated[
+        Path, typer.Option(help="Parent folder; one aligned set per student tokenizer inside")
+    ] = Path("aligned"),
+    gamma: Annotated[
+        float,
+        typer.Option(help="γ: merge chunks until the teacher's boundary probability > γ (0 = no merging)"),
+    ] = 0.1,
+    debias: Annotated[bool, typer.Option(help="Outcome debiasing (add σ to chunk log-likelihoods)")] = True,
+    max_student_length: Annotated[
+        int | None, typer.Option(help="Student tokens per document (default: cover the cached text)")
+    ] = None,
+    min_coverage: Annotated[
+        float, typer.Option(help="Warn when chunks cover less of the text than this")
+    ] = 0.8,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace existing aligned sets made with other settings")
+    ] = False,
+    address: RayAddress = None,
+    num_cpus: NumCpus = None,
+    verbose: Annotated[bool, typer.Option(help="Show Ray worker logs")] = False,
+) -> None:
+    """Map a teacher cache onto student tokenizers' chunk boundaries (one read of the cache for all of them)."""
+    from alm_pipeline.cache import store
+    from alm_pipeline.pipeline.align_stage import (
+        AlignConfig,
+        AlignError,
+        AlignSettings,
+        build_aligned_sets,
+        coverage_report_lines,
+    )
+    from alm_pipeline.pipeline.ray_utils import RayConfig
+
+    config = AlignConfig(
+        cache=str(cache),
+        student_tokenizers=tuple(student_tokenizer),
+        output=str(output),
+        settings=AlignSettings(
+            gamma=gamma, debias=debias, max_student_length=max_student_length, min_coverage=min_coverage
+        ),
+        overwrite=overwrite,
+        ray=RayConfig(address=address, num_cpus=num_cpus, log_to_driver=verbose),
+    )
+    try:
+        summaries = build_aligned_sets(config, progress=_say)
+    except (AlignError, ValueError) as err:
+        _fail(str(err))
+    for summary in summaries:
+        manifest = store.read_json(Path(summary.path) / store.MANIFEST)
+        for line in coverage_report_lines(summary, manifest):
+            typer.secho(line, fg=typer.colors.YELLOW if "WARNING" in line else None, err=True)
+        _say(f"-> {summary.path}")
+
+
+@app.command()
 def inspect(
-    path: Annotated[Path, typer.Argument(help="A teacher cache directory")],
+    path: Annotated[Path, typer.Argument(help="A teacher cache or aligned set directory")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
     verify: Annotated[bool, typer.Option(help="Verify every shard's checksum")] = True,
 ) -> None:
-    """Summarise a teacher cache: teacher, tokenizer, documents, tokens, size, bits per byte."""
+    """Summarise a teacher cache (teacher, tokenizer, documents, tokens, size, bits per byte) or an aligned
+    set (student tokenizer, coverage report)."""
+    from alm_pipeline.cache.aligned import ALIGNED_KIND, open_aligned_set
     from alm_pipeline.cache.reader import open_cache
-    from alm_pipeline.cache.store import CacheIntegrityError
+    from alm_pipeline.cache.store import MANIFEST, CacheIntegrityError, read_json
 
     try:
-        cache = open_cache(path, verify=verify, require_complete=False)
+        kind = read_json(path / MANIFEST).get("kind") if (path / MANIFEST).exists() else None
+        if kind == ALIGNED_KIND:
+            summary = open_aligned_set(path, verify=verify, require_complete=False).summary()
+        else:
+            summary = open_cache(path, verify=verify, require_complete=False).summary()
     except (CacheIntegrityError, ValueError) as err:
         _fail(str(err))
-    summary = cache.summary()
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return
@@ -152,7 +223,7 @@ def inspect(
 
 
 def _print_table(summary: dict, indent: str = "") -> None:
-    width = max(len(k) for k in summary)
+    width = max((len(k) for k in summary), default=0)
     for key, value in summary.items():
         if isinstance(value, dict):
             typer.echo(f"{indent}{key}:")

@@ -18,11 +18,13 @@ PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 def build_byte_backend() -> Tokenizer:
     byte_chars = {b: c for c, b in unicode_to_bytes().items()}
     vocab = {byte_chars[b]: b for b in range(256)}
-    vocab.update({PAD: 256, BOS: 257, EOS: 258})
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], ignore_merges=True))
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
+    # Specials live only as added tokens (ids 256..258), never in the BPE vocabulary: a document whose text
+    # is literally "<eos>" must still be 5 byte tokens.
     backend.add_special_tokens([PAD, BOS, EOS])
+    assert [backend.token_to_id(t) for t in (PAD, BOS, EOS)] == [256, 257, 258]
     backend.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, 257)]
     )

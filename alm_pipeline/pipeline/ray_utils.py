@@ -40,6 +40,11 @@ def configure_ray_data(progress_bars: bool = False) -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress_bars
     ctx.print_on_execution_start = False
+    if not progress_bars:
+        # our own progress bar reports shards; keep Ray Data's per-dataset INFO lines and its notice that
+        # its bars are off out of the console (they still go to Ray's log files)
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 def cluster_cpus() -> float:

@@ -67,6 +67,7 @@ class TeacherCacheConfig:
     concurrency: int = 1  # scoring actors (engine replicas)
     num_gpus_per_actor: float = 0.0
     num_cpus_per_actor: float = 1.0
+    threads_per_actor: int | None = None  # torch threads in a CPU actor (None: num_cpus_per_actor, rounded)
     overwrite: bool = False
     ray: RayConfig = field(default_factory=RayConfig)
 
@@ -90,6 +91,7 @@ class CacheRunSummary:
     tokens: int
     seconds: float
     tokens_per_second: float
+    timings: dict = field(default_factory=dict)  # seconds per phase (stage, ray pipeline, first shard, ...)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -109,7 +111,9 @@ def build_teacher_cache(
     view = _teacher_byte_view(teacher_path)
 
     say(f"reading corpus {config.corpus.path}")
+    timings: dict = {"setup": time.time() - t0}
     staged = _stage_corpus(config, view, out / STAGING)
+    timings["stage_corpus"] = time.time() - t0 - timings["setup"]
     if staged.num_docs == 0:
         raise TeacherCacheError(f"{config.corpus.path}: no usable documents ({staged.stats.to_json()})")
     identity = {
@@ -139,7 +143,7 @@ def build_teacher_cache(
         say(f"resuming: {reused}/{num_shards} shards already written and verified")
     if pending:
         say(f"scoring {len(pending)} shards ({staged.num_docs} documents) with engine {config.engine!r}")
-        _run_ray_pipeline(config, teacher_path, view, out, pending, say)
+        timings.update(_run_ray_pipeline(config, teacher_path, view, out, pending, say))
 
     infos = []
     for k in range(num_shards):
@@ -163,6 +167,7 @@ def build_teacher_cache(
         tokens=tokens,
         seconds=round(seconds, 2),
         tokens_per_second=round(tokens / seconds, 1) if seconds > 0 else 0.0,
+        timings={k: round(v, 3) for k, v in timings.items()},
     )
 
 
@@ -359,7 +364,8 @@ def _run_ray_pipeline(
     out: Path,
     pending: list[int],
     say: Callable[[str], None],
-) -> None:
+) -> dict:
+    """Run the Ray Data graph over ``pending`` shards; returns timings (seconds, tokens)."""
     import ray
     import ray.data
     from tqdm import tqdm
@@ -386,20 +392,33 @@ def _run_ray_pipeline(
     ds = ds.map(_WriteShard(str(out)), **light)
     bar = tqdm(total=len(pending), unit="shard", desc="teacher-cache", dynamic_ncols=True)
     t0, tokens = time.time(), 0
+    first_done, first_tokens = None, 0
     try:
         for row in ds.iter_rows():
             tokens += int(row["tokens"])
+            if first_done is None:
+                first_done, first_tokens = time.time(), tokens
             bar.set_postfix_str(f"{tokens / max(time.time() - t0, 1e-9):,.0f} tok/s")
             bar.update(1)
     except Exception as err:  # surface our own error (naming the document) instead of Ray's wrapper
         raise TeacherCacheError(_root_cause_message(err)) from err
     finally:
         bar.close()
+    end = time.time()
+    timings = {"ray_pipeline": end - t0, "first_shard": (first_done or end) - t0}
+    if first_done is not None and end > first_done:
+        # throughput once the actors are up: everything after the first finished shard
+        timings["steady_tokens_per_second"] = (tokens - first_tokens) / (end - first_done)
+    return timings
 
 
 def _engine_config(config: TeacherCacheConfig, teacher_path: str):
     if config.engine == "hf":
-        return HFEngineConfig(model=teacher_path, dtype=config.dtype, max_batch_tokens=config.batch_tokens)
+        # Ray sets OMP_NUM_THREADS=1 in workers, so torch would use one thread whatever the actor's CPUs
+        threads = config.threads_per_actor or max(1, round(config.num_cpus_per_actor))
+        return HFEngineConfig(
+            model=teacher_path, dtype=config.dtype, max_batch_tokens=config.batch_tokens, num_threads=threads
+        )
     if config.engine == "vllm":
         raise TeacherCacheError("engine 'vllm' is not available yet in this version; use --engine hf")
     raise TeacherCacheError(f"unknown engine {config.engine!r} (choose hf or vllm)")

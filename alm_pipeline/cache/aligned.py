@@ -1,0 +1,147 @@
+"""The aligned set: one teacher cache mapped onto one student tokenizer (format version 1).
+
+A directory with ``manifest.json``, ``tokenizer/`` (the student tokenizer in Hugging Face format, so training
+and inference load exactly the tokenizer the chunks were computed with) and ``shards/shard-K.parquet`` — shard
+K holds the documents of cache shard K. One row per document; the trainer reads only the first six columns:
+
+==============================  ===============  ==============================================================
+column                          type             meaning
+==============================  ===============  ==============================================================
+doc_id                          string           the cache's document id
+input_ids                       list<int32>      student token ids of the cached text (student BOS/EOS included)
+chunk_start                     list<int32>      per group (merged chunk): student index of its first token
+chunk_end                       list<int32>      per group: student index of its last token (inclusive)
+teacher_chunk_logprob           list<float32>    per group: Σ teacher log p over its tokens, clipped at 0
+teacher_chunk_boundary_logprob  list<float32>    per group: teacher σ at its last token (debiasing adds it)
+text_bytes                      int32            UTF-8 bytes of the cached text
+covered_bytes                   int32            bytes inside the document's groups
+==============================  ===============  ==============================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from alm_pipeline.cache import store
+from alm_pipeline.cache.schema import check_schema
+
+ALIGNED_KIND = "alm-aligned-set"
+ALIGNED_FORMAT_VERSION = 1
+TOKENIZER_DIR = "tokenizer"
+
+ALIGNED_SCHEMA = pa.schema(
+    [
+        pa.field("doc_id", pa.string(), nullable=False),
+        pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("chunk_start", pa.list_(pa.int32()), nullable=False),
+        pa.field("chunk_end", pa.list_(pa.int32()), nullable=False),
+        pa.field("teacher_chunk_logprob", pa.list_(pa.float32()), nullable=False),
+        pa.field("teacher_chunk_boundary_logprob", pa.list_(pa.float32()), nullable=False),
+        pa.field("text_bytes", pa.int32(), nullable=False),
+        pa.field("covered_bytes", pa.int32(), nullable=False),
+    ]
+)
+TRAINER_COLUMNS = ALIGNED_SCHEMA.names[:6]
+
+
+@dataclass
+class AlignedSet:
+    root: Path
+    manifest: dict
+
+    @property
+    def shards(self) -> list[store.ShardInfo]:
+        return [store.ShardInfo.from_json(s) for s in self.manifest["shards"]]
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.root / TOKENIZER_DIR
+
+    @property
+    def gamma(self) -> float:
+        return float(self.manifest["settings"]["gamma"])
+
+    @property
+    def debias(self) -> bool:
+        return bool(self.manifest["settings"]["debias"])
+
+    def shard_files(self) -> list[Path]:
+        return [self.root / s.file for s in self.shards]
+
+    def iter_tables(self, columns: list[str] | None = None) -> Iterator[pa.Table]:
+        for path in self.shard_files():
+            yield pq.read_table(path, columns=columns)
+
+    def verify(self) -> None:
+        for info in self.shards:
+            store.verify_shard_file(self.root, info)
+            check_schema(pq.read_schema(self.root / info.file), ALIGNED_SCHEMA, str(self.root / info.file))
+
+    def check_cache(self, cache_root: str | Path | None = None) -> None:
+        """Refuse the set if the teacher cache it was made from has changed (or is gone)."""
+        from alm_pipeline.cache.reader import open_cache
+
+        cache_path = Path(cache_root or self.manifest["cache"]["path"])
+        cache = open_cache(cache_path, verify=False)
+        if cache.fingerprint != self.manifest["cache"]["fingerprint"]:
+            raise store.CacheIntegrityError(
+                f"{self.root}: made from teacher cache {cache_path} with fingerprint "
+                f"{self.manifest['cache']['fingerprint']}, but that cache now has fingerprint {cache.fingerprint}; "
+                "re-run `alm-pipeline align`"
+            )
+
+    def summary(self) -> dict:
+        cov = self.manifest["coverage"]
+        return {
+            "path": str(self.root),
+            "state": self.manifest["state"],
+            "student_tokenizer": self.manifest["student_tokenizer"]["name"],
+            "student_kind": self.manifest["student_tokenizer"]["kind"],
+            "student_vocab_size": self.manifest["student_tokenizer"]["vocab_size"],
+            "cache": self.manifest["cache"]["path"],
+            "gamma": self.gamma,
+            "debias": self.debias,
+            "max_student_length": self.manifest["settings"]["max_student_length"],
+            "docs": cov["documents_kept"],
+            "docs_dropped": cov["dropped"],
+            "groups": cov["groups"],
+            "student_tokens": cov["student_tokens"],
+            "coverage": round(cov["coverage"], 4),
+            "groups_per_doc": round(cov["groups"] / max(cov["documents_kept"], 1), 2),
+            "mean_chunk_bytes": round(cov["mean_chunk_bytes"], 3),
+            "mean_chunk_teacher_tokens": round(cov["mean_chunk_teacher_tokens"], 3),
+            "mean_chunk_student_tokens": round(cov["mean_chunk_student_tokens"], 3),
+            "mean_group_bytes": round(cov["mean_group_bytes"], 3),
+            "bytes_on_disk": sum(s.bytes for s in self.shards),
+        }
+
+
+def open_aligned_set(path: str | Path, verify: bool = True, require_complete: bool = True) -> AlignedSet:
+    root = Path(path).absolute()
+    manifest_file = root / store.MANIFEST
+    if not manifest_file.exists():
+        raise store.CacheIntegrityError(f"{root}: not an aligned set (no {store.MANIFEST})")
+    manifest = store.read_json(manifest_file)
+    if manifest.get("kind") != ALIGNED_KIND:
+        raise store.CacheIntegrityError(
+            f"{manifest_file}: not an aligned set (kind={manifest.get('kind')!r})"
+        )
+    if manifest.get("format_version") != ALIGNED_FORMAT_VERSION:
+        raise store.CacheIntegrityError(
+            f"{manifest_file}: aligned-set format version {manifest.get('format_version')!r}, this alm-pipeline "
+            f"reads version {ALIGNED_FORMAT_VERSION}; re-run `alm-pipeline align`"
+        )
+    if require_complete and manifest.get("state") != "complete":
+        raise store.CacheIntegrityError(
+            f"{root}: the aligned set is incomplete (state={manifest.get('state')!r}); re-run the same "
+            "`alm-pipeline align` command to finish it"
+        )
+    aligned = AlignedSet(root=root, manifest=manifest)
+    if verify:
+        aligned.verify()
+    return aligned

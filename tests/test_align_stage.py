@@ -1,0 +1,159 @@
+"""The align stage end to end under a real local Ray: one cache → several aligned sets, resume, refusal."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from transformers import AutoTokenizer
+
+from alm_pipeline.cache.aligned import ALIGNED_SCHEMA, open_aligned_set
+from alm_pipeline.cache.reader import open_cache
+from alm_pipeline.cache.store import CacheIntegrityError
+from alm_pipeline.pipeline.align_stage import (
+    AlignConfig,
+    AlignError,
+    AlignSettings,
+    build_aligned_sets,
+    stream_aligned,
+)
+from alm_pipeline.pipeline.corpus import CorpusConfig
+from alm_pipeline.pipeline.ray_utils import RayConfig
+from alm_pipeline.pipeline.teacher_cache import TeacherCacheConfig, build_teacher_cache
+from tests.test_teacher_cache import BAD_INPUT_DOCS, _write_jsonl
+
+pytestmark = pytest.mark.ray
+
+DOCS = [d for d in BAD_INPUT_DOCS if d["id"] != "huge"] + [
+    {"id": f"prose{i}", "text": f"To be, or not to be ({i}), that is the question:\nWhether 'tis nobler."}
+    for i in range(6)
+]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(ray_local, tmp_path_factory, llama_sp_model):
+    root = tmp_path_factory.mktemp("align_stage")
+    data = _write_jsonl(root / "corpus.jsonl", DOCS)
+    build_teacher_cache(
+        TeacherCacheConfig(
+            teacher=str(llama_sp_model),
+            corpus=CorpusConfig(path=str(data), id_field="id"),
+            output=str(root / "cache"),
+            max_length=64,
+            shard_size=4,
+            ray=RayConfig(num_cpus=2),
+        )
+    )
+    return root / "cache"
+
+
+def _align(cache_dir, out, students, **settings):
+    return build_aligned_sets(
+        AlignConfig(
+            cache=str(cache_dir),
+            student_tokenizers=tuple(students),
+            output=str(out),
+            settings=AlignSettings(**settings),
+        )
+    )
+
+
+def _rows(path):
+    rows = []
+    for table in open_aligned_set(path).iter_tables():
+        rows += table.to_pylist()
+    return rows
+
+
+def test_three_students_in_one_pass_equal_three_separate_runs(cache_dir, tmp_path, tokenizer_dirs):
+    students = ["bytes", str(tokenizer_dirs["byte_level"]), str(tokenizer_dirs["char"])]
+    together = _align(cache_dir, tmp_path / "together", students)
+    assert [s.name for s in together] == ["bytes", "tok_byte_level", "tok_char"]
+    for student, summary in zip(students, together, strict=True):
+        alone = _align(cache_dir, tmp_path / f"alone_{summary.name}", [student])[0]
+        assert _rows(summary.path) == _rows(alone.path)
+        assert summary.docs == alone.docs and summary.dropped == alone.dropped
+    by_name = {s.name: s for s in together}
+    # the char tokenizer cannot write emoji / CJK: those documents are dropped and counted, not fatal
+    assert by_name["tok_char"].dropped.get("student tokenizer cannot reproduce the text", 0) >= 2
+    assert by_name["bytes"].dropped == {}
+    assert by_name["bytes"].coverage > 0.99  # SentencePiece teacher and bytes student both have a BOS
+
+
+def test_aligned_rows_are_consistent_with_the_cache(cache_dir, tmp_path):
+    (summary,) = _align(cache_dir, tmp_path / "out", ["bytes"], gamma=0.0)
+    aligned = open_aligned_set(summary.path)
+    assert pq.read_schema(aligned.shard_files()[0]).names == ALIGNED_SCHEMA.names
+    cache_rows = {r["doc_id"]: r for t in open_cache(cache_dir).iter_tables() for r in t.to_pylist()}
+    for row in _rows(summary.path):
+        cached = cache_rows[row["doc_id"]]
+        text = cached["text"].encode()
+        ids = row["input_ids"]
+        assert ids[0] == 257 and bytes(ids[1:]) == text  # bytes student: <bos> + the text's bytes
+        start, end = np.array(row["chunk_start"]), np.array(row["chunk_end"])
+        assert np.all(start <= end) and np.all(start[1:] == end[:-1] + 1)  # contiguous groups
+        # with a bytes student and no merging every byte-covering teacher token ends a chunk; a zero-byte
+        # token (the SentencePiece dummy-prefix piece) belongs to the chunk of the token after it
+        offsets = np.array(cached["offsets"])
+        widths = np.diff(np.concatenate([[0], offsets]))
+        expected_lp, expected_sigma, pending = [], [], 0.0
+        for u in range(1, len(offsets)):
+            pending += cached["logprob"][u]
+            if widths[u] > 0:
+                expected_lp.append(min(pending, 0.0))
+                expected_sigma.append(cached["boundary_logprob"][u])
+                pending = 0.0
+        np.testing.assert_allclose(row["teacher_chunk_logprob"], expected_lp, atol=1e-5)
+        np.testing.assert_allclose(row["teacher_chunk_boundary_logprob"], expected_sigma, atol=1e-6)
+
+
+def test_resume_and_refusal(cache_dir, tmp_path):
+    first = _align(cache_dir, tmp_path / "out", ["bytes"])[0]
+    again = _align(cache_dir, tmp_path / "out", ["bytes"])[0]
+    assert again.shards_written == 0 and again.shards_reused == first.shards_written
+    with pytest.raises(AlignError, match=r"settings: set has .*'gamma': 0\.1.*this run has .*'gamma': 0\.5"):
+        _align(cache_dir, tmp_path / "out", ["bytes"], gamma=0.5)
+    with pytest.raises(AlignError, match=r"gamma must be in \[0, 1\]"):
+        _align(cache_dir, tmp_path / "other", ["bytes"], gamma=2.0)
+
+
+def test_low_coverage_is_flagged(cache_dir, tmp_path):
+    (summary,) = _align(cache_dir, tmp_path / "out", ["bytes"], max_student_length=6)
+    assert summary.low_coverage and summary.coverage < 0.5
+    manifest = json.loads((tmp_path / "out" / "bytes" / "manifest.json").read_text())
+    assert manifest["coverage"]["coverage"] == summary.coverage
+
+
+def test_set_is_refused_when_its_cache_changed(cache_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "cache_copy"
+    shutil.copytree(cache_dir, copy)
+    (summary,) = _align(copy, tmp_path / "out", ["bytes"])
+    open_aligned_set(summary.path).check_cache()  # unchanged: fine
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["identity"]["settings"]["max_length"] = 999  # as if the cache had been rebuilt
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CacheIntegrityError, match="re-run `alm-pipeline align`"):
+        open_aligned_set(summary.path).check_cache()
+    manifest["format_version"] = 7
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(AlignError, match="format version 7"):
+        _align(copy, tmp_path / "out2", ["bytes"])
+
+
+def test_saved_bytes_tokenizer_and_streaming_match(cache_dir, tmp_path):
+    (summary,) = _align(cache_dir, tmp_path / "out", ["bytes"])
+    tok = AutoTokenizer.from_pretrained(str(open_aligned_set(summary.path).tokenizer_dir))
+    assert tok("Hé wörld\n")["input_ids"] == [257, *"Hé wörld\n".encode()]
+    ds, view, _ = stream_aligned(str(cache_dir), "bytes")
+    streamed = sorted(ds.take_all(), key=lambda r: r["doc_id"])
+    stored = sorted(_rows(summary.path), key=lambda r: r["doc_id"])
+    assert [r["doc_id"] for r in streamed] == [r["doc_id"] for r in stored]
+    for a, b in zip(streamed, stored, strict=True):
+        assert list(a["input_ids"]) == b["input_ids"] and list(a["chunk_end"]) == b["chunk_end"]
+        np.testing.assert_array_equal(
+            a["teacher_chunk_logprob"], np.array(b["teacher_chunk_logprob"], np.float32)
+        )
