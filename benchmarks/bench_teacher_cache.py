@@ -169,6 +169,7 @@ def main() -> None:
                     "steady_tok_s": steady,
                     "ratio_whole": whole / bare,
                     "ratio_steady": steady / bare,
+                    "actor_tok_s": summary.tokens / t["actor_busy"],
                     "stage_s": t["stage_corpus"],
                     "first_shard_s": t["first_shard"],
                     "ray_s": t["ray_pipeline"],
@@ -210,13 +211,14 @@ def main() -> None:
     print(f"\nlocal Ray start: {ray_start:.1f}s (not counted below)")
     header = (
         f"{'model':<14}{'rep':>4}{'tokens':>8}{'bare tok/s':>12}{'pipe tok/s':>12}{'steady tok/s':>14}"
-        f"{'pipe/bare':>11}{'steady/bare':>13}{'stage s':>9}{'1st shard s':>13}{'ray s':>8}"
+        f"{'pipe/bare':>11}{'steady/bare':>13}{'in-actor/bare':>15}{'stage s':>9}{'1st shard s':>13}{'ray s':>8}"
     )
     print(header)
     for r in rows:
         print(
             f"{r['model']:<14}{r['rep']:>4}{r['tokens']:>8}{r['bare_tok_s']:>12.1f}{r['pipe_tok_s']:>12.1f}"
-            f"{r['steady_tok_s']:>14.1f}{r['ratio_whole']:>11.3f}{r['ratio_steady']:>13.3f}{r['stage_s']:>9.2f}"
+            f"{r['steady_tok_s']:>14.1f}{r['ratio_whole']:>11.3f}{r['ratio_steady']:>13.3f}"
+            f"{r['actor_tok_s'] / r['bare_tok_s']:>15.3f}{r['stage_s']:>9.2f}"
             f"{r['first_shard_s']:>13.2f}{r['ray_s']:>8.2f}"
         )
     shutil.rmtree(work, ignore_errors=True)

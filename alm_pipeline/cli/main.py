@@ -222,6 +222,50 @@ def inspect(
     _print_table(summary)
 
 
+@app.command()
+def quickstart(
+    output: Annotated[Path, typer.Option(help="Folder for every artefact of the run")] = Path(
+        "runs/quickstart"
+    ),
+    teacher: Annotated[
+        str, typer.Option(help="Teacher model (short name, path or hub name)")
+    ] = "smollm2-135m",
+    data: Annotated[str | None, typer.Option(help="Corpus (default: the bundled Shakespeare corpus)")] = None,
+    max_docs: Annotated[int, typer.Option(help="Documents of the corpus to use")] = 64,
+    max_length: Annotated[int, typer.Option(help="Teacher tokens per document")] = 256,
+    student: Annotated[
+        list[str] | None,
+        typer.Option(help="Student tokenizers to align to (default: bytes and gpt2-tokenizer)"),
+    ] = None,
+    gamma: Annotated[float, typer.Option(help="γ for chunk merging")] = 0.1,
+    num_cpus_per_actor: Annotated[float, typer.Option(help="CPUs of the teacher actor")] = 1.5,
+    address: RayAddress = None,
+    num_cpus: NumCpus = None,
+) -> None:
+    """The whole pipeline on its embedded defaults: teacher cache of the bundled corpus with SmolLM2-135M,
+    then alignment to two student tokenizers in one pass. A second run reuses what the first produced."""
+    from alm_pipeline.pipeline.ray_utils import RayConfig
+    from alm_pipeline.quickstart import QuickstartConfig, run_quickstart
+
+    config = QuickstartConfig(
+        output=str(output),
+        teacher=teacher,
+        data=data,
+        max_docs=max_docs,
+        max_length=max_length,
+        students=tuple(student) if student else QuickstartConfig.students,
+        gamma=gamma,
+        num_cpus_per_actor=num_cpus_per_actor,
+        ray=RayConfig(address=address, num_cpus=num_cpus),
+    )
+    try:
+        result = run_quickstart(config, progress=_say)
+    except (RuntimeError, ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    for line in result.lines():
+        typer.echo(line)
+
+
 def _print_table(summary: dict, indent: str = "") -> None:
     width = max((len(k) for k in summary), default=0)
     for key, value in summary.items():

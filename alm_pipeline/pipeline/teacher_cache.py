@@ -392,10 +392,11 @@ def _run_ray_pipeline(
     ds = ds.map(_WriteShard(str(out)), **light)
     bar = tqdm(total=len(pending), unit="shard", desc="teacher-cache", dynamic_ncols=True)
     t0, tokens = time.time(), 0
-    first_done, first_tokens = None, 0
+    first_done, first_tokens, actor_seconds = None, 0, 0.0
     try:
         for row in ds.iter_rows():
             tokens += int(row["tokens"])
+            actor_seconds += float(row["actor_seconds"])
             if first_done is None:
                 first_done, first_tokens = time.time(), tokens
             bar.set_postfix_str(f"{tokens / max(time.time() - t0, 1e-9):,.0f} tok/s")
@@ -405,7 +406,7 @@ def _run_ray_pipeline(
     finally:
         bar.close()
     end = time.time()
-    timings = {"ray_pipeline": end - t0, "first_shard": (first_done or end) - t0}
+    timings = {"ray_pipeline": end - t0, "first_shard": (first_done or end) - t0, "actor_busy": actor_seconds}
     if first_done is not None and end > first_done:
         # throughput once the actors are up: everything after the first finished shard
         timings["steady_tokens_per_second"] = (tokens - first_tokens) / (end - first_done)
@@ -487,8 +488,9 @@ class _ScoreShards:
             raise TeacherCacheError(f"unknown engine {engine!r}")
 
     def __call__(self, batch: dict) -> dict:
-        shards, payloads = [], []
+        shards, payloads, busy = [], [], []
         for k, payload in zip(batch["shard"], batch["payload"], strict=True):
+            t0 = time.perf_counter()
             table = ipc_to_table(payload)
             seqs = [np.asarray(x, dtype=np.int32) for x in table["token_ids"].to_numpy(zero_copy_only=False)]
             scored = self.engine.score(seqs)
@@ -496,7 +498,12 @@ class _ScoreShards:
             table = table.append_column("boundary_logprob", _ragged([s[1] for s in scored], pa.float32()))
             shards.append(int(k))
             payloads.append(table_to_ipc(table))
-        return {"shard": np.array(shards), "payload": np.array(payloads, dtype=object)}
+            busy.append(time.perf_counter() - t0)
+        return {
+            "shard": np.array(shards),
+            "payload": np.array(payloads, dtype=object),
+            "actor_seconds": np.array(busy),  # time this shard occupied the scoring actor
+        }
 
 
 class _WriteShard:
@@ -510,7 +517,12 @@ class _WriteShard:
         table = ipc_to_table(row["payload"]).select(CACHE_SCHEMA.names).cast(CACHE_SCHEMA)
         stats = shard_stats(table)
         info = store.write_shard(Path(self.out), k, table, tokens=stats["tokens"], stats=stats)
-        return {"shard": k, "tokens": info.tokens, "rows": info.rows}
+        return {
+            "shard": k,
+            "tokens": info.tokens,
+            "rows": info.rows,
+            "actor_seconds": float(row["actor_seconds"]),
+        }
 
 
 def _ragged(arrays: list[np.ndarray], value_type: pa.DataType) -> pa.ListArray:
