@@ -9,7 +9,7 @@ log-prob values do not change the alignment's cost), then, for each student toke
 * **align stage (Ray)**: ``build_aligned_sets`` for all students in one pass (reads each shard once), on the
   local Ray of this machine, wall time.
 
-    python benchmarks/bench_align.py [--docs 948] [--reps 3]
+    python benchmarks/bench_align.py [--docs 256] [--reps 3]
 """
 
 from __future__ import annotations
@@ -66,8 +66,8 @@ def tiny_teacher(out: Path) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--docs", type=int, default=948)
-    ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--docs", type=int, default=256)
+    ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
 

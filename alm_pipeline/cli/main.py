@@ -276,6 +276,16 @@ def _print_table(summary: dict, indent: str = "") -> None:
             typer.echo(f"{indent}{key.ljust(width)}  {value}")
 
 
+def _register_subcommands() -> None:
+    from alm_pipeline.cli.evaluate_cmd import evaluate, plot
+
+    app.command("evaluate")(evaluate)
+    app.command("plot")(plot)
+
+
+_register_subcommands()
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -1,0 +1,82 @@
+"""The command line: help shows the defaults, errors are clear, inspect and quickstart work end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from alm_pipeline.cli.main import app
+
+runner = CliRunner()
+
+
+def test_help_lists_commands_and_defaults():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("teacher-cache", "align", "inspect", "quickstart"):
+        assert command in result.output
+    result = runner.invoke(app, ["teacher-cache", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    assert "smollm2-135m" in result.output and "1024" in result.output
+
+
+def test_bad_corpus_error_names_file_and_line(tmp_path, gpt2_bl_model):
+    data = tmp_path / "c.jsonl"
+    data.write_text('{"text": "fine"}\n{"body": "no text field"}\n')
+    result = runner.invoke(
+        app,
+        [
+            "teacher-cache",
+            "--teacher",
+            str(gpt2_bl_model),
+            "--data",
+            str(data),
+            "--output",
+            str(tmp_path / "o"),
+        ],
+    )
+    assert result.exit_code == 2
+    assert "c.jsonl:2: missing text field 'text'" in result.output
+
+
+def test_inspect_refuses_a_non_cache(tmp_path):
+    result = runner.invoke(app, ["inspect", str(tmp_path)])
+    assert result.exit_code == 2 and "not a teacher cache" in result.output
+
+
+@pytest.mark.ray
+def test_quickstart_reduced_end_to_end(ray_local, tmp_path, llama_sp_model, tokenizer_dirs):
+    out = tmp_path / "qs"
+    args = [
+        "quickstart",
+        "--output",
+        str(out),
+        "--teacher",
+        str(llama_sp_model),
+        "--max-docs",
+        "12",
+        "--max-length",
+        "48",
+        "--student",
+        "bytes",
+        "--student",
+        str(tokenizer_dirs["byte_level"]),
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "teacher bits/byte" in result.output
+    assert (out / "cache" / "manifest.json").exists()
+    for name in ("bytes", "tok_byte_level"):
+        manifest = json.loads((out / "aligned" / name / "manifest.json").read_text())
+        assert manifest["state"] == "complete" and manifest["coverage"]["documents_kept"] == 12
+        assert (out / "aligned" / name / "tokenizer" / "tokenizer.json").exists()
+    inspected = runner.invoke(app, ["inspect", str(out / "cache"), "--json"])
+    summary = json.loads(inspected.output)
+    assert summary["docs"] == 12 and summary["state"] == "complete" and summary["bits_per_byte"] > 0
+    inspected = runner.invoke(app, ["inspect", str(out / "aligned" / "bytes")])
+    assert inspected.exit_code == 0 and "coverage" in inspected.output
+    # a second run reuses everything
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0 and "resuming: 1/1 shards" in again.output
