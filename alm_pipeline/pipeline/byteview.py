@@ -94,9 +94,15 @@ class ByteView:
     pad_id: int | None = None
     token_lengths: np.ndarray = field(init=False)
     boundary_mask: np.ndarray = field(init=False)
+    _flat_bytes: np.ndarray = field(init=False, repr=False)  # all tokens' bytes, concatenated (uint8)
+    _flat_starts: np.ndarray = field(init=False, repr=False)  # where each token's bytes start in it
 
     def __post_init__(self) -> None:
         self.token_lengths = np.array([len(b) for b in self.token_bytes], dtype=np.int32)
+        self._flat_bytes = np.frombuffer(b"".join(self.token_bytes), dtype=np.uint8)
+        self._flat_starts = (np.cumsum(self.token_lengths, dtype=np.int64) - self.token_lengths).astype(
+            np.int64
+        )
         starts_at_boundary = np.array(
             [len(b) > 0 and b[0] in BOUNDARY_BYTES for b in self.token_bytes], dtype=bool
         )
@@ -153,16 +159,22 @@ class ByteView:
                 precut = True
         ids = self.tokenizer.encode(source, add_special_tokens=False).ids
         source_bytes = source.encode("utf-8") if precut else text_bytes
-        lengths = self.token_lengths[ids] if ids else np.zeros(0, dtype=np.int32)
-        joined = b"".join(self.token_bytes[i] for i in ids)
-        if joined != source_bytes:
-            if joined == b" " + source_bytes and ids and self.token_bytes[ids[0]][:1] == b" ":
+        ids_arr = np.asarray(ids, dtype=np.int64)
+        lengths = self.token_lengths[ids_arr]
+        joined = self._joined_bytes(ids_arr, lengths)
+        text_arr = np.frombuffer(source_bytes, dtype=np.uint8)
+        if not np.array_equal(joined, text_arr):
+            if (
+                len(joined) == len(text_arr) + 1
+                and joined[0] == 0x20
+                and np.array_equal(joined[1:], text_arr)
+            ):
                 lengths = lengths.copy()
                 lengths[0] -= 1  # dummy-prefix space: carried by the first token, not in the text
             else:
                 raise TokenizerMismatchError(
                     f"tokenizer {self.name!r} does not reproduce the bytes of the text{where}: "
-                    f"{_first_difference(joined, source_bytes)}"
+                    f"{_first_difference(joined.tobytes(), source_bytes)}"
                 )
         all_ids = np.array(list(prefix) + list(ids) + list(suffix), dtype=np.int32)
         body_ends = np.cumsum(lengths, dtype=np.int64)
@@ -182,6 +194,15 @@ class ByteView:
             end = int(offsets[-1]) if len(offsets) else 0
             text = source_bytes[:end].decode("utf-8")
         return EncodedText(text=text, token_ids=all_ids, offsets=offsets, truncated=truncated)
+
+    def _joined_bytes(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """The concatenated bytes of ``ids`` as a uint8 array (one vectorised gather, no Python loop)."""
+        total = int(lengths.sum())
+        if total == 0:
+            return np.zeros(0, dtype=np.uint8)
+        out_starts = np.cumsum(lengths, dtype=np.int64) - lengths
+        index = np.arange(total, dtype=np.int64) + np.repeat(self._flat_starts[ids] - out_starts, lengths)
+        return self._flat_bytes[index]
 
     def describe(self) -> dict:
         return {
