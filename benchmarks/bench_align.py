@@ -4,6 +4,9 @@ Builds a teacher cache of the bundled corpus once (a 1-layer random model with S
 log-prob values do not change the alignment's cost), then, for each student tokenizer, side by side:
 
 * **tokenize**: the student tokenizer's own time to tokenize the cached texts (Rust ``encode``, one core);
+* **ids only**: the tokenizer call ``align_table`` makes, ``encode_batch_fast([text])[0].ids`` per text (no
+  character offsets, ids copied to Python; one core: ``TOKENIZERS_PARALLELISM=false``), a like-with-like
+  baseline for the ratio ``align/ids``;
 * **align (in process)**: ``align_table`` on the same rows — student tokenization with exact byte offsets,
   chunk alignment, γ-merging, building the Arrow table (one core);
 * **align stage (Ray)**: ``build_aligned_sets`` for all students in one pass (reads each shard once), on the
@@ -103,10 +106,14 @@ def main() -> None:
                 view.tokenizer.encode(text, add_special_tokens=False)
             tok_s = time.perf_counter() - t0
             t0 = time.perf_counter()
+            for text in texts:
+                _ = view.tokenizer.encode_batch_fast([text], add_special_tokens=False)[0].ids
+            ids_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
             coverage = CoverageStats()
             align_table(table, special, view, AlignSettings(), coverage)
             align_s = time.perf_counter() - t0
-            rows.append((student, rep, tok_s, align_s, coverage.coverage))
+            rows.append((student, rep, tok_s, ids_s, align_s, coverage.coverage))
 
     stage = []
     for rep in range(args.reps):
@@ -122,11 +129,13 @@ def main() -> None:
         f"\n{len(texts)} documents, {teacher_tokens} teacher tokens (max length {args.max_length}), {cache.summary()['shards']} shards"
     )
     print(
-        f"{'student':<20}{'rep':>4}{'tokenize s':>12}{'align s':>10}{'align/tokenize':>16}{'teacher tok/s/core':>20}{'coverage':>10}"
+        f"{'student':<20}{'rep':>4}{'tokenize s':>12}{'ids only s':>12}{'align s':>10}{'align/tokenize':>16}"
+        f"{'align/ids':>11}{'teacher tok/s/core':>20}{'coverage':>10}"
     )
-    for student, rep, tok_s, align_s, cov in rows:
+    for student, rep, tok_s, ids_s, align_s, cov in rows:
         print(
-            f"{student:<20}{rep:>4}{tok_s:>12.3f}{align_s:>10.3f}{align_s / tok_s:>16.2f}{teacher_tokens / align_s:>20,.0f}{cov:>10.4f}"
+            f"{student:<20}{rep:>4}{tok_s:>12.3f}{ids_s:>12.3f}{align_s:>10.3f}{align_s / tok_s:>16.2f}"
+            f"{align_s / ids_s:>11.2f}{teacher_tokens / align_s:>20,.0f}{cov:>10.4f}"
         )
     tok_total = sum(r[2] for r in rows) / args.reps
     print(
