@@ -278,7 +278,9 @@ def _print_table(summary: dict, indent: str = "") -> None:
 
 def _register_subcommands() -> None:
     from alm_pipeline.cli.evaluate_cmd import evaluate, plot
+    from alm_pipeline.cli.train_cmd import train
 
+    app.command("train")(train)
     app.command("evaluate")(evaluate)
     app.command("plot")(plot)
 

@@ -159,6 +159,13 @@ def train(
     gradient_checkpointing: Annotated[
         bool, typer.Option(help="Recompute activations in the backward")
     ] = False,
+    recompute_logits: Annotated[
+        bool,
+        typer.Option(
+            help="Recompute the LM head's logits slice by slice in the backward: memory O(slice x vocab) instead of "
+            "O(tokens x vocab), for a few % more compute; --no-recompute-logits when memory allows"
+        ),
+    ] = True,
     address: Annotated[
         str | None,
         typer.Option(
@@ -230,6 +237,7 @@ def train(
             wandb_project=wandb_project,
             wandb_run_name=wandb_run_name,
             gradient_checkpointing=gradient_checkpointing,
+            checkpoint_slices=recompute_logits,
             ray=RayConfig(address=address, num_cpus=num_cpus, log_to_driver=verbose),
         )
     except ValueError as err:

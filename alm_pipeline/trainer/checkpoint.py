@@ -1,0 +1,231 @@
+"""Training checkpoints: a Hugging Face model folder plus the state needed to continue exactly.
+
+Layout of one checkpoint (``<output>/checkpoints/checkpoint-000200/``)::
+
+    config.json, model.safetensors, generation_config.json   the student (AutoModelForCausalLM.from_pretrained)
+    tokenizer.json, tokenizer_config.json, ...                 its tokenizer (the aligned set's student tokenizer)
+    student_info.json                                          how the student was built
+    adapter_config.json, adapter_model.safetensors             LoRA runs only (base model + adapter)
+    optimizer.pt                                               optimizer state (full, unsharded)
+    scheduler.pt                                               learning-rate scheduler state
+    trainer_state.json                                         step, data position, run settings; written LAST
+
+A checkpoint counts only once ``trainer_state.json`` exists (it is written after everything else), so a run
+killed while writing one resumes from the previous one. The model folder is a plain ``save_pretrained`` folder
+(a merged one for LoRA in the final export), so vLLM can serve it as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CHECKPOINTS_DIR",
+    "FINAL_DIR",
+    "TRAINER_STATE",
+    "CheckpointError",
+    "checkpoint_name",
+    "checkpoint_step",
+    "export_final",
+    "find_latest_checkpoint",
+    "is_complete",
+    "list_checkpoints",
+    "load_training_state",
+    "read_trainer_state",
+    "write_checkpoint",
+]
+
+CHECKPOINTS_DIR = "checkpoints"
+FINAL_DIR = "final"
+TRAINER_STATE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+SCHEDULER_FILE = "scheduler.pt"
+RNG_FILE = "rng_state.pt"
+_TRAINING_ONLY = {OPTIMIZER_FILE, SCHEDULER_FILE, RNG_FILE}
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, or does not fit the run that wants to continue from it."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint-{step:06d}"
+
+
+def checkpoint_step(path: str | os.PathLike[str]) -> int:
+    return int(read_trainer_state(path)["step"])
+
+
+def read_trainer_state(path: str | os.PathLike[str]) -> dict:
+    state_file = Path(path) / TRAINER_STATE
+    try:
+        return json.loads(state_file.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not a complete checkpoint (no {TRAINER_STATE})") from None
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{state_file}: unreadable ({err})") from None
+
+
+def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[tuple[int, Path]]:
+    """Complete checkpoints under ``<run_dir>/checkpoints`` as ``(step, path)``, oldest first."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = []
+    for entry in root.iterdir():
+        if not entry.is_dir() or not _NAME.match(entry.name):
+            continue
+        try:
+            state = read_trainer_state(entry)
+        except CheckpointError:
+            continue
+        if not _files_complete(entry, state):
+            continue
+        found.append((int(state["step"]), entry))
+    return sorted(found)
+
+
+def _files_complete(root: Path, state: dict) -> bool:
+    for name, size in (state.get("files") or {}).items():
+        f = root / name
+        if not f.is_file() or f.stat().st_size != size:
+            return False
+    return True
+
+
+def is_complete(path: str | os.PathLike[str]) -> bool:
+    """``trainer_state.json`` is there and every file it lists has its recorded size."""
+    try:
+        return _files_complete(Path(path), read_trainer_state(path))
+    except CheckpointError:
+        return False
+
+
+def find_latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1][1] if ckpts else None
+
+
+def _save_model_folder(bundle, path: Path, state_dict: dict | None, merge_lora: bool) -> None:
+    """The student as a Hugging Face folder: :func:`save_student` (LoRA aware), or, with a gathered
+    ``state_dict`` (FSDP), ``save_pretrained(state_dict=...)`` + tokenizer + student_info.json."""
+    from alm_pipeline.trainer.student import save_student
+
+    if state_dict is None:
+        save_student(bundle, path, merge_lora=merge_lora)
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    bundle.model.save_pretrained(path, state_dict=state_dict)
+    bundle.tokenizer.save_pretrained(path)
+    (path / "student_info.json").write_text(json.dumps(bundle.info.to_dict(), indent=2) + "\n")
+
+
+def write_checkpoint(
+    path: str | os.PathLike[str],
+    bundle,
+    *,
+    trainer_state: dict,
+    optimizer_state: dict | None,
+    scheduler_state: dict | None,
+    model_state_dict: dict | None = None,
+    rng_state: dict | None = None,
+    merge_lora: bool = False,
+) -> Path:
+    """Write a checkpoint folder at ``path`` (created; must not hold another checkpoint)."""
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / TRAINER_STATE).unlink(missing_ok=True)
+    _save_model_folder(bundle, out, model_state_dict, merge_lora)
+    if optimizer_state is not None:
+        torch.save(optimizer_state, out / OPTIMIZER_FILE)
+    if scheduler_state is not None:
+        torch.save(scheduler_state, out / SCHEDULER_FILE)
+    if rng_state is not None:
+        torch.save(rng_state, out / RNG_FILE)
+    # sizes of everything else: a checkpoint copied (by Ray Train, to its storage) only in part is not complete
+    files = {
+        str(f.relative_to(out)): f.stat().st_size
+        for f in sorted(out.rglob("*"))
+        if f.is_file() and f.name != TRAINER_STATE and not f.name.startswith(".")
+    }
+    tmp = out / f".{TRAINER_STATE}.tmp"
+    tmp.write_text(json.dumps({**trainer_state, "files": files}, indent=2, default=str) + "\n")
+    os.replace(tmp, out / TRAINER_STATE)
+    return out
+
+
+def load_training_state(
+    path: str | os.PathLike[str], map_location: str | torch.device = "cpu"
+) -> dict[str, Any]:
+    """``{"trainer_state", "optimizer", "scheduler", "rng"}`` of a checkpoint (missing parts are ``None``)."""
+    root = Path(path)
+    state = read_trainer_state(root)
+
+    def load(name: str):
+        f = root / name
+        return torch.load(f, map_location=map_location, weights_only=False) if f.exists() else None
+
+    return {
+        "trainer_state": state,
+        "optimizer": load(OPTIMIZER_FILE),
+        "scheduler": load(SCHEDULER_FILE),
+        "rng": load(RNG_FILE),
+    }
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def export_final(checkpoint: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Path:
+    """Publish a checkpoint's model folder (without optimizer/scheduler state) as ``dest``, atomically
+    (hard links where the filesystem allows, else copies). An existing ``dest`` is replaced."""
+    src = Path(checkpoint)
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        for entry in src.iterdir():
+            if entry.name in _TRAINING_ONLY:
+                continue
+            if entry.is_dir():
+                shutil.copytree(
+                    entry, tmp / entry.name, copy_function=lambda s, d: _link_or_copy(Path(s), Path(d))
+                )
+            else:
+                _link_or_copy(entry, tmp / entry.name)
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(dest, old)
+            os.replace(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def prune_checkpoints(run_dir: str | os.PathLike[str], keep: int | None) -> None:
+    """Delete all but the ``keep`` newest complete checkpoints (``None``: keep all)."""
+    if keep is None or keep <= 0:
+        return
+    for _, path in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)

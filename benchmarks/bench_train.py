@@ -1,0 +1,389 @@
+"""Training step cost: cached ALM vs plain next-token training vs online ALM (teacher forward every step).
+
+One real student (SmolLM2-135M by default, optionally cut to its first N blocks) and one fixed batch of real
+text (the bundled Shakespeare corpus, ``--batch-size`` documents of ``--seq-len`` tokens). Self-distillation
+set-up: the teacher is the same model with the same tokenizer, so the online variant runs exactly the models
+the cached one was prepared with. Timing: all modes share one process and
+``--steps`` interleaved rounds after ``--warmup`` (each round runs one optimizer step — forward + backward + Adam
+step — of every mode, in a rotating order, on one process; the best and the median are reported: on a shared
+machine the best is the least disturbed):
+
+* ``ntp_hf``     — plain next-token training: ``model(input_ids, labels=...)`` (transformers' own loss)
+* ``ntp``        — next-token loss through the trainer's path (body + sliced fp32 LM-head statistics)
+* ``alm``        — cached ALM, the trainer's default path (σ_S from the full softmax, slices checkpointed)
+* ``alm_nockpt`` — cached ALM without recomputing LM-head slices in the backward (more memory)
+* ``alm_online`` — online ALM: the teacher's forward (no grad) + its ℓ_T/σ_T + group sums on every step, then
+  the same student step (the chunk alignment itself is precomputed for both ALM variants)
+
+Peak memory, measured for each mode in its own fresh process: on CUDA ``torch.cuda.max_memory_allocated``; on
+CPU the peak resident set size sampled every 5 ms during one step after a warm-up step (process RSS, so it includes the weights, the optimizer state and the teacher copy).
+
+    python benchmarks/bench_train.py [--num-layers N] [--batch-size 4] [--seq-len 256] [--steps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+MODES = ["ntp_hf", "ntp", "alm", "alm_nockpt", "alm_online"]
+
+
+# --------------------------------------------------------------------------------------------------------- data
+
+
+def prepare(args, out: Path) -> Path:
+    """Teacher cache rows for ``batch_size`` documents (hf engine), aligned to the student tokenizer (= the
+    teacher's), with the teacher group spans the online variant needs."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from alm_pipeline.assets import bundled_corpus_path, resolve_model
+    from alm_pipeline.pipeline.align import align_document, merge_and_debias
+    from alm_pipeline.pipeline.byteview import load_byte_view
+    from alm_pipeline.pipeline.engine_hf import HFEngineConfig, HFTeacherEngine
+
+    model = resolve_model(args.model)
+    view = load_byte_view(model)
+    texts = []
+    with open(bundled_corpus_path()) as f:
+        for line in f:
+            text = json.loads(line)["text"]
+            if len(text) >= 8 * args.seq_len:  # long enough for seq_len tokens
+                texts.append(text[: 8 * args.seq_len])
+            if len(texts) >= args.batch_size:
+                break
+    if len(texts) < args.batch_size:
+        raise SystemExit(f"the bundled corpus has only {len(texts)} documents long enough")
+    encs = [view.encode(t, max_length=args.seq_len, doc_ref=str(i)) for i, t in enumerate(texts)]
+    engine = HFTeacherEngine(HFEngineConfig(model=model), view.boundary_token_ids(), view.vocab_size)
+    scores = engine.score([e.token_ids for e in encs])
+    cols: dict[str, list] = {k: [] for k in ("doc_id", "input_ids", "chunk_start", "chunk_end")}
+    cols.update({k: [] for k in ("teacher_chunk_logprob", "teacher_chunk_boundary_logprob")})
+    cols.update({k: [] for k in ("teacher_ids", "teacher_start", "teacher_end")})
+    for i, (enc, (lp, bl)) in enumerate(zip(encs, scores, strict=True)):
+        special = view.is_special[enc.token_ids]
+        al = align_document(enc.token_ids, enc.offsets, special, enc.token_ids, enc.offsets, special)
+        merged = merge_and_debias(al, lp, bl, gamma=0.1, debias=True)
+        cols["doc_id"].append(f"doc{i}")
+        cols["input_ids"].append(enc.token_ids)
+        cols["teacher_ids"].append(enc.token_ids)
+        for k in ("chunk_start", "chunk_end", "teacher_start", "teacher_end"):
+            cols[k].append(getattr(merged, k))
+        cols["teacher_chunk_logprob"].append(merged.teacher_chunk_logprob)
+        cols["teacher_chunk_boundary_logprob"].append(merged.teacher_chunk_boundary_logprob)
+    types = {"doc_id": pa.string()}
+    for k in cols:
+        if k != "doc_id":
+            vt = pa.float32() if "logprob" in k else pa.int32()
+            types[k] = pa.list_(vt)
+            cols[k] = [np.asarray(v) for v in cols[k]]
+    table = pa.table({k: pa.array(v, type=types[k]) for k, v in cols.items()})
+    path = out / "batch.parquet"
+    pq.write_table(table, path)
+    return path
+
+
+# -------------------------------------------------------------------------------------------------- one mode
+
+
+class _PeakRSS:
+    def __init__(self):
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            time.sleep(0.005)
+
+    def __enter__(self):
+        self.peak = self.rss()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def build_steps(args, modes: list[str], data: Path) -> tuple[dict, dict]:
+    """One optimizer-step closure per mode, all on the same student (and one teacher copy for ``alm_online``)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    import torch
+
+    from alm_pipeline.assets import resolve_model
+    from alm_pipeline.trainer.data import AlignedRows, build_micro_batch
+    from alm_pipeline.trainer.loss import (
+        ALMGroups,
+        ALMLossConfig,
+        alm_loss,
+        next_token_loss,
+        student_token_stats,
+    )
+    from alm_pipeline.trainer.student import StudentConfig, load_student, transformer_layers
+    from alm_pipeline.trainer.train import StudentForward, _disable_dropout, _token_stats
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    table = pq.read_table(data)
+    rows = AlignedRows.from_table(table)
+    if rows.num_docs == 0 or int(rows.lengths.min()) < args.seq_len:
+        raise SystemExit("the prepared batch is empty or has short documents")
+    mb = build_micro_batch(rows, np.arange(rows.num_docs), [[i] for i in range(rows.num_docs)]).to(device)
+    bundle = load_student(
+        StudentConfig(model=resolve_model(args.model), dtype="float32", num_layers=args.num_layers)
+    )
+    model = bundle.model.to(device)
+    _disable_dropout(model)
+    model.train()
+    wrappers = {
+        ckpt: StudentForward(
+            model, bundle.view.boundary_mask, slice_size=args.slice_size, checkpoint_slices=ckpt
+        ).to(device)
+        for ckpt in (True, False)
+    }
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-6, betas=(0.9, 0.95))
+    cfg = ALMLossConfig()
+    n_groups = mb.num_groups
+
+    teacher = None
+    if "alm_online" in modes:
+        teacher_bundle = load_student(
+            StudentConfig(model=resolve_model(args.model), dtype="float32", num_layers=args.num_layers)
+        )
+        teacher = teacher_bundle.model.to(device).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        t_ids = [np.asarray(x, dtype=np.int64) for x in table.column("teacher_ids").to_pylist()]
+        width = max(len(x) for x in t_ids)
+        teacher_ids = torch.zeros(len(t_ids), width, dtype=torch.long)
+        teacher_mask = torch.zeros(len(t_ids), width, dtype=torch.bool)
+        for i, x in enumerate(t_ids):
+            teacher_ids[i, : len(x)] = torch.as_tensor(x)
+            teacher_mask[i, : len(x)] = True
+        teacher_ids, teacher_mask = teacher_ids.to(device), teacher_mask.to(device)
+        ts = np.concatenate([np.asarray(x) for x in table.column("teacher_start").to_pylist()])
+        te = np.concatenate([np.asarray(x) for x in table.column("teacher_end").to_pylist()])
+        t_start = torch.as_tensor(ts, dtype=torch.long, device=device)
+        t_end = torch.as_tensor(te, dtype=torch.long, device=device)
+        t_boundary = torch.as_tensor(teacher_bundle.view.boundary_mask, device=device)
+
+    def teacher_groups() -> ALMGroups:
+        """Online: the teacher's forward and its group log-likelihoods for this batch."""
+        with torch.no_grad():
+            body = getattr(teacher, teacher.base_model_prefix)
+            hidden = body(input_ids=teacher_ids, attention_mask=teacher_mask.long(), use_cache=False)[0]
+            stats = student_token_stats(
+                teacher_ids,
+                t_boundary,
+                hidden_states=hidden,
+                lm_head_weight=teacher.get_output_embeddings().weight,
+                attention_mask=teacher_mask,
+                slice_size=args.slice_size,
+                checkpoint_slices=False,
+            )
+            prefix = torch.nn.functional.pad(torch.cumsum(stats.token_logprob.double(), 1), (1, 0))
+            b = mb.groups.batch_index
+            c_t = (prefix[b, t_end + 1] - prefix[b, t_start]).clamp(max=0.0)
+            sigma = stats.boundary_logprob[b, t_end]
+        g = mb.groups
+        return ALMGroups(g.batch_index, g.start, g.end, c_t.float(), sigma.float())
+
+    def make_step(mode: str):
+        def step() -> float:
+            opt.zero_grad(set_to_none=True)
+            if mode == "ntp_hf":
+                labels = mb.input_ids.masked_fill(~mb.attention_mask, -100)
+                loss = model(
+                    input_ids=mb.input_ids, attention_mask=mb.attention_mask.long(), labels=labels
+                ).loss
+            else:
+                wrapper = wrappers[mode != "alm_nockpt"]
+                lp, sigma = wrapper(mb.input_ids, mb.attention_mask, attention_mask=mb.attention_mask.long())
+                stats = _token_stats(lp, sigma, mb)
+                if mode == "ntp":
+                    loss = next_token_loss(stats).loss
+                else:
+                    groups = teacher_groups() if mode == "alm_online" else mb.groups
+                    loss = alm_loss(stats, groups, cfg, num_groups_global=n_groups).loss
+            loss.backward()
+            opt.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            return float(loss.detach())
+
+        return step
+
+    meta = {
+        "tokens": int(mb.num_tokens),
+        "groups": int(n_groups),
+        "params": sum(p.numel() for p in model.parameters()),
+        "vocab": bundle.view.vocab_size,
+        "layers": len(transformer_layers(model)),
+    }
+    return {m: make_step(m) for m in modes}, meta
+
+
+def run_timing(args, modes: list[str], data: Path) -> dict:
+    """Interleaved rounds (the order rotates every round) on one process: every mode sees the same machine
+    conditions; the minimum over rounds is the least disturbed measurement."""
+    steps, meta = build_steps(args, modes, data)
+    for m in modes:
+        for _ in range(args.warmup):
+            steps[m]()
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    for r in range(args.steps):
+        order = modes[r % len(modes) :] + modes[: r % len(modes)]
+        for m in order:
+            t0 = time.perf_counter()
+            steps[m]()
+            times[m].append(time.perf_counter() - t0)
+    return {"meta": meta, "times": times}
+
+
+def run_memory(args, mode: str, data: Path) -> dict:
+    """Peak memory of one mode in a fresh process (one warm-up step, then one measured step)."""
+    import torch
+
+    steps, _ = build_steps(args, [mode], data)
+    steps[mode]()
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    with _PeakRSS() as rss:
+        steps[mode]()
+    return {"peak_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else rss.peak}
+
+
+# ------------------------------------------------------------------------------------------------------ main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument(
+        "--num-layers", type=int, default=None, help="keep only the first N blocks (default: all)"
+    )
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=5, help="timed rounds (each runs every mode once)")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--slice-size", type=int, default=1024)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--_data", type=Path, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args._worker:
+        modes = [m for m in args.modes.split(",") if m]
+        if args._worker == "timing":
+            out = run_timing(args, modes, args._data)
+        else:
+            out = run_memory(args, args._worker.removeprefix("mem:"), args._data)
+        print("RESULT " + json.dumps(out), flush=True)
+        return
+
+    modes = [m for m in args.modes.split(",") if m]
+
+    def worker(kind: str, data: Path) -> dict:
+        cmd = [sys.executable, __file__, "--_worker", kind, "--_data", str(data)]
+        for flag in (
+            "model",
+            "batch_size",
+            "seq_len",
+            "steps",
+            "warmup",
+            "threads",
+            "slice_size",
+            "device",
+            "modes",
+        ):
+            cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+        if args.num_layers:
+            cmd += ["--num-layers", str(args.num_layers)]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if out.returncode != 0 or line is None:
+            print(out.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"benchmark worker {kind} failed")
+        return json.loads(line[len("RESULT ") :])
+
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        t0 = time.perf_counter()
+        data = prepare(args, Path(tmp))
+        print(f"prepared the batch in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+        load_before = os.getloadavg()[0]
+        timing = worker("timing", data)
+        load_after = os.getloadavg()[0]
+        results = {}
+        for mode in modes:
+            t = timing["times"][mode]
+            results[mode] = {"step_s": min(t), "median_s": statistics.median(t), "times": t, **timing["meta"]}
+            results[mode].update(worker(f"mem:{mode}", data))
+            r = results[mode]
+            print(
+                f"  {mode:11s} best {r['step_s']:.3f}s median {r['median_s']:.3f}s peak {r['peak_bytes'] / 2**20:.0f} MiB",
+                file=sys.stderr,
+            )
+
+    any_r = next(iter(results.values()))
+    print(
+        f"\nstudent {args.model} ({any_r['layers']} blocks, {any_r['params'] / 1e6:.1f}M params, vocab "
+        f"{any_r['vocab']}), batch {args.batch_size} x {args.seq_len} tokens ({any_r['tokens']} tokens, "
+        f"{any_r['groups']} chunks), device {args.device}, {args.threads} threads, best and median of {args.steps} "
+        f"interleaved rounds (1-min load average {load_before:.1f} before, {load_after:.1f} after)\n"
+    )
+    base = results.get("ntp_hf")
+    print(
+        "| mode | best step (s) | median step (s) | tokens/s (best) | × ntp_hf (best) | peak memory (MiB) |"
+    )
+    print("|---|---|---|---|---|---|")
+    for mode, r in results.items():
+        ratio = f"{r['step_s'] / base['step_s']:.3f}" if base else "-"
+        print(
+            f"| {mode} | {r['step_s']:.3f} | {r['median_s']:.3f} | {r['tokens'] / r['step_s']:.0f} | {ratio} | "
+            f"{r['peak_bytes'] / 2**20:.0f} |"
+        )
+    if "alm" in results:
+        if base:
+            print(f"\ncached ALM / plain next-token step: {results['alm']['step_s'] / base['step_s']:.3f}")
+        if "ntp" in results:
+            print(
+                f"cached ALM / next-token via the trainer's path: {results['alm']['step_s'] / results['ntp']['step_s']:.3f}"
+            )
+        if "alm_online" in results:
+            print(
+                f"cached ALM / online ALM step: {results['alm']['step_s'] / results['alm_online']['step_s']:.3f}"
+            )
+    if args.json:
+        args.json.write_text(
+            json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=2)
+        )
+
+
+if __name__ == "__main__":
+    main()
