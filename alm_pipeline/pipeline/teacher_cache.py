@@ -70,15 +70,25 @@ class TeacherCacheConfig:
     threads_per_actor: int | None = None  # torch threads in a CPU actor (None: num_cpus_per_actor, rounded)
     overwrite: bool = False
     ray: RayConfig = field(default_factory=RayConfig)
+    # vLLM engine (engine="vllm"; see alm_pipeline.pipeline.engine_vllm)
+    tensor_parallel_size: int = 1  # GPUs per vLLM replica; num_gpus_per_actor must be at least this
+    boundary_mode: str = "exact"  # exact | topk (vllm only: σ as a top-k LOWER BOUND, part of the identity)
+    boundary_topk: int = 20  # k of boundary_mode="topk"
+    vllm_max_num_batched_tokens: int | None = None  # None: 8192 GPU / 4096 CPU; topk: buffer-capped
+    vllm_enforce_eager: bool | None = None  # None: eager on CPU, vLLM's compiled mode on GPU
+    vllm_gpu_memory_utilization: float | None = None  # None: 0.85 × the actor's GPU share (room for LM head)
 
     def identity_settings(self) -> dict:
         """Settings that change the cache's content (runtime knobs such as concurrency excluded)."""
-        return {
+        settings = {
             "engine": self.engine,
             "max_length": self.max_length,
             "dtype": self.dtype,
             "shard_size": self.shard_size,
         }
+        if self.boundary_mode != "exact":  # an approximate σ must never be mixed with (or resumed as) exact
+            settings["boundary_mode"] = f"{self.boundary_mode}:{self.boundary_topk}"
+        return settings
 
 
 @dataclass
@@ -307,7 +317,6 @@ def _manifest(
     state: str,
     shards: list[store.ShardInfo] | None = None,
 ) -> dict:
-    import transformers
 
     from alm_pipeline import __version__
 
@@ -325,13 +334,7 @@ def _manifest(
         "format_version": FORMAT_VERSION,
         "state": state,
         "identity": identity,
-        "teacher": {
-            "name": config.teacher,
-            "path": teacher_path,
-            "engine": config.engine,
-            "engine_version": f"transformers {transformers.__version__}",
-            "dtype": config.dtype,
-        },
+        "teacher": {"name": config.teacher, "path": teacher_path, **_engine_manifest(config, teacher_path)},
         "tokenizer": view.describe(),
         "corpus": {
             **config.corpus.describe(),
@@ -413,15 +416,71 @@ def _run_ray_pipeline(
     return timings
 
 
+def _engine_manifest(config: TeacherCacheConfig, teacher_path: str) -> dict:
+    """Engine, version and settings recorded in the manifest (driver side, no model loaded)."""
+    if config.engine == "vllm":
+        from alm_pipeline.pipeline.engine_vllm import manifest_entry
+
+        return manifest_entry(_engine_config(config, teacher_path))
+    import torch
+    import transformers
+
+    return {
+        "engine": config.engine,
+        "engine_version": f"transformers {transformers.__version__}, torch {torch.__version__}",
+        "dtype": config.dtype,
+    }
+
+
 def _engine_config(config: TeacherCacheConfig, teacher_path: str):
+    # Ray sets OMP_NUM_THREADS=1 in workers, so torch would use one thread whatever the actor's CPUs
+    threads = config.threads_per_actor or max(1, round(config.num_cpus_per_actor))
+    if config.boundary_mode not in ("exact", "topk"):
+        raise TeacherCacheError(f"unknown boundary mode {config.boundary_mode!r} (choose exact or topk)")
     if config.engine == "hf":
-        # Ray sets OMP_NUM_THREADS=1 in workers, so torch would use one thread whatever the actor's CPUs
-        threads = config.threads_per_actor or max(1, round(config.num_cpus_per_actor))
+        if config.boundary_mode != "exact":
+            raise TeacherCacheError(
+                f"boundary mode {config.boundary_mode!r} is an approximation offered by the vllm engine only; "
+                "the hf engine always computes the boundary log-prob exactly"
+            )
         return HFEngineConfig(
             model=teacher_path, dtype=config.dtype, max_batch_tokens=config.batch_tokens, num_threads=threads
         )
     if config.engine == "vllm":
-        raise TeacherCacheError("engine 'vllm' is not available yet in this version; use --engine hf")
+        import os
+
+        from alm_pipeline.pipeline.engine_vllm import VLLMEngineConfig, VLLMUnavailableError, require_vllm
+
+        if not (config.ray.address or os.environ.get("RAY_ADDRESS")):  # local Ray: actors share this env
+            try:
+                require_vllm()
+            except VLLMUnavailableError as err:
+                raise TeacherCacheError(f"{err} (or use --engine hf)") from None
+        tp = config.tensor_parallel_size
+        if tp < 1:
+            raise TeacherCacheError(f"tensor_parallel_size must be >= 1, got {tp}")
+        if tp > 1 and config.num_gpus_per_actor < tp:
+            raise TeacherCacheError(
+                f"--tensor-parallel-size {tp} runs each vLLM replica on {tp} GPUs: pass --num-gpus-per-actor {tp} "
+                f"(got {config.num_gpus_per_actor:g})"
+            )
+        if config.boundary_mode == "topk" and config.boundary_topk < 1:
+            raise TeacherCacheError(f"boundary_topk must be >= 1, got {config.boundary_topk}")
+        gpu_util = config.vllm_gpu_memory_utilization
+        if gpu_util is None and 0 < config.num_gpus_per_actor < 1:  # several replicas share a GPU
+            gpu_util = round(0.85 * config.num_gpus_per_actor, 3)
+        return VLLMEngineConfig(
+            model=teacher_path,
+            dtype=config.dtype,
+            max_model_len=config.max_length,
+            boundary_mode=config.boundary_mode,
+            boundary_topk=config.boundary_topk,
+            tensor_parallel_size=tp,
+            max_num_batched_tokens=config.vllm_max_num_batched_tokens,
+            enforce_eager=config.vllm_enforce_eager,
+            gpu_memory_utilization=gpu_util,
+            num_threads=threads,
+        )
     raise TeacherCacheError(f"unknown engine {config.engine!r} (choose hf or vllm)")
 
 
@@ -484,6 +543,14 @@ class _ScoreShards:
             from alm_pipeline.pipeline.engine_hf import HFTeacherEngine
 
             self.engine = HFTeacherEngine(engine_config, boundary_ids, tokenizer_size)
+        elif engine == "vllm":
+            # one vLLM LLM per actor; it shuts its engine core down at actor exit (see engine_vllm)
+            from alm_pipeline.pipeline.engine_vllm import VLLMTeacherEngine, VLLMUnavailableError
+
+            try:
+                self.engine = VLLMTeacherEngine(engine_config, boundary_ids, tokenizer_size)
+            except VLLMUnavailableError as err:
+                raise TeacherCacheError(str(err)) from None
         else:  # pragma: no cover - guarded by _engine_config
             raise TeacherCacheError(f"unknown engine {engine!r}")
 
