@@ -8,12 +8,16 @@ the cached one was prepared with. Timing: all modes share one process and
 step — of every mode, in a rotating order, on one process; the best and the median are reported: on a shared
 machine the best is the least disturbed):
 
-* ``ntp_hf``     — plain next-token training: ``model(input_ids, labels=...)`` (transformers' own loss)
-* ``ntp``        — next-token loss through the trainer's path (body + sliced fp32 LM-head statistics)
-* ``alm``        — cached ALM, the trainer's default path (σ_S from the full softmax, slices checkpointed)
-* ``alm_nockpt`` — cached ALM without recomputing LM-head slices in the backward (more memory)
-* ``alm_online`` — online ALM: the teacher's forward (no grad) + its ℓ_T/σ_T + group sums on every step, then
-  the same student step (the chunk alignment itself is precomputed for both ALM variants)
+* ``ntp_hf``        — plain next-token training: ``model(input_ids, labels=...)`` (transformers' own loss)
+* ``ntp``           — next-token loss through the trainer's path (body + fused fp32 LM-head statistics)
+* ``alm``           — cached ALM, the trainer's default at this size (fused statistics, fp32 probabilities kept
+  for the backward: they fit ``--logits-memory-mib``)
+* ``alm_recompute`` — cached ALM recomputing the LM head's logits in the backward (what the trainer does when the
+  probabilities would not fit; memory O(slice × vocab))
+* ``alm_ref``       — cached ALM through ``loss.student_token_stats`` (autograd, checkpointed slices): the
+  reference implementation the fused one is tested against
+* ``alm_online``    — online ALM: the teacher's forward (no grad) + its ℓ_T/σ_T + group sums on every step, then
+  the ``alm`` student step (the chunk alignment itself is precomputed for both ALM variants)
 
 Peak memory, measured for each mode in its own fresh process: on CUDA ``torch.cuda.max_memory_allocated``; on
 CPU the peak resident set size sampled every 5 ms during one step after a warm-up step (process RSS, so it includes the weights, the optimizer state and the teacher copy).
@@ -37,7 +41,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-MODES = ["ntp_hf", "ntp", "alm", "alm_nockpt", "alm_online"]
+MODES = ["ntp_hf", "ntp", "alm", "alm_recompute", "alm_ref", "alm_online"]
 
 
 # --------------------------------------------------------------------------------------------------------- data
@@ -157,11 +161,22 @@ def build_steps(args, modes: list[str], data: Path) -> tuple[dict, dict]:
     model = bundle.model.to(device)
     _disable_dropout(model)
     model.train()
-    wrappers = {
-        ckpt: StudentForward(
-            model, bundle.view.boundary_mask, slice_size=args.slice_size, checkpoint_slices=ckpt
+
+    def wrapper_for(recompute: bool, fused: bool):
+        return StudentForward(
+            model,
+            bundle.view.boundary_mask,
+            slice_size=args.slice_size,
+            checkpoint_slices=recompute,
+            fused=fused,
         ).to(device)
-        for ckpt in (True, False)
+
+    wrappers = {
+        "ntp": wrapper_for(False, True),
+        "alm": wrapper_for(False, True),
+        "alm_online": wrapper_for(False, True),
+        "alm_recompute": wrapper_for(True, True),
+        "alm_ref": wrapper_for(True, False),
     }
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-6, betas=(0.9, 0.95))
     cfg = ALMLossConfig()
@@ -219,7 +234,7 @@ def build_steps(args, modes: list[str], data: Path) -> tuple[dict, dict]:
                     input_ids=mb.input_ids, attention_mask=mb.attention_mask.long(), labels=labels
                 ).loss
             else:
-                wrapper = wrappers[mode != "alm_nockpt"]
+                wrapper = wrappers[mode]
                 lp, sigma = wrapper(mb.input_ids, mb.attention_mask, attention_mask=mb.attention_mask.long())
                 stats = _token_stats(lp, sigma, mb)
                 if mode == "ntp":

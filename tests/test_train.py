@@ -343,6 +343,52 @@ def test_self_distillation_loss_is_zero_at_step_zero(self_aligned, gpt2_bl_model
     assert first["loss"] < 1e-6 and first["mean_abs_chunk_logprob_diff"] < 1e-4
 
 
+@pytest.mark.parametrize("keep_probs", [False, True])
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_fused_token_stats_equal_reference_values_and_gradients(keep_probs, softcap):
+    """The trainer's fused LM-head statistics = loss.student_token_stats, forward and backward (padding, padded
+    vocabulary rows, LM-head bias, soft-capping, several slices)."""
+    from alm_pipeline.trainer.loss import student_token_stats
+    from alm_pipeline.trainer.train import fused_token_stats
+
+    gen = torch.Generator().manual_seed(0)
+    bsz, seq, hid, vocab = 3, 11, 16, 37
+    ids = torch.randint(0, vocab, (bsz, seq), generator=gen)
+    mask = torch.ones(bsz, seq, dtype=torch.bool)
+    mask[1, 7:] = False
+    mask[2, 3:] = False
+    boundary = torch.rand(vocab, generator=gen) < 0.4
+    hidden0 = torch.randn(bsz, seq, hid, generator=gen, dtype=torch.float64)
+    weight0 = torch.randn(vocab + 5, hid, generator=gen, dtype=torch.float64)  # 5 padded vocabulary rows
+    bias0 = torch.randn(vocab + 5, generator=gen, dtype=torch.float64)
+    w_lp = torch.randn(bsz, seq, generator=gen, dtype=torch.float64)
+    w_sig = torch.randn(bsz, seq, generator=gen, dtype=torch.float64)
+    results = []
+    for fn, kw in ((student_token_stats, {}), (fused_token_stats, {"keep_probs": keep_probs})):
+        hidden, weight, bias = (t.clone().requires_grad_() for t in (hidden0, weight0, bias0))
+        st = fn(
+            ids,
+            boundary,
+            hidden_states=hidden,
+            lm_head_weight=weight,
+            lm_head_bias=bias,
+            attention_mask=mask,
+            logit_softcap=softcap,
+            slice_size=4,
+            **kw,
+        )
+        ((st.token_logprob * w_lp).sum() + (st.boundary_logprob * w_sig).sum()).backward()
+        results.append((st, hidden.grad, weight.grad, bias.grad))
+    (ref, *ref_grads), (got, *got_grads) = results
+    assert torch.equal(ref.token_mask, got.token_mask) and torch.equal(ref.position_mask, got.position_mask)
+    torch.testing.assert_close(got.token_logprob.double(), ref.token_logprob.double(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        got.boundary_logprob.double(), ref.boundary_logprob.double(), atol=1e-5, rtol=1e-5
+    )
+    for g_ref, g_got in zip(ref_grads, got_grads, strict=True):
+        torch.testing.assert_close(g_got.double(), g_ref.double(), atol=1e-4, rtol=1e-4)
+
+
 def test_student_forward_matches_model_logits(self_aligned, gpt2_bl_model):
     from transformers import AutoModelForCausalLM
 

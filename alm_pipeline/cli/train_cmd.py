@@ -160,12 +160,17 @@ def train(
         bool, typer.Option(help="Recompute activations in the backward")
     ] = False,
     recompute_logits: Annotated[
-        bool,
+        bool | None,
         typer.Option(
-            help="Recompute the LM head's logits slice by slice in the backward: memory O(slice x vocab) instead of "
-            "O(tokens x vocab), for a few % more compute; --no-recompute-logits when memory allows"
+            "--recompute-logits/--no-recompute-logits",
+            help="Recompute the LM head's logits slice by slice in the backward (memory O(slice x vocab), one more "
+            "LM-head matmul) instead of keeping the fp32 probabilities of a micro-batch (micro-batch tokens x "
+            "vocab x 4 bytes). Default: recompute only when those would exceed --logits-memory-mib",
         ),
-    ] = True,
+    ] = None,
+    logits_memory_mib: Annotated[
+        int, typer.Option(help="Budget for kept fp32 probabilities per micro-batch (see --recompute-logits)")
+    ] = 2048,
     address: Annotated[
         str | None,
         typer.Option(
@@ -238,6 +243,7 @@ def train(
             wandb_run_name=wandb_run_name,
             gradient_checkpointing=gradient_checkpointing,
             checkpoint_slices=recompute_logits,
+            logits_memory_mib=logits_memory_mib,
             ray=RayConfig(address=address, num_cpus=num_cpus, log_to_driver=verbose),
         )
     except ValueError as err:

@@ -27,6 +27,11 @@ How a run works
   ``FailureConfig(max_failures)`` restarts failed workers from it; since the data order is a function of the step,
   a resumed run repeats an uninterrupted run's loss curve.
 
+* **Student statistics**: :class:`StudentForward` runs the model body once and the LM head in slices with a fused
+  fp32 softmax (:func:`fused_token_stats`, tested equal to :func:`~alm_pipeline.trainer.loss.student_token_stats`
+  in values and gradients); the probabilities are kept for the backward when a micro-batch's fit
+  ``logits_memory_mib``, else the logits are recomputed slice by slice (memory ``O(slice × vocab)``).
+
 :func:`train_local` runs the same worker loop in this process without Ray (one worker, or inside an existing
 ``torch.distributed`` process group): for notebooks, debugging and tests.
 """
@@ -190,9 +195,10 @@ class TrainConfig:
     seed: int = 0
     disable_dropout: bool = True
     slice_size: int = 1024
-    checkpoint_slices: bool = (
-        True  # recompute LM-head slices in the backward (bounded memory; CLI --recompute-logits)
-    )
+    # recompute the LM head's logits in the backward (CLI --recompute-logits): None = only when keeping a
+    # micro-batch's fp32 probabilities (micro_batch_tokens x vocab x 4 bytes) would exceed logits_memory_mib
+    checkpoint_slices: bool | None = None
+    logits_memory_mib: int = 2048
     gradient_checkpointing: bool = False
     fail_at_step: int | None = None  # testing: raise once, right after this step (first attempt only)
 
@@ -230,6 +236,7 @@ class TrainConfig:
             "num_workers",
             "checkpoint_every",
             "log_every",
+            "logits_memory_mib",
         ):
             positive_int(name, getattr(self, name))
         for name in ("num_layers", "lora_rank", "torch_threads", "fail_at_step"):
@@ -417,6 +424,170 @@ def _head_weight_and_bias(hf_model: nn.Module) -> tuple[torch.Tensor, torch.Tens
     return weight, getattr(head, "bias", None)
 
 
+class _LMHeadStats(torch.autograd.Function):
+    """Per row of hidden states: ``(z[next] − lse(z), log Σ_{v∈B} softmax(z)_v)`` with ``z`` = the LM head's fp32
+    logits, in slices of rows, with a hand-written backward.
+
+    The same numbers as :func:`~alm_pipeline.trainer.loss.student_token_stats` (unclipped), but one exp pass per
+    slice instead of autograd's chain of logsumexp / gather / index_select and their backward ops, and σ's
+    gradient is a masked multiply instead of a scatter into a ``[rows, V]`` buffer::
+
+        p = softmax(z),  P_B = p·1_B,  ℓ = z[next] − lse,  σ = log P_B
+        ∂/∂z = g_ℓ·(onehot(next) − p) + g_σ·(p·1_B / P_B − p)
+
+    ``keep=True`` keeps ``p`` (fp32, ``rows × V``) for the backward; ``keep=False`` keeps only ``lse`` and σ and
+    recomputes the slice's logits in the backward (memory ``O(slice × V)``, one more LM-head matmul). The matmul
+    runs in the dtype autocast would use at forward time (in the backward too); statistics in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, next_ids, boundary, softcap, slice_size, keep):
+        compute_dtype = weight.dtype
+        if torch.is_autocast_enabled(hidden.device.type):
+            compute_dtype = torch.get_autocast_dtype(hidden.device.type)
+        n = hidden.shape[0]
+        target = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        sigma = torch.empty_like(target)
+        lse_all = torch.empty_like(target)
+        kept = []
+        with torch.autocast(hidden.device.type, enabled=False):
+            for lo in range(0, n, slice_size):
+                z = _LMHeadStats._logits(hidden[lo : lo + slice_size], weight, bias, compute_dtype, softcap)
+                lse = torch.logsumexp(z, dim=-1)
+                target[lo : lo + slice_size] = z.gather(1, next_ids[lo : lo + slice_size, None])[:, 0] - lse
+                # softmax in place unless soft-capping's backward needs z itself
+                prob = (z - lse[:, None]).exp_() if (softcap and keep) else z.sub_(lse[:, None]).exp_()
+                sigma[lo : lo + slice_size] = torch.log(prob @ boundary)
+                lse_all[lo : lo + slice_size] = lse
+                if keep:
+                    kept.append((prob, z if softcap else None))
+        ctx.save_for_backward(hidden, weight, bias, next_ids, boundary, lse_all, sigma)
+        ctx.kept = kept
+        ctx.config = (compute_dtype, softcap, slice_size)
+        return target, sigma
+
+    @staticmethod
+    def _logits(h, weight, bias, compute_dtype, softcap):
+        z = torch.nn.functional.linear(
+            h.to(compute_dtype),
+            weight.to(compute_dtype),
+            bias.to(compute_dtype) if bias is not None else None,
+        ).float()
+        return softcap * torch.tanh(z / softcap) if softcap else z
+
+    @staticmethod
+    def backward(ctx, g_target, g_sigma):
+        hidden, weight, bias, next_ids, boundary, lse_all, sigma = ctx.saved_tensors
+        compute_dtype, softcap, slice_size = ctx.config
+        kept = ctx.kept
+        g_target = g_target.float() if g_target is not None else torch.zeros_like(lse_all)
+        g_sigma = g_sigma.float() if g_sigma is not None else torch.zeros_like(lse_all)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        d_hidden = torch.empty_like(hidden) if need_h else None
+        d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        d_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        w_c = weight.to(compute_dtype)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for k, lo in enumerate(range(0, hidden.shape[0], slice_size)):
+                h = hidden[lo : lo + slice_size]
+                if kept:
+                    prob, z = kept[k]
+                    kept[k] = None
+                else:
+                    z = _LMHeadStats._logits(h, weight, bias, compute_dtype, softcap)
+                    lse = lse_all[lo : lo + slice_size, None]
+                    prob = (z - lse).exp_() if softcap else z.sub_(lse).exp_()
+                gt = g_target[lo : lo + slice_size]
+                gs = g_sigma[lo : lo + slice_size]
+                coef = gs * torch.exp(-sigma[lo : lo + slice_size])  # g_σ / P_B
+                # dz = p·(1_B·g_σ/P_B − (g_ℓ + g_σ)) + g_ℓ·onehot(next), in place on p (not needed afterwards)
+                dz = prob.mul_(torch.addcmul((-(gt + gs))[:, None], boundary[None, :], coef[:, None]))
+                dz.scatter_add_(1, next_ids[lo : lo + slice_size, None], gt[:, None])
+                if softcap:
+                    dz.mul_(1.0 - (z / softcap) ** 2)
+                dz = dz.to(compute_dtype)
+                if need_h:
+                    d_hidden[lo : lo + slice_size] = (dz @ w_c).to(hidden.dtype)
+                if need_w:
+                    d_weight += (dz.t() @ h.to(compute_dtype)).float()
+                if need_b:
+                    d_bias += dz.float().sum(0)
+        ctx.kept = None
+        return (
+            d_hidden,
+            d_weight.to(weight.dtype) if need_w else None,
+            d_bias.to(bias.dtype) if need_b else None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def fused_token_stats(
+    input_ids: torch.Tensor,
+    boundary_mask: torch.Tensor,
+    *,
+    hidden_states: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    lm_head_bias: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    logit_softcap: float | None = None,
+    slice_size: int = 1024,
+    keep_probs: bool = False,
+) -> StudentTokenStats:
+    """Drop-in for :func:`~alm_pipeline.trainer.loss.student_token_stats` (hidden-state form) with a fused
+    backward (:class:`_LMHeadStats`): same outputs, same masking and clipping, ~the cost of a plain cross-entropy.
+    ``keep_probs=False`` recomputes each slice's logits in the backward (bounded memory)."""
+    bsz, seq = input_ids.shape
+    device = hidden_states.device
+    bmask = torch.as_tensor(boundary_mask, device=device).bool()
+    vocab = bmask.shape[0]
+    if lm_head_weight.shape[0] < vocab or lm_head_weight.shape[1] != hidden_states.shape[-1]:
+        raise ValueError(
+            f"lm_head_weight {tuple(lm_head_weight.shape)} does not fit hidden size {hidden_states.shape[-1]} "
+            f"and vocabulary {vocab}"
+        )
+    weight = lm_head_weight[:vocab]
+    bias = lm_head_bias[:vocab] if lm_head_bias is not None else None
+    input_ids = input_ids.to(device)
+    pos_mask = (
+        torch.ones(bsz, seq, dtype=torch.bool, device=device)
+        if attention_mask is None
+        else attention_mask.to(device=device).bool()
+    )
+    next_ids = torch.zeros_like(input_ids)
+    next_ids[:, :-1] = input_ids[:, 1:]
+    has_next = torch.zeros_like(pos_mask)
+    has_next[:, :-1] = pos_mask[:, :-1] & pos_mask[:, 1:]
+    if bool(((next_ids < 0) | (next_ids >= vocab))[has_next].any()):
+        raise ValueError(f"input_ids contain ids outside the student vocabulary [0, {vocab})")
+    next_ids = torch.where(has_next, next_ids, torch.zeros_like(next_ids))
+    flat_pos = pos_mask.reshape(-1).nonzero().squeeze(-1)
+    rows = hidden_states.reshape(bsz * seq, -1).index_select(0, flat_pos)
+    nxt = next_ids.reshape(-1).index_select(0, flat_pos)
+    target, sigma = _LMHeadStats.apply(
+        rows, weight, bias, nxt, bmask.float(), logit_softcap or None, slice_size, keep_probs
+    )
+    target = target.clamp(max=0.0)
+    sigma = sigma.clamp(max=0.0)
+    n = bsz * seq
+    zeros = torch.zeros(n, dtype=target.dtype, device=device)
+    keep = has_next.reshape(-1).index_select(0, flat_pos)
+    token_lp = zeros.index_copy(0, (flat_pos + 1)[keep], target[keep])
+    boundary_lp = zeros.index_copy(0, flat_pos, sigma)
+    token_mask = torch.zeros_like(pos_mask)
+    token_mask[:, 1:] = has_next[:, :-1]
+    return StudentTokenStats(
+        token_logprob=token_lp.view(bsz, seq),
+        boundary_logprob=boundary_lp.view(bsz, seq),
+        token_mask=token_mask,
+        position_mask=pos_mask,
+    )
+
+
 class StudentForward(nn.Module):
     """``(input_ids, ...) → (ℓ_S, σ_S)`` per position, memory-bounded (see :func:`student_token_stats`).
 
@@ -426,7 +597,12 @@ class StudentForward(nn.Module):
     """
 
     def __init__(
-        self, model: nn.Module, boundary_mask: np.ndarray, slice_size: int = 1024, checkpoint_slices=True
+        self,
+        model: nn.Module,
+        boundary_mask: np.ndarray,
+        slice_size: int = 1024,
+        checkpoint_slices: bool = True,
+        fused: bool = True,
     ):
         super().__init__()
         self.model = model
@@ -435,6 +611,7 @@ class StudentForward(nn.Module):
         )
         self.slice_size = slice_size
         self.checkpoint_slices = checkpoint_slices
+        self.fused = fused
 
     def hf_model(self) -> nn.Module:
         m = self.model
@@ -459,17 +636,22 @@ class StudentForward(nn.Module):
             weight = weight * scale
             bias = bias * scale if bias is not None else None
         softcap = getattr(hf.config, "final_logit_softcapping", None)
-        stats = student_token_stats(
-            input_ids,
-            self.boundary_mask,
-            hidden_states=hidden,
-            lm_head_weight=weight,
-            lm_head_bias=bias,
-            attention_mask=stats_mask,
-            logit_softcap=softcap if softcap else None,
-            slice_size=self.slice_size,
-            checkpoint_slices=self.checkpoint_slices,
-        )
+        kwargs = {
+            "hidden_states": hidden,
+            "lm_head_weight": weight,
+            "lm_head_bias": bias,
+            "attention_mask": stats_mask,
+            "logit_softcap": softcap if softcap else None,
+            "slice_size": self.slice_size,
+        }
+        if self.fused:
+            stats = fused_token_stats(
+                input_ids, self.boundary_mask, keep_probs=not self.checkpoint_slices, **kwargs
+            )
+        else:
+            stats = student_token_stats(
+                input_ids, self.boundary_mask, checkpoint_slices=self.checkpoint_slices, **kwargs
+            )
         # fresh tensors, not views (FSDP2 hooks the outputs; in-place ops on a view would bypass them)
         return stats.token_logprob.clone(), stats.boundary_logprob.clone()
 
@@ -872,9 +1054,11 @@ class _Worker:
         model.train()
         model.to(self.device)
         self.pad_id = next((i for i in (bundle.view.pad_id, bundle.view.eos_id) if i is not None), 0)
-        wrapper = StudentForward(model, bundle.view.boundary_mask, cfg.slice_size, cfg.checkpoint_slices).to(
-            self.device
-        )
+        recompute = cfg.checkpoint_slices
+        if recompute is None:
+            recompute = cfg.micro_batch_tokens * bundle.view.vocab_size * 4 > cfg.logits_memory_mib * 2**20
+        self.recompute_logits = recompute
+        wrapper = StudentForward(model, bundle.view.boundary_mask, cfg.slice_size, recompute).to(self.device)
         self.wrapper = wrapper
         sample = torch.as_tensor(rows.input_ids(0)[:64], dtype=torch.long, device=self.device)[None]
         wrapper.self_check(sample, tol=1e-3 if not cfg.bf16 else 5e-2)
@@ -925,6 +1109,7 @@ class _Worker:
                     "resumed_from": str(self.resume_path) if self.resume_path else None,
                     "debias": self.alm_cfg.debias,
                     "warmup_steps": warmup,
+                    "recompute_logits": self.recompute_logits,
                     "setup_s": timings,
                 },
             )
