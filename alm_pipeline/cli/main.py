@@ -11,6 +11,9 @@ from typing import Annotated
 
 import typer
 
+from alm_pipeline.cli.console import fail as _fail
+from alm_pipeline.cli.console import say as _say
+
 app = typer.Typer(
     name="alm-pipeline",
     help="Cross-tokenizer distillation with Approximate Likelihood Matching, around a precomputed teacher cache.",
@@ -20,15 +23,6 @@ app = typer.Typer(
 )
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=2)
-
-
-def _say(message: str) -> None:
-    typer.echo(f"[alm-pipeline] {message}", err=True)
 
 
 def _default_corpus() -> str:

@@ -11,16 +11,10 @@ from typing import Annotated
 
 import typer
 
+from alm_pipeline.cli.console import fail as _fail
+from alm_pipeline.cli.console import say as _say
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=2)
-
-
-def _say(message: str) -> None:
-    typer.echo(f"[alm-pipeline] {message}", err=True)
 
 
 def train(
