@@ -1,20 +1,27 @@
 """The embedded default job: the whole pipeline on the bundled corpus with a real small teacher.
 
-Stages (each reuses what an earlier run produced: caches and aligned sets resume/verify instead of
-recomputing):
+Stages (a second run reuses what the first produced: the cache and the aligned sets resume/verify instead of
+recomputing, a finished training run with the same settings is kept, and so is the initial student):
 
 1. ``teacher-cache``: SmolLM2-135M-Instruct over the first ``max_docs`` documents of the bundled Shakespeare
    corpus;
 2. ``align``: that one cache onto every student tokenizer (``bytes`` and the GPT-2 tokenizer by default);
+3. ``train``: a short tokenizer transfer — the teacher's weights with the ``train_student`` tokenizer and
+   FVT-initialised embeddings, trained with ALM from the cache (the teacher is not loaded);
+4. ``evaluate``: bits per byte on bundled held-out documents (plays that are not in the training corpus) of the
+   teacher, the student before training (its FVT initialisation) and the student after;
 
-and a final table with each artefact's path and its key numbers.
+and a final table with each artefact's path and its key numbers. ``seconds`` breaks the wall time down by stage.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from alm_pipeline.pipeline.ray_utils import RayConfig
@@ -30,7 +37,30 @@ class QuickstartConfig:
     students: tuple[str, ...] = ("bytes", "gpt2-tokenizer")
     gamma: float = 0.1
     num_cpus_per_actor: float = 1.5  # on a 2-core machine: 2 torch threads, CPU left for the other tasks
+    # training (stage 3): which of ``students`` to train; None: the first subword one, else the first one
+    train_student: str | None = None
+    train: bool = True
+    steps: int = 30
+    batch_size: int = 4
+    lr: float = 5e-5
+    # evaluation (stage 4): bundled held-out documents
+    eval_docs: int = 16
+    eval_max_bytes: int = 1024  # each held-out document cut (at a line end) to this many UTF-8 bytes
     ray: RayConfig = field(default_factory=RayConfig)
+
+    def __post_init__(self) -> None:
+        if not self.students:
+            raise ValueError("quickstart needs at least one student tokenizer")
+        for name in ("max_docs", "max_length", "steps", "batch_size", "eval_docs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_max_bytes < 64:
+            raise ValueError(f"eval_max_bytes must be >= 64, got {self.eval_max_bytes}")
+        if self.train_student is not None and self.train_student not in self.students:
+            raise ValueError(
+                f"train_student {self.train_student!r} is not one of the student tokenizers "
+                f"({', '.join(self.students)}): it must be aligned first"
+            )
 
 
 @dataclass
@@ -38,6 +68,8 @@ class QuickstartResult:
     cache: dict
     aligned: list[dict]
     seconds: dict
+    training: dict | None = None  # {"student", "run", "final", "steps", "first_loss", "last_loss"}
+    bits_per_byte: dict | None = None  # {"teacher": {...}, "student before": {...}, "student after": {...}}
 
     def lines(self) -> list[str]:
         c = self.cache
@@ -54,14 +86,139 @@ class QuickstartResult:
                 f"                student {a['student_tokenizer']}: {a['docs']} docs, {a['groups']} chunks, "
                 f"coverage {a['coverage']:.2%}, {a['mean_group_bytes']} bytes/chunk"
             )
+        if self.training:
+            t = self.training
+            out.append(f"training run    {t['run']}")
+            out.append(
+                f"                student tokenizer {t['student']}: {t['steps']} steps, ALM loss "
+                f"{t['first_loss']:.4g} → {t['last_loss']:.4g}; final model {t['final']}"
+            )
+        if self.bits_per_byte:
+            some = next(iter(self.bits_per_byte.values()))
+            out.append(
+                f"bits per byte   on {some['docs']} held-out documents ({some['bytes']} bytes; The Tempest, "
+                "Julius Caesar: not in the training corpus)"
+            )
+            for name, b in self.bits_per_byte.items():
+                out.append(f"                {name:<15} {b['bits_per_byte']:.4f}   {b['model']}")
         out.append("time            " + ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items()))
         return out
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+RESULT_FILE = "quickstart.json"
+
+
+def _train_student(config: QuickstartConfig, aligned: list[dict]) -> dict | None:
+    if not config.train:
+        return None
+    if config.train_student is not None:
+        wanted = [a for a in aligned if a["student_spec"] == config.train_student]
+        if not wanted:
+            raise ValueError(f"train_student {config.train_student!r} was not aligned (not installed?)")
+        return wanted[0]
+    subword = [a for a in aligned if a["student_spec"] != "bytes"]
+    return (subword or aligned)[0]
+
+
+def _train_config(config: QuickstartConfig, aligned_set: str, run_dir: Path):
+    from alm_pipeline.assets import resolve_model
+    from alm_pipeline.trainer.train import TrainConfig
+
+    return TrainConfig(
+        aligned=aligned_set,
+        init_from=resolve_model(config.teacher),
+        output=str(run_dir),
+        steps=config.steps,
+        batch_size=config.batch_size,
+        micro_batch_tokens=2048,
+        lr=config.lr,
+        checkpoint_every=config.steps,
+        keep_checkpoints=1,
+        tensorboard=True,
+        ray=config.ray,
+    ).resolved()
+
+
+def _initial_student(train_config, dest: Path, say) -> Path:
+    """The student before training: exactly what the run starts from (for a tokenizer transfer, the teacher's
+    blocks with the student tokenizer and FVT-initialised embeddings)."""
+    from alm_pipeline.trainer.student import load_student, save_student
+    from alm_pipeline.trainer.train import student_config
+
+    if (dest / "config.json").exists():
+        return dest
+    say(f"saving the initial (FVT) student to {dest}")
+    bundle = load_student(student_config(train_config))
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_student(bundle, tmp)
+    tmp.replace(dest)
+    return dest
+
+
+def _train(train_config, say) -> dict:
+    """Run the training (or reuse a finished run with the same settings); returns its ``run.json``."""
+    from alm_pipeline.trainer.train import run_training
+
+    run_dir = Path(train_config.output)
+    done = run_dir / "run.json"
+    if done.exists():
+        previous = json.loads(done.read_text())
+
+        def settings(d: dict) -> dict:
+            return {k: v for k, v in d.items() if k not in ("overwrite", "resume", "ray", "progress")}
+
+        wanted = json.loads(json.dumps(train_config.to_dict(), default=str))
+        same = settings(previous.get("config", {})) == settings(wanted)
+        if same and previous.get("steps") == train_config.steps and previous.get("final_checkpoint"):
+            say(f"training run {run_dir} already finished with these settings: reused")
+            return previous
+    result = run_training(dataclasses.replace(train_config, overwrite=True), say=say)
+    return json.loads((result.output / "run.json").read_text())
+
+
+def _first_last_loss(run_dir: Path) -> tuple[float, float]:
+    import csv
+
+    with (run_dir / "metrics.csv").open() as f:
+        rows = [r for r in csv.DictReader(f) if r.get("loss")]
+    return float(rows[0]["loss"]), float(rows[-1]["loss"])
+
+
+def heldout_texts(config: QuickstartConfig) -> list[tuple[str, str]]:
+    """The evaluation texts: the first ``eval_docs`` bundled held-out documents, each cut at a line end to at
+    most ``eval_max_bytes`` bytes, so that every model scores exactly the same bytes (no tokenizer truncates)."""
+    from alm_pipeline.pipeline.corpus import split_at_lines
+    from alm_pipeline.trainer.evaluate import HELDOUT, iter_data_texts
+
+    return [
+        (ref, split_at_lines(text, config.eval_max_bytes)[0])
+        for ref, text in iter_data_texts(HELDOUT, max_docs=config.eval_docs)
+    ]
+
+
+def _bits_per_byte(models: dict[str, str], config: QuickstartConfig, say) -> dict:
+    from alm_pipeline.trainer.evaluate import load_eval_model, model_bits_per_byte
+
+    texts = heldout_texts(config)
+    out = {}
+    for name, path in models.items():
+        say(f"held-out bits per byte: {name} ({path})")
+        model = load_eval_model(path)
+        # at most one token per byte, plus BOS/EOS: nothing is truncated
+        bpb = model_bits_per_byte(model, texts, max_length=config.eval_max_bytes + 8, batch_tokens=4096)
+        out[name] = {"model": str(path), **bpb.to_json()}
+        del model
+    return out
 
 
 def run_quickstart(
     config: QuickstartConfig, progress: Callable[[str], None] | None = None
 ) -> QuickstartResult:
-    from alm_pipeline.assets import bundled_corpus_path, is_installed
+    from alm_pipeline.assets import bundled_corpus_path, is_installed, resolve_model
     from alm_pipeline.cache.aligned import open_aligned_set
     from alm_pipeline.cache.reader import open_cache
     from alm_pipeline.pipeline.align_stage import AlignConfig, AlignSettings, build_aligned_sets
@@ -71,9 +228,10 @@ def run_quickstart(
     say = progress or (lambda msg: None)
     out = Path(config.output).absolute()
     seconds: dict[str, float] = {}
+    stages = 4 if config.train else 2
 
     t = time.time()
-    say(f"[1/2] teacher cache: {config.teacher} over {config.max_docs} documents")
+    say(f"[1/{stages}] teacher cache: {config.teacher} over {config.max_docs} documents")
     build_teacher_cache(
         TeacherCacheConfig(
             teacher=config.teacher,
@@ -95,7 +253,7 @@ def run_quickstart(
             continue
         students.append(s)
     t = time.time()
-    say(f"[2/2] align to {', '.join(students)}")
+    say(f"[2/{stages}] align to {', '.join(students)}")
     summaries = build_aligned_sets(
         AlignConfig(
             cache=str(out / "cache"),
@@ -107,8 +265,45 @@ def run_quickstart(
         progress=say,
     )
     seconds["align"] = time.time() - t
-    return QuickstartResult(
-        cache=open_cache(out / "cache").summary(),
-        aligned=[open_aligned_set(s.path).summary() for s in summaries],
-        seconds=seconds,
-    )
+    aligned = [
+        {**open_aligned_set(s.path).summary(), "student_spec": spec}
+        for s, spec in zip(summaries, students, strict=True)
+    ]
+    result = QuickstartResult(cache=open_cache(out / "cache").summary(), aligned=aligned, seconds=seconds)
+
+    chosen = _train_student(config, aligned)
+    if chosen is not None:
+        t = time.time()
+        name = chosen["student_spec"]
+        run_dir = out / "train" / Path(chosen["path"]).name
+        say(
+            f"[3/{stages}] train: tokenizer transfer {config.teacher} → {name}, {config.steps} steps (ALM from the cache)"
+        )
+        train_config = _train_config(config, chosen["path"], run_dir)
+        init = _initial_student(train_config, out / "student-init" / Path(chosen["path"]).name, say)
+        run = _train(train_config, say)
+        first, last = _first_last_loss(run_dir)
+        result.training = {
+            "student": name,
+            "run": str(run_dir),
+            "final": run["final_checkpoint"],
+            "steps": run["steps"],
+            "first_loss": first,
+            "last_loss": last,
+        }
+        seconds["train"] = time.time() - t
+
+        t = time.time()
+        say(f"[4/{stages}] evaluate: bits per byte on {config.eval_docs} held-out documents")
+        result.bits_per_byte = _bits_per_byte(
+            {
+                "teacher": resolve_model(config.teacher),
+                "student before": str(init),
+                "student after": run["final_checkpoint"],
+            },
+            config,
+            say,
+        )
+        seconds["evaluate"] = time.time() - t
+    (out / RESULT_FILE).write_text(json.dumps(result.to_json(), indent=2, default=str) + "\n")
+    return result

@@ -6,6 +6,7 @@ Everything here runs without network and without ``.models/``, except the tests 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -339,3 +340,40 @@ def test_real_tokenizers_load_offline(name):
     assert tuple(tok(assets.CHECK_TEXT)["input_ids"]) == spec.check_ids
     text = "Wherefore art thou Romeo? \u2014 caf\u00e9"
     assert tok.decode(tok(text)["input_ids"], skip_special_tokens=True) == text
+
+
+def test_setup_second_run_is_a_noop_and_needs_no_network():
+    """`scripts/setup.sh` on a set-up checkout: every step finds its work done, with every package index and the
+    npm registry made unreachable (so nothing is downloaded: the set-up works offline once it has run)."""
+    venv = REPO / ".venv"
+    stamp = venv / ".alm-setup" / "editable.sha256"
+    if not stamp.exists():
+        pytest.skip("needs an environment made by scripts/setup.sh")
+    if stamp.read_text().strip() != hashlib.sha256((REPO / "pyproject.toml").read_bytes()).hexdigest():
+        pytest.skip("pyproject.toml changed since the last scripts/setup.sh: run it once first")
+    env = {
+        **os.environ,
+        "PIP_NO_INDEX": "1",
+        "PIP_FIND_LINKS": "",
+        "npm_config_offline": "true",
+        "npm_config_registry": "http://127.0.0.1:9/",
+        "HF_HUB_OFFLINE": "1",
+    }
+    env.pop("VIRTUAL_ENV", None)
+    out = subprocess.run(
+        ["bash", str(REPO / "scripts" / "setup.sh")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    steps = [line for line in out.stdout.splitlines() if line.startswith("[setup] ") and "  " in line]
+    assert any("venv (.venv)" in line and "present" in line for line in steps), out.stdout
+    assert any("torch==2.13.0" in line and "present" in line for line in steps), out.stdout
+    assert any('pip install -e ".[dev]"' in line and "up to date" in line for line in steps), out.stdout
+    assert not any(" installed" in line or "created" in line for line in steps), out.stdout
+    for name in ASSETS:
+        if assets.is_installed(name):
+            assert re.search(rf"{re.escape(name)}\s+present", out.stdout), out.stdout

@@ -8,7 +8,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from alm_pipeline.pipeline.corpus import CorpusConfig, CorpusError, CorpusStats, iter_documents
+from alm_pipeline.pipeline.corpus import (
+    CorpusConfig,
+    CorpusError,
+    CorpusStats,
+    iter_documents,
+    split_at_lines,
+)
 
 
 def _jsonl(path, records):
@@ -96,3 +102,20 @@ def test_invalid_json_and_limit(tmp_path):
 def test_missing_path_is_clear(tmp_path):
     with pytest.raises(CorpusError, match="no such file"):
         _docs(tmp_path / "nope.jsonl")
+
+
+def test_split_at_lines_keeps_whole_lines_within_the_byte_budget():
+    text = "To be, or not to be:\nthat is the question.\n\nWhether 'tis nobler — in the mind\n" + "é" * 30
+    for budget in (8, 25, 40, 200):
+        pieces = split_at_lines(text, budget)
+        assert all(len(p.encode("utf-8")) <= budget for p in pieces)
+        # nothing lost but the newlines between pieces; every piece is valid UTF-8 text
+        assert "".join(pieces).replace("\n", "") == text.replace("\n", "")
+        # a line that fits the budget is never cut
+        kept = {line for p in pieces for line in p.split("\n")}
+        assert all(line in kept for line in text.split("\n") if len(line.encode("utf-8")) <= budget)
+    assert split_at_lines(text, 200) == [text]
+    assert split_at_lines("short\n\nlonger line here", 100, min_bytes=8) == ["short\n\nlonger line here"]
+    assert split_at_lines("tiny\n" + "x" * 20, 12, min_bytes=6) == ["xxxxxxxxxxxx", "xxxxxxxx"]
+    with pytest.raises(ValueError, match="max_bytes"):
+        split_at_lines(text, 3)

@@ -349,7 +349,7 @@ def test_fused_token_stats_equal_reference_values_and_gradients(keep_probs, soft
     """The trainer's fused LM-head statistics = loss.student_token_stats, forward and backward (padding, padded
     vocabulary rows, LM-head bias, soft-capping, several slices)."""
     from alm_pipeline.trainer.loss import student_token_stats
-    from alm_pipeline.trainer.train import fused_token_stats
+    from alm_pipeline.trainer.token_stats import fused_token_stats
 
     gen = torch.Generator().manual_seed(0)
     bsz, seq, hid, vocab = 3, 11, 16, 37

@@ -123,24 +123,9 @@ class AlignedSet:
 
 def open_aligned_set(path: str | Path, verify: bool = True, require_complete: bool = True) -> AlignedSet:
     root = Path(path).absolute()
-    manifest_file = root / store.MANIFEST
-    if not manifest_file.exists():
-        raise store.CacheIntegrityError(f"{root}: not an aligned set (no {store.MANIFEST})")
-    manifest = store.read_json(manifest_file)
-    if manifest.get("kind") != ALIGNED_KIND:
-        raise store.CacheIntegrityError(
-            f"{manifest_file}: not an aligned set (kind={manifest.get('kind')!r})"
-        )
-    if manifest.get("format_version") != ALIGNED_FORMAT_VERSION:
-        raise store.CacheIntegrityError(
-            f"{manifest_file}: aligned-set format version {manifest.get('format_version')!r}, this alm-pipeline "
-            f"reads version {ALIGNED_FORMAT_VERSION}; re-run `alm-pipeline align`"
-        )
-    if require_complete and manifest.get("state") != "complete":
-        raise store.CacheIntegrityError(
-            f"{root}: the aligned set is incomplete (state={manifest.get('state')!r}); re-run the same "
-            "`alm-pipeline align` command to finish it"
-        )
+    manifest = store.read_manifest(
+        root, ALIGNED_KIND, ALIGNED_FORMAT_VERSION, "aligned set", "alm-pipeline align", require_complete
+    )
     aligned = AlignedSet(root=root, manifest=manifest)
     if verify:
         aligned.verify()

@@ -103,24 +103,9 @@ class TeacherCache:
 def open_cache(path: str | Path, verify: bool = True, require_complete: bool = True) -> TeacherCache:
     """Open a teacher cache directory, refusing (with a clear message) anything that does not check out."""
     root = Path(path).absolute()
-    manifest_file = root / store.MANIFEST
-    if not manifest_file.exists():
-        raise store.CacheIntegrityError(f"{root}: not a teacher cache (no {store.MANIFEST})")
-    manifest = store.read_json(manifest_file)
-    if manifest.get("kind") != CACHE_KIND:
-        raise store.CacheIntegrityError(
-            f"{manifest_file}: not a teacher cache (kind={manifest.get('kind')!r})"
-        )
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise store.CacheIntegrityError(
-            f"{manifest_file}: cache format version {manifest.get('format_version')!r}, this alm-pipeline reads "
-            f"version {FORMAT_VERSION}; rebuild the cache with this version"
-        )
-    if require_complete and manifest.get("state") != "complete":
-        raise store.CacheIntegrityError(
-            f"{root}: the cache is incomplete (state={manifest.get('state')!r}); re-run the same "
-            "`alm-pipeline teacher-cache` command to finish it"
-        )
+    manifest = store.read_manifest(
+        root, CACHE_KIND, FORMAT_VERSION, "teacher cache", "alm-pipeline teacher-cache", require_complete
+    )
     cache = TeacherCache(root=root, manifest=manifest)
     if verify:
         cache.verify()

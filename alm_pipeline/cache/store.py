@@ -55,6 +55,30 @@ def read_json(path: Path) -> Any:
         raise CacheIntegrityError(f"{path}: unreadable JSON ({err})") from None
 
 
+def read_manifest(root: Path, kind: str, version: int, what: str, rerun: str, require_complete: bool) -> dict:
+    """The manifest of a ``kind`` directory (a teacher cache, an aligned set), refused with a message that names
+    the folder when it is missing, of another kind or format ``version``, or (``require_complete``) unfinished;
+    ``what`` names the kind for people ("teacher cache"), ``rerun`` the command that makes or finishes one."""
+    manifest_file = root / MANIFEST
+    a_what = ("an " if what[0] in "aeiou" else "a ") + what
+    if not manifest_file.exists():
+        raise CacheIntegrityError(f"{root}: not {a_what} (no {MANIFEST})")
+    manifest = read_json(manifest_file)
+    if manifest.get("kind") != kind:
+        raise CacheIntegrityError(f"{manifest_file}: not {a_what} (kind={manifest.get('kind')!r})")
+    if manifest.get("format_version") != version:
+        raise CacheIntegrityError(
+            f"{manifest_file}: {what} format version {manifest.get('format_version')!r}, this alm-pipeline reads "
+            f"version {version}; re-run `{rerun}` with this version"
+        )
+    if require_complete and manifest.get("state") != "complete":
+        raise CacheIntegrityError(
+            f"{root}: the {what} is incomplete (state={manifest.get('state')!r}); re-run the same `{rerun}` "
+            "command to finish it"
+        )
+    return manifest
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

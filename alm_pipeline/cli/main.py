@@ -249,11 +249,35 @@ def quickstart(
     ] = None,
     gamma: Annotated[float, typer.Option(help="γ for chunk merging")] = 0.1,
     num_cpus_per_actor: Annotated[float, typer.Option(help="CPUs of the teacher actor")] = 1.5,
+    train: Annotated[
+        bool,
+        typer.Option(
+            help="Stages 3-4: train a student and compare bits per byte (--no-train: stop after align)"
+        ),
+    ] = True,
+    train_student: Annotated[
+        str | None,
+        typer.Option(
+            help="Which aligned student tokenizer to train (default: the first subword one, else bytes)"
+        ),
+    ] = None,
+    steps: Annotated[
+        int, typer.Option(help="Training steps (tokenizer transfer from the teacher, ALM loss)")
+    ] = 30,
+    batch_size: Annotated[int, typer.Option(help="Documents per training step")] = 4,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (10% warm-up, linear decay)")] = 5e-5,
+    eval_docs: Annotated[int, typer.Option(help="Bundled held-out documents for bits per byte")] = 16,
+    eval_max_bytes: Annotated[
+        int, typer.Option(help="Held-out documents are cut at a line end to this many UTF-8 bytes")
+    ] = 1024,
     address: RayAddress = None,
     num_cpus: NumCpus = None,
 ) -> None:
-    """The whole pipeline on its embedded defaults: teacher cache of the bundled corpus with SmolLM2-135M,
-    then alignment to two student tokenizers in one pass. A second run reuses what the first produced."""
+    """The whole pipeline on its embedded defaults: (1) teacher cache of the bundled corpus with SmolLM2-135M,
+    (2) alignment to two student tokenizers in one pass, (3) a short tokenizer-transfer training run from the
+    cache (the teacher's weights, FVT embeddings for the student tokenizer, ALM loss), (4) bits per byte on bundled
+    held-out plays of the teacher and of the student before and after training. A second run reuses what the
+    first produced (cache, aligned sets, initial student, finished training run). Results: OUTPUT/quickstart.json."""
     from alm_pipeline.pipeline.ray_utils import RayConfig
     from alm_pipeline.quickstart import QuickstartConfig, run_quickstart
 
@@ -266,6 +290,13 @@ def quickstart(
         students=tuple(student) if student else QuickstartConfig.students,
         gamma=gamma,
         num_cpus_per_actor=num_cpus_per_actor,
+        train=train,
+        train_student=train_student,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        eval_docs=eval_docs,
+        eval_max_bytes=eval_max_bytes,
         ray=RayConfig(address=address, num_cpus=num_cpus),
     )
     try:

@@ -218,3 +218,33 @@ def _iter_hub(config: CorpusConfig) -> Iterator[tuple[dict, str]]:
         ) from None
     for i, record in enumerate(ds):
         yield record, f"{config.path}[{config.split}]#{i}"
+
+
+def split_at_lines(text: str, max_bytes: int, min_bytes: int = 1) -> list[str]:
+    """``text`` as consecutive pieces of whole lines, each at most ``max_bytes`` UTF-8 bytes (newlines between
+    the lines of a piece kept, the newline ending a piece dropped); a single longer line is cut at a character
+    boundary. Pieces with fewer than ``min_bytes`` non-blank bytes are left out. For making short documents of
+    equal byte budgets (evaluation sets, experiments), so that no tokenizer has to truncate them."""
+    if max_bytes < 4:
+        raise ValueError(f"max_bytes must be >= 4 (one UTF-8 character), got {max_bytes}")
+    pieces: list[str] = []
+    current: list[str] = []
+    size = -1  # bytes of "\n".join(current)
+    for line in text.split("\n"):
+        data = line.encode("utf-8")
+        while len(data) > max_bytes:  # one very long line: cut it at a character boundary
+            if current:
+                pieces.append("\n".join(current))
+                current, size = [], -1
+            head = data[:max_bytes].decode("utf-8", errors="ignore")
+            pieces.append(head)
+            data = data[len(head.encode("utf-8")) :]
+        line = data.decode("utf-8")
+        if current and size + 1 + len(data) > max_bytes:
+            pieces.append("\n".join(current))
+            current, size = [], -1
+        current.append(line)
+        size += 1 + len(data)
+    if current:
+        pieces.append("\n".join(current))
+    return [p for p in pieces if len(p.strip().encode("utf-8")) >= min_bytes]

@@ -5,9 +5,9 @@ and reduction), §14 (reference algorithm), §16.1 (normalisation defect to avoi
 
 Three steps, each a plain function so the trainer (and tests) can use them separately:
 
-1. :func:`student_token_stats` — per student token, ``ℓ_S[b, v] = log p_S(s_v | s_<v)`` (``0`` at ``v = 0``
-   and at padding, see ``token_mask``) and ``σ_S[b, v] = log Σ_{w∈B} p_S(w | s_≤v)``, both in fp32 from the
-   student's logits and clipped at ``≤ 0``. Either from full logits, or from final hidden states + the LM
+1. :func:`student_token_stats` (in :mod:`alm_pipeline.trainer.token_stats`, beside the trainer's fused
+   variant) — per student token, ``ℓ_S[b, v] = log p_S(s_v | s_<v)`` (``0`` at ``v = 0`` and at padding,
+   see ``token_mask``) and ``σ_S[b, v] = log Σ_{w∈B} p_S(w | s_≤v)``, both in fp32 from the student's logits and clipped at ``≤ 0``. Either from full logits, or from final hidden states + the LM
    head weight, in slices of positions with activation checkpointing so that no ``[B, T, V]`` fp32 tensor is
    ever materialised (forward or backward).
 2. :func:`student_chunk_stats` — per group (chunk after γ-merging) ``C_S = Σ_{v=start..end, v≥1} ℓ_S`` as a
@@ -29,7 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
+
+from alm_pipeline.trainer.token_stats import StudentTokenStats, student_token_stats
 
 __all__ = [
     "ALMGroups",
@@ -105,24 +106,6 @@ class ALMLossConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return torch.float64 if self.compute_dtype == "float64" else torch.float32
-
-
-@dataclass(frozen=True)
-class StudentTokenStats:
-    """Per-token student statistics, all ``[B, T]``.
-
-    Attributes:
-        token_logprob: ``ℓ_S[b, v] = log p_S(s_v | s_<v)``, fp32 (fp64 for fp64 inputs), ``≤ 0``; exactly 0 where ``token_mask`` is
-            False (position 0, padding, or a token whose predecessor is padding).
-        boundary_logprob: ``σ_S[b, v] = log Σ_{w∈B} p_S(w | s_≤v)``, fp32, ``≤ 0``; 0 at padding.
-        token_mask: bool, where ``token_logprob`` is defined (``v ≥ 1`` and positions ``v−1``, ``v`` unpadded).
-        position_mask: bool, the attention mask (where ``boundary_logprob`` is defined).
-    """
-
-    token_logprob: Tensor
-    boundary_logprob: Tensor
-    token_mask: Tensor
-    position_mask: Tensor
 
 
 @dataclass(frozen=True)
@@ -252,162 +235,6 @@ class NextTokenLossOutput:
     loss_sum: Tensor
     num_tokens: Tensor  # 0-dim int64, this micro-batch (a tensor: counting needs no host sync)
     num_tokens_global: Tensor | int
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 1. per-token student statistics
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _as_bool_mask(boundary_mask: Tensor | np.ndarray | Sequence[bool], device: torch.device) -> Tensor:
-    mask = torch.as_tensor(
-        np.asarray(boundary_mask) if not isinstance(boundary_mask, Tensor) else boundary_mask
-    )
-    if mask.dim() != 1 or mask.dtype != torch.bool:
-        raise ValueError(
-            f"boundary_mask must be a 1-D bool vector over the vocabulary, got {mask.dtype} {tuple(mask.shape)}"
-        )
-    if not bool(mask.any()):
-        raise ValueError("boundary_mask selects no token; σ would be log 0")
-    return mask.to(device)
-
-
-def _rows_stats(
-    logits: Tensor, next_ids: Tensor, boundary_ids: Tensor, softcap: float | None
-) -> tuple[Tensor, Tensor]:
-    """For rows of logits ``[n, V]``: ``(log p(next_ids), log p(B))`` in fp32 (fp64 stays fp64), unclipped."""
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
-    lse = torch.logsumexp(logits, dim=-1)
-    target = logits.gather(-1, next_ids.unsqueeze(-1)).squeeze(-1) - lse
-    boundary = torch.logsumexp(logits.index_select(-1, boundary_ids), dim=-1) - lse
-    return target, boundary
-
-
-def _hidden_rows_stats(
-    hidden: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    next_ids: Tensor,
-    boundary_ids: Tensor,
-    softcap: float | None,
-) -> tuple[Tensor, Tensor]:
-    # The matmul runs in the weight's dtype, as the model's own LM head would; softmax statistics in fp32.
-    return _rows_stats(F.linear(hidden.to(weight.dtype), weight, bias), next_ids, boundary_ids, softcap)
-
-
-def student_token_stats(
-    input_ids: Tensor,
-    boundary_mask: Tensor | np.ndarray | Sequence[bool],
-    *,
-    logits: Tensor | None = None,
-    hidden_states: Tensor | None = None,
-    lm_head_weight: Tensor | None = None,
-    lm_head_bias: Tensor | None = None,
-    attention_mask: Tensor | None = None,
-    logit_softcap: float | None = None,
-    slice_size: int = 1024,
-    checkpoint_slices: bool = True,
-) -> StudentTokenStats:
-    """Per-token student ``ℓ_S`` and ``σ_S`` (fp32, or fp64 for fp64 inputs; clipped ``≤ 0``), differentiable.
-
-    Give either ``logits`` ``[B, T, V']`` or ``hidden_states`` ``[B, T, H]`` + ``lm_head_weight`` ``[V', H]``
-    (+ ``lm_head_bias``). The vocabulary is ``V = len(boundary_mask) ≤ V'``; logit columns ``≥ V`` are padded
-    vocabulary entries and are excluded from the softmax. ``logit_softcap`` applies Gemma-2 style
-    ``c·tanh(z/c)`` before the softmax.
-
-    The unpadded positions (``attention_mask``; all if None) are processed ``slice_size`` positions at a time;
-    each slice is computed in fp32 and reduced to two numbers per position immediately. With
-    ``checkpoint_slices`` (default) and gradients enabled, every slice is activation-checkpointed, so the
-    backward pass also holds one slice of logits at a time (it recomputes them): peak extra memory is
-    ``O(slice_size · V)`` instead of ``O(B · T · V)``.
-    """
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be [B, T], got {tuple(input_ids.shape)}")
-    if (logits is None) == (hidden_states is None):
-        raise ValueError("give exactly one of logits= or hidden_states= (+ lm_head_weight=)")
-    if slice_size < 1:
-        raise ValueError(f"slice_size must be >= 1, got {slice_size}")
-    bsz, seq = input_ids.shape
-    source = logits if logits is not None else hidden_states
-    assert source is not None
-    device = source.device
-    if tuple(source.shape[:2]) != (bsz, seq):
-        raise ValueError(f"logits/hidden_states {tuple(source.shape)} do not match input_ids {(bsz, seq)}")
-    bmask = _as_bool_mask(boundary_mask, device)
-    vocab = bmask.shape[0]
-    boundary_ids = bmask.nonzero().squeeze(-1)
-
-    if hidden_states is not None:
-        if lm_head_weight is None:
-            raise ValueError("hidden_states= needs lm_head_weight=")
-        if lm_head_weight.shape[0] < vocab or lm_head_weight.shape[1] != hidden_states.shape[-1]:
-            raise ValueError(
-                f"lm_head_weight {tuple(lm_head_weight.shape)} does not fit hidden size "
-                f"{hidden_states.shape[-1]} and vocabulary {vocab}"
-            )
-        weight = lm_head_weight[:vocab]
-        bias = lm_head_bias[:vocab] if lm_head_bias is not None else None
-        rows = hidden_states.reshape(bsz * seq, -1)
-    else:
-        assert logits is not None
-        if logits.shape[-1] < vocab:
-            raise ValueError(f"logits have {logits.shape[-1]} columns but boundary_mask has {vocab} entries")
-        rows = logits.reshape(bsz * seq, -1)[:, :vocab]
-
-    input_ids = input_ids.to(device)
-    pos_mask = (
-        torch.ones(bsz, seq, dtype=torch.bool, device=device)
-        if attention_mask is None
-        else attention_mask.to(device=device).bool()
-    )
-    # next token of each position, and whether it is a real (unpadded) token
-    next_ids = torch.zeros_like(input_ids)
-    next_ids[:, :-1] = input_ids[:, 1:]
-    has_next = torch.zeros_like(pos_mask)
-    has_next[:, :-1] = pos_mask[:, :-1] & pos_mask[:, 1:]
-    if bool(((next_ids < 0) | (next_ids >= vocab))[has_next].any()):
-        raise ValueError(f"input_ids contain ids outside the student vocabulary [0, {vocab})")
-    next_ids = torch.where(has_next, next_ids, torch.zeros_like(next_ids))
-
-    flat_pos = pos_mask.reshape(-1).nonzero().squeeze(-1)  # [N]
-    flat_next = next_ids.reshape(-1)
-    use_ckpt = checkpoint_slices and torch.is_grad_enabled()
-    targets: list[Tensor] = []
-    sigmas: list[Tensor] = []
-    # (an all-padding batch still runs one empty slice, so the outputs stay connected to the student)
-    for lo in range(0, max(flat_pos.shape[0], 1), slice_size):
-        idx = flat_pos[lo : lo + slice_size]
-        nxt = flat_next.index_select(0, idx)
-        x = rows.index_select(0, idx)
-        if hidden_states is not None:
-            args = (x, weight, bias, nxt, boundary_ids, logit_softcap)
-            fn = _hidden_rows_stats
-        else:
-            args = (x, nxt, boundary_ids, logit_softcap)
-            fn = _rows_stats
-        needs_grad = use_ckpt and any(isinstance(a, Tensor) and a.requires_grad for a in args)
-        t, s = checkpoint(fn, *args, use_reentrant=False) if needs_grad else fn(*args)
-        targets.append(t)
-        sigmas.append(s)
-
-    n = bsz * seq
-    target_all = torch.cat(targets).clamp(max=0.0)
-    zeros = torch.zeros(n, dtype=target_all.dtype, device=device)
-    sigma_all = torch.cat(sigmas).clamp(max=0.0)
-    # position p predicts token p+1: its target log-prob is ℓ[p+1] (kept only when p+1 is a real token)
-    keep = has_next.reshape(-1).index_select(0, flat_pos)
-    token_lp = zeros.index_copy(0, (flat_pos + 1)[keep], target_all[keep])
-    boundary_lp = zeros.index_copy(0, flat_pos, sigma_all)
-    token_mask = torch.zeros_like(pos_mask)
-    token_mask[:, 1:] = has_next[:, :-1]
-    return StudentTokenStats(
-        token_logprob=token_lp.view(bsz, seq),
-        boundary_logprob=boundary_lp.view(bsz, seq),
-        token_mask=token_mask,
-        position_mask=pos_mask,
-    )
 
 
 # ----------------------------------------------------------------------------------------------------------

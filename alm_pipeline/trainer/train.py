@@ -28,7 +28,8 @@ How a run works
   a resumed run repeats an uninterrupted run's loss curve.
 
 * **Student statistics**: :class:`StudentForward` runs the model body once and the LM head in slices with a fused
-  fp32 softmax (:func:`fused_token_stats`, tested equal to :func:`~alm_pipeline.trainer.loss.student_token_stats`
+  fp32 softmax (:func:`~alm_pipeline.trainer.token_stats.fused_token_stats`, tested equal to
+  :func:`~alm_pipeline.trainer.token_stats.student_token_stats`
   in values and gradients); the probabilities are kept for the backward when a micro-batch's fit
   ``logits_memory_mib``, else the logits are recomputed slice by slice (memory ``O(slice × vocab)``).
 
@@ -52,7 +53,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -78,10 +79,22 @@ from alm_pipeline.trainer.loss import (
     next_token_loss,
     student_token_stats,
 )
+from alm_pipeline.trainer.token_stats import fused_token_stats
+
+if TYPE_CHECKING:
+    from alm_pipeline.trainer.student import StudentConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "TrainResult", "TrainingError", "lr_factor", "run_training", "train_local"]
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "TrainingError",
+    "lr_factor",
+    "run_training",
+    "student_config",
+    "train_local",
+]
 
 RUN_FILE = "run.json"
 _FAIL_MARKER = ".injected_failure"
@@ -424,170 +437,6 @@ def _head_weight_and_bias(hf_model: nn.Module) -> tuple[torch.Tensor, torch.Tens
     return weight, getattr(head, "bias", None)
 
 
-class _LMHeadStats(torch.autograd.Function):
-    """Per row of hidden states: ``(z[next] − lse(z), log Σ_{v∈B} softmax(z)_v)`` with ``z`` = the LM head's fp32
-    logits, in slices of rows, with a hand-written backward.
-
-    The same numbers as :func:`~alm_pipeline.trainer.loss.student_token_stats` (unclipped), but one exp pass per
-    slice instead of autograd's chain of logsumexp / gather / index_select and their backward ops, and σ's
-    gradient is a masked multiply instead of a scatter into a ``[rows, V]`` buffer::
-
-        p = softmax(z),  P_B = p·1_B,  ℓ = z[next] − lse,  σ = log P_B
-        ∂/∂z = g_ℓ·(onehot(next) − p) + g_σ·(p·1_B / P_B − p)
-
-    ``keep=True`` keeps ``p`` (fp32, ``rows × V``) for the backward; ``keep=False`` keeps only ``lse`` and σ and
-    recomputes the slice's logits in the backward (memory ``O(slice × V)``, one more LM-head matmul). The matmul
-    runs in the dtype autocast would use at forward time (in the backward too); statistics in fp32.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, next_ids, boundary, softcap, slice_size, keep):
-        compute_dtype = weight.dtype
-        if torch.is_autocast_enabled(hidden.device.type):
-            compute_dtype = torch.get_autocast_dtype(hidden.device.type)
-        n = hidden.shape[0]
-        target = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        sigma = torch.empty_like(target)
-        lse_all = torch.empty_like(target)
-        kept = []
-        with torch.autocast(hidden.device.type, enabled=False):
-            for lo in range(0, n, slice_size):
-                z = _LMHeadStats._logits(hidden[lo : lo + slice_size], weight, bias, compute_dtype, softcap)
-                lse = torch.logsumexp(z, dim=-1)
-                target[lo : lo + slice_size] = z.gather(1, next_ids[lo : lo + slice_size, None])[:, 0] - lse
-                # softmax in place unless soft-capping's backward needs z itself
-                prob = (z - lse[:, None]).exp_() if (softcap and keep) else z.sub_(lse[:, None]).exp_()
-                sigma[lo : lo + slice_size] = torch.log(prob @ boundary)
-                lse_all[lo : lo + slice_size] = lse
-                if keep:
-                    kept.append((prob, z if softcap else None))
-        ctx.save_for_backward(hidden, weight, bias, next_ids, boundary, lse_all, sigma)
-        ctx.kept = kept
-        ctx.config = (compute_dtype, softcap, slice_size)
-        return target, sigma
-
-    @staticmethod
-    def _logits(h, weight, bias, compute_dtype, softcap):
-        z = torch.nn.functional.linear(
-            h.to(compute_dtype),
-            weight.to(compute_dtype),
-            bias.to(compute_dtype) if bias is not None else None,
-        ).float()
-        return softcap * torch.tanh(z / softcap) if softcap else z
-
-    @staticmethod
-    def backward(ctx, g_target, g_sigma):
-        hidden, weight, bias, next_ids, boundary, lse_all, sigma = ctx.saved_tensors
-        compute_dtype, softcap, slice_size = ctx.config
-        kept = ctx.kept
-        g_target = g_target.float() if g_target is not None else torch.zeros_like(lse_all)
-        g_sigma = g_sigma.float() if g_sigma is not None else torch.zeros_like(lse_all)
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_b = bias is not None and ctx.needs_input_grad[2]
-        d_hidden = torch.empty_like(hidden) if need_h else None
-        d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        d_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
-        w_c = weight.to(compute_dtype)
-        with torch.autocast(hidden.device.type, enabled=False):
-            for k, lo in enumerate(range(0, hidden.shape[0], slice_size)):
-                h = hidden[lo : lo + slice_size]
-                if kept:
-                    prob, z = kept[k]
-                    kept[k] = None
-                else:
-                    z = _LMHeadStats._logits(h, weight, bias, compute_dtype, softcap)
-                    lse = lse_all[lo : lo + slice_size, None]
-                    prob = (z - lse).exp_() if softcap else z.sub_(lse).exp_()
-                gt = g_target[lo : lo + slice_size]
-                gs = g_sigma[lo : lo + slice_size]
-                coef = gs * torch.exp(-sigma[lo : lo + slice_size])  # g_σ / P_B
-                # dz = p·(1_B·g_σ/P_B − (g_ℓ + g_σ)) + g_ℓ·onehot(next), in place on p (not needed afterwards)
-                dz = prob.mul_(torch.addcmul((-(gt + gs))[:, None], boundary[None, :], coef[:, None]))
-                dz.scatter_add_(1, next_ids[lo : lo + slice_size, None], gt[:, None])
-                if softcap:
-                    dz.mul_(1.0 - (z / softcap) ** 2)
-                dz = dz.to(compute_dtype)
-                if need_h:
-                    d_hidden[lo : lo + slice_size] = (dz @ w_c).to(hidden.dtype)
-                if need_w:
-                    d_weight += (dz.t() @ h.to(compute_dtype)).float()
-                if need_b:
-                    d_bias += dz.float().sum(0)
-        ctx.kept = None
-        return (
-            d_hidden,
-            d_weight.to(weight.dtype) if need_w else None,
-            d_bias.to(bias.dtype) if need_b else None,
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
-
-
-def fused_token_stats(
-    input_ids: torch.Tensor,
-    boundary_mask: torch.Tensor,
-    *,
-    hidden_states: torch.Tensor,
-    lm_head_weight: torch.Tensor,
-    lm_head_bias: torch.Tensor | None = None,
-    attention_mask: torch.Tensor | None = None,
-    logit_softcap: float | None = None,
-    slice_size: int = 1024,
-    keep_probs: bool = False,
-) -> StudentTokenStats:
-    """Drop-in for :func:`~alm_pipeline.trainer.loss.student_token_stats` (hidden-state form) with a fused
-    backward (:class:`_LMHeadStats`): same outputs, same masking and clipping, ~the cost of a plain cross-entropy.
-    ``keep_probs=False`` recomputes each slice's logits in the backward (bounded memory)."""
-    bsz, seq = input_ids.shape
-    device = hidden_states.device
-    bmask = torch.as_tensor(boundary_mask, device=device).bool()
-    vocab = bmask.shape[0]
-    if lm_head_weight.shape[0] < vocab or lm_head_weight.shape[1] != hidden_states.shape[-1]:
-        raise ValueError(
-            f"lm_head_weight {tuple(lm_head_weight.shape)} does not fit hidden size {hidden_states.shape[-1]} "
-            f"and vocabulary {vocab}"
-        )
-    weight = lm_head_weight[:vocab]
-    bias = lm_head_bias[:vocab] if lm_head_bias is not None else None
-    input_ids = input_ids.to(device)
-    pos_mask = (
-        torch.ones(bsz, seq, dtype=torch.bool, device=device)
-        if attention_mask is None
-        else attention_mask.to(device=device).bool()
-    )
-    next_ids = torch.zeros_like(input_ids)
-    next_ids[:, :-1] = input_ids[:, 1:]
-    has_next = torch.zeros_like(pos_mask)
-    has_next[:, :-1] = pos_mask[:, :-1] & pos_mask[:, 1:]
-    if bool(((next_ids < 0) | (next_ids >= vocab))[has_next].any()):
-        raise ValueError(f"input_ids contain ids outside the student vocabulary [0, {vocab})")
-    next_ids = torch.where(has_next, next_ids, torch.zeros_like(next_ids))
-    flat_pos = pos_mask.reshape(-1).nonzero().squeeze(-1)
-    rows = hidden_states.reshape(bsz * seq, -1).index_select(0, flat_pos)
-    nxt = next_ids.reshape(-1).index_select(0, flat_pos)
-    target, sigma = _LMHeadStats.apply(
-        rows, weight, bias, nxt, bmask.float(), logit_softcap or None, slice_size, keep_probs
-    )
-    target = target.clamp(max=0.0)
-    sigma = sigma.clamp(max=0.0)
-    n = bsz * seq
-    zeros = torch.zeros(n, dtype=target.dtype, device=device)
-    keep = has_next.reshape(-1).index_select(0, flat_pos)
-    token_lp = zeros.index_copy(0, (flat_pos + 1)[keep], target[keep])
-    boundary_lp = zeros.index_copy(0, flat_pos, sigma)
-    token_mask = torch.zeros_like(pos_mask)
-    token_mask[:, 1:] = has_next[:, :-1]
-    return StudentTokenStats(
-        token_logprob=token_lp.view(bsz, seq),
-        boundary_logprob=boundary_lp.view(bsz, seq),
-        token_mask=token_mask,
-        position_mask=pos_mask,
-    )
-
-
 class StudentForward(nn.Module):
     """``(input_ids, ...) → (ℓ_S, σ_S)`` per position, memory-bounded (see :func:`student_token_stats`).
 
@@ -774,6 +623,29 @@ def _aligned_info(config: TrainConfig) -> dict:
     }
 
 
+def student_config(config: TrainConfig, tokenizer: str | None = None) -> StudentConfig:
+    """The student a run starts from (before any step), as a :class:`StudentConfig`: ``load_student`` of it
+    gives exactly the initial model (``tokenizer``: the student tokenizer spec, default: the data source's)."""
+    from alm_pipeline.trainer.student import StudentConfig
+
+    if config.student is not None:
+        return StudentConfig(
+            model=config.student,
+            dtype="float32",
+            num_layers=config.num_layers,
+            lora_rank=config.lora_rank,
+            lora_alpha=config.lora_alpha,
+        )
+    return StudentConfig(
+        init_from=config.init_from,
+        tokenizer=tokenizer or _aligned_info(config)["tokenizer"],
+        dtype="float32",
+        num_layers=config.num_layers,
+        lora_rank=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+    )
+
+
 class _Runtime:
     rank: int = 0
     world_size: int = 1
@@ -947,23 +819,7 @@ class _Worker:
                 with contextlib.suppress(TypeError, ValueError):
                     bundle.info = StudentInfo(**json.loads(info_file.read_text()))
             return bundle
-        if cfg.student is not None:
-            sc = StudentConfig(
-                model=cfg.student,
-                dtype="float32",
-                num_layers=cfg.num_layers,
-                lora_rank=cfg.lora_rank,
-                lora_alpha=cfg.lora_alpha,
-            )
-        else:
-            sc = StudentConfig(
-                init_from=cfg.init_from,
-                tokenizer=self.info["tokenizer"],
-                dtype="float32",
-                num_layers=cfg.num_layers,
-                lora_rank=cfg.lora_rank,
-                lora_alpha=cfg.lora_alpha,
-            )
+        sc = student_config(cfg, self.info["tokenizer"])
         return load_student(sc)
 
     def _pick_resume(self) -> tuple[Path | None, dict | None]:
