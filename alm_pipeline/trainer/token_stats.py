@@ -94,6 +94,16 @@ class _Layout:
         )
 
 
+def _head_rows(weight: Tensor, bias: Tensor | None, hidden: int, vocab: int) -> tuple[Tensor, Tensor | None]:
+    """The LM head's rows for the tokenizer's ``vocab`` ids (padded rows beyond it dropped), checked against the
+    hidden size."""
+    if weight.shape[0] < vocab or weight.shape[1] != hidden:
+        raise ValueError(
+            f"lm_head_weight {tuple(weight.shape)} does not fit hidden size {hidden} and vocabulary {vocab}"
+        )
+    return weight[:vocab], (bias[:vocab] if bias is not None else None)
+
+
 def _as_bool_mask(boundary_mask: Tensor | np.ndarray | Sequence[bool], device: torch.device) -> Tensor:
     mask = torch.as_tensor(
         np.asarray(boundary_mask) if not isinstance(boundary_mask, Tensor) else boundary_mask
@@ -177,13 +187,7 @@ def student_token_stats(
     if hidden_states is not None:
         if lm_head_weight is None:
             raise ValueError("hidden_states= needs lm_head_weight=")
-        if lm_head_weight.shape[0] < vocab or lm_head_weight.shape[1] != hidden_states.shape[-1]:
-            raise ValueError(
-                f"lm_head_weight {tuple(lm_head_weight.shape)} does not fit hidden size "
-                f"{hidden_states.shape[-1]} and vocabulary {vocab}"
-            )
-        weight = lm_head_weight[:vocab]
-        bias = lm_head_bias[:vocab] if lm_head_bias is not None else None
+        weight, bias = _head_rows(lm_head_weight, lm_head_bias, hidden_states.shape[-1], vocab)
         rows = hidden_states.reshape(bsz * seq, -1)
     else:
         assert logits is not None
@@ -335,13 +339,7 @@ def fused_token_stats(
     device = hidden_states.device
     bmask = torch.as_tensor(boundary_mask, device=device).bool()
     vocab = bmask.shape[0]
-    if lm_head_weight.shape[0] < vocab or lm_head_weight.shape[1] != hidden_states.shape[-1]:
-        raise ValueError(
-            f"lm_head_weight {tuple(lm_head_weight.shape)} does not fit hidden size {hidden_states.shape[-1]} "
-            f"and vocabulary {vocab}"
-        )
-    weight = lm_head_weight[:vocab]
-    bias = lm_head_bias[:vocab] if lm_head_bias is not None else None
+    weight, bias = _head_rows(lm_head_weight, lm_head_bias, hidden_states.shape[-1], vocab)
     lay = _Layout.of(input_ids, attention_mask, vocab, device)
     rows = hidden_states.reshape(bsz * seq, -1).index_select(0, lay.flat_pos)
     nxt = lay.next_ids.reshape(-1).index_select(0, lay.flat_pos)
