@@ -111,3 +111,20 @@ def test_quickstart_reduced_end_to_end(ray_local, tmp_path, llama_sp_model, toke
     again = runner.invoke(app, args)
     assert again.exit_code == 0 and "resuming: 1/1 shards" in again.output
     assert "already finished with these settings: reused" in again.output
+
+
+def test_quickstart_settings_are_checked_before_anything_runs(tmp_path):
+    from alm_pipeline.quickstart import QuickstartConfig
+
+    with pytest.raises(ValueError, match="'gpt2-tokenizer' is not one of the student tokenizers .*bytes"):
+        QuickstartConfig(students=("bytes",), train_student="gpt2-tokenizer")
+    with pytest.raises(ValueError, match="eval_max_bytes must be >= 64"):
+        QuickstartConfig(eval_max_bytes=10)
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        QuickstartConfig(steps=0)
+    out = tmp_path / "never"
+    result = runner.invoke(
+        app, ["quickstart", "--output", str(out), "--student", "bytes", "--train-student", "gpt2-tokenizer"]
+    )
+    assert result.exit_code == 2 and "is not one of the student tokenizers" in result.output
+    assert not out.exists()

@@ -281,25 +281,25 @@ def quickstart(
     from alm_pipeline.pipeline.ray_utils import RayConfig
     from alm_pipeline.quickstart import QuickstartConfig, run_quickstart
 
-    config = QuickstartConfig(
-        output=str(output),
-        teacher=teacher,
-        data=data,
-        max_docs=max_docs,
-        max_length=max_length,
-        students=tuple(student) if student else QuickstartConfig.students,
-        gamma=gamma,
-        num_cpus_per_actor=num_cpus_per_actor,
-        train=train,
-        train_student=train_student,
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        eval_docs=eval_docs,
-        eval_max_bytes=eval_max_bytes,
-        ray=RayConfig(address=address, num_cpus=num_cpus),
-    )
     try:
+        config = QuickstartConfig(
+            output=str(output),
+            teacher=teacher,
+            data=data,
+            max_docs=max_docs,
+            max_length=max_length,
+            students=tuple(student) if student else QuickstartConfig.students,
+            gamma=gamma,
+            num_cpus_per_actor=num_cpus_per_actor,
+            train=train,
+            train_student=train_student,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            eval_docs=eval_docs,
+            eval_max_bytes=eval_max_bytes,
+            ray=RayConfig(address=address, num_cpus=num_cpus),
+        )
         result = run_quickstart(config, progress=_say)
     except (RuntimeError, ValueError, FileNotFoundError) as err:
         _fail(str(err))

@@ -337,7 +337,7 @@ def fused_token_stats(
     ``keep_probs=False`` recomputes each slice's logits in the backward (bounded memory)."""
     bsz, seq = input_ids.shape
     device = hidden_states.device
-    bmask = torch.as_tensor(boundary_mask, device=device).bool()
+    bmask = _as_bool_mask(boundary_mask, device)
     vocab = bmask.shape[0]
     weight, bias = _head_rows(lm_head_weight, lm_head_bias, hidden_states.shape[-1], vocab)
     lay = _Layout.of(input_ids, attention_mask, vocab, device)
