@@ -15,15 +15,13 @@ from alm_pipeline.pipeline.align import (
     Alignment,
     CoverageStats,
     MergedChunks,
-    align_batch,
     align_document,
     align_with_views,
-    coverage_batch,
     coverage_stats,
     merge_and_debias,
-    merge_batch,
 )
-from alm_pipeline.pipeline.align_stage import CACHE_COLUMNS, AlignSettings, _Dropped, align_table
+from alm_pipeline.pipeline.align_batch import align_batch, coverage_batch, merge_batch
+from alm_pipeline.pipeline.align_stage import CACHE_COLUMNS, AlignSettings, DroppedDocs, align_table
 from alm_pipeline.pipeline.byteview import TokenizerMismatchError, load_byte_view
 from tests.factories import corpus_lines
 
@@ -880,7 +878,7 @@ def align_table_per_document(table, teacher_is_special, student, settings, cover
 
 def cache_table(view, texts, max_length, rng):
     """Teacher-cache rows (the cache's schema) for ``texts`` tokenized by ``view``."""
-    from alm_pipeline.cache.schema import CACHE_SCHEMA
+    from alm_pipeline.cache.teacher import CACHE_SCHEMA
 
     rows = []
     for i, text in enumerate(texts):
@@ -901,9 +899,9 @@ def cache_table(view, texts, max_length, rng):
 
 
 def check_align_table(table, teacher_view, student_view, settings) -> pa.Table:
-    got_cov, got_drop = CoverageStats(), _Dropped()
+    got_cov, got_drop = CoverageStats(), DroppedDocs()
     got = align_table(table, teacher_view.is_special, student_view, settings, got_cov, got_drop)
-    want_cov, want_drop = CoverageStats(), _Dropped()
+    want_cov, want_drop = CoverageStats(), DroppedDocs()
     want = align_table_per_document(
         table, teacher_view.is_special, student_view, settings, want_cov, want_drop
     )
@@ -955,7 +953,7 @@ def test_align_table_drops_and_counts_like_the_per_document_path(views):
     table = cache_table(views["byte_level"], texts, None, np.random.default_rng(0))
     out = check_align_table(table, views["byte_level"], views["char"], AlignSettings())
     assert out["doc_id"].to_pylist() == ["doc-0", "doc-4"]
-    drop = _Dropped()
+    drop = DroppedDocs()
     align_table(table, views["byte_level"].is_special, views["char"], AlignSettings(), dropped=drop)
     assert drop.counts == {"no valid chunk": 2, "student tokenizer cannot reproduce the text": 2}
     assert [e.split(":")[0] for e in drop.examples] == ["doc-1", "doc-2", "doc-3", "doc-5"]
@@ -1015,7 +1013,7 @@ def test_align_table_refuses_texts_the_student_does_not_reproduce(views):
     ]
     for student in cases:
         for max_length in (None, 3):
-            drop = _Dropped()
+            drop = DroppedDocs()
             align_table(
                 table, teacher.is_special, student, AlignSettings(max_student_length=max_length), dropped=drop
             )

@@ -1,6 +1,6 @@
 """The aligned set: one teacher cache mapped onto one student tokenizer (format version 1).
 
-A directory with ``manifest.json``, ``tokenizer/`` (the student tokenizer in Hugging Face format, so training
+A :class:`~alm_pipeline.cache.dataset.ShardedDataset` directory with ``manifest.json``, ``tokenizer/`` (the student tokenizer in Hugging Face format, so training
 and inference load exactly the tokenizer the chunks were computed with) and ``shards/shard-K.parquet`` — shard
 K holds the documents of cache shard K. One row per document; the trainer reads only the first six columns:
 
@@ -20,15 +20,14 @@ covered_bytes                   int32            bytes inside the document's gro
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from alm_pipeline.cache import store
-from alm_pipeline.cache.schema import check_schema
+from alm_pipeline.cache.dataset import ShardedDataset
+from alm_pipeline.cache.teacher import open_cache
 
 ALIGNED_KIND = "alm-aligned-set"
 ALIGNED_FORMAT_VERSION = 1
@@ -50,13 +49,15 @@ TRAINER_COLUMNS = ALIGNED_SCHEMA.names[:6]
 
 
 @dataclass
-class AlignedSet:
-    root: Path
-    manifest: dict
-
-    @property
-    def shards(self) -> list[store.ShardInfo]:
-        return [store.ShardInfo.from_json(s) for s in self.manifest["shards"]]
+class AlignedSet(ShardedDataset):
+    kind = ALIGNED_KIND
+    format_version = ALIGNED_FORMAT_VERSION
+    what = "aligned set"
+    short = "set"
+    rerun = "alm-pipeline align"
+    schema = ALIGNED_SCHEMA
+    token_column = "input_ids"
+    contents = (*ShardedDataset.contents, TOKENIZER_DIR)
 
     @property
     def tokenizer_dir(self) -> Path:
@@ -70,22 +71,8 @@ class AlignedSet:
     def debias(self) -> bool:
         return bool(self.manifest["settings"]["debias"])
 
-    def shard_files(self) -> list[Path]:
-        return [self.root / s.file for s in self.shards]
-
-    def iter_tables(self, columns: list[str] | None = None) -> Iterator[pa.Table]:
-        for path in self.shard_files():
-            yield pq.read_table(path, columns=columns)
-
-    def verify(self) -> None:
-        for info in self.shards:
-            store.verify_shard_file(self.root, info)
-            check_schema(pq.read_schema(self.root / info.file), ALIGNED_SCHEMA, str(self.root / info.file))
-
     def check_cache(self, cache_root: str | Path | None = None) -> None:
         """Refuse the set if the teacher cache it was made from has changed (or is gone)."""
-        from alm_pipeline.cache.reader import open_cache
-
         cache_path = Path(cache_root or self.manifest["cache"]["path"])
         cache = open_cache(cache_path, verify=False)
         if cache.fingerprint != self.manifest["cache"]["fingerprint"]:
@@ -122,11 +109,5 @@ class AlignedSet:
 
 
 def open_aligned_set(path: str | Path, verify: bool = True, require_complete: bool = True) -> AlignedSet:
-    root = Path(path).absolute()
-    manifest = store.read_manifest(
-        root, ALIGNED_KIND, ALIGNED_FORMAT_VERSION, "aligned set", "alm-pipeline align", require_complete
-    )
-    aligned = AlignedSet(root=root, manifest=manifest)
-    if verify:
-        aligned.verify()
-    return aligned
+    """Open an aligned set directory, refusing (with a clear message) anything that does not check out."""
+    return AlignedSet.open(path, verify=verify, require_complete=require_complete)

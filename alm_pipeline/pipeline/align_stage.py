@@ -13,27 +13,23 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
-from itertools import chain
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
 from alm_pipeline.cache import store
-from alm_pipeline.cache.aligned import (
-    ALIGNED_FORMAT_VERSION,
-    ALIGNED_KIND,
-    ALIGNED_SCHEMA,
-    TOKENIZER_DIR,
-)
-from alm_pipeline.cache.reader import TeacherCache, open_cache
-from alm_pipeline.pipeline.align import CoverageStats, align_batch, coverage_batch, merge_batch
-from alm_pipeline.pipeline.byteview import ByteView, EncodedText, TokenizerMismatchError, load_byte_view
+from alm_pipeline.cache.aligned import ALIGNED_FORMAT_VERSION, ALIGNED_SCHEMA, TOKENIZER_DIR, AlignedSet
+from alm_pipeline.cache.arrow import list_array, list_parts, take_rows
+from alm_pipeline.cache.dataset import OutputRefusedError
+from alm_pipeline.cache.teacher import TeacherCache, open_cache
+from alm_pipeline.pipeline.align import CoverageStats
+from alm_pipeline.pipeline.align_batch import align_batch, coverage_batch, merge_batch
+from alm_pipeline.pipeline.byteview import ByteView, TokenizerMismatchError, load_byte_view
 from alm_pipeline.pipeline.ray_utils import RayConfig, ensure_ray
+from alm_pipeline.pipeline.stage import finished_shards, run_shards
 
 CACHE_COLUMNS = ["doc_id", "text", "token_ids", "offsets", "logprob", "boundary_logprob"]
 
@@ -83,7 +79,9 @@ class AlignedSetSummary:
 
 
 @dataclass
-class _Dropped:
+class DroppedDocs:
+    """Documents left out of an aligned set: counts per reason and the first 20 examples."""
+
     counts: dict = field(default_factory=dict)
     examples: list = field(default_factory=list)
 
@@ -99,26 +97,26 @@ def align_table(
     student: ByteView,
     settings: AlignSettings,
     coverage: CoverageStats | None = None,
-    dropped: _Dropped | None = None,
+    dropped: DroppedDocs | None = None,
 ) -> pa.Table:
     """Align one table of cache rows to ``student``; returns rows in ``ALIGNED_SCHEMA`` (documents with no
     valid chunk, or whose text the student tokenizer cannot reproduce, are dropped and counted).
 
     The whole table is one batch: the cache's list columns are read as flat arrays with row pointers, the
-    texts are tokenized (the only per-document Python work) and :func:`_encode_texts` turns the token ids
-    into exact byte offsets for all documents at once, and :func:`align_batch` / :func:`merge_batch` align
+    texts are tokenized (the only per-document Python work) and :meth:`ByteView.encode_batch` turns the token
+    ids into exact byte offsets for all documents at once, and :func:`align_batch` / :func:`merge_batch` align
     and merge all documents in one pass. The result is the same as :meth:`ByteView.encode`,
-    :func:`align_document`, :func:`merge_and_debias` and :func:`coverage_stats` document by document.
+    :func:`~alm_pipeline.pipeline.align.align_document`, :func:`~alm_pipeline.pipeline.align.merge_and_debias`
+    and :func:`~alm_pipeline.pipeline.align.coverage_stats` document by document.
     """
     coverage = coverage if coverage is not None else CoverageStats()
-    dropped = dropped if dropped is not None else _Dropped()
+    dropped = dropped if dropped is not None else DroppedDocs()
     doc_ids = table["doc_id"].to_pylist()
     texts = table["text"].to_pylist()
-    data = [text.encode("utf-8") for text in texts]
-    t_ids, t_rows = _flat_list_column(table["token_ids"], np.int32)
-    t_off, off_rows = _flat_list_column(table["offsets"], np.int32)
-    logprob, lp_rows = _flat_list_column(table["logprob"], np.float32)
-    sigma, sg_rows = _flat_list_column(table["boundary_logprob"], np.float32)
+    t_ids, t_rows = list_parts(table["token_ids"], np.int32)
+    t_off, off_rows = list_parts(table["offsets"], np.int32)
+    logprob, lp_rows = list_parts(table["logprob"], np.float32)
+    sigma, sg_rows = list_parts(table["boundary_logprob"], np.float32)
     for name, rows in (("offsets", off_rows), ("logprob", lp_rows), ("boundary_logprob", sg_rows)):
         if not np.array_equal(rows, t_rows):
             d = int(np.flatnonzero(np.diff(rows) != np.diff(t_rows))[0])
@@ -127,17 +125,18 @@ def align_table(
                 f"token_ids has {int(t_rows[d + 1] - t_rows[d])}"
             )
 
-    s_ids, s_off, s_rows, failed = _encode_texts(student, texts, data, settings.max_student_length, doc_ids)
+    encoded = student.encode_batch(texts, settings.max_student_length, doc_ids)
+    s_ids, s_off, s_rows, failed = encoded.token_ids, encoded.offsets, encoded.rows, encoded.failed
     ok = np.ones(len(texts), dtype=bool)
     ok[list(failed)] = False
     docs = np.flatnonzero(ok)
     if len(failed):  # keep only the documents the student tokenizer could encode
-        t_ids, _ = _take_rows(t_ids, t_rows, ok)
-        t_off, _ = _take_rows(t_off, t_rows, ok)
-        logprob, _ = _take_rows(logprob, t_rows, ok)
-        sigma, t_rows = _take_rows(sigma, t_rows, ok)
-        s_ids, _ = _take_rows(s_ids, s_rows, ok)
-        s_off, s_rows = _take_rows(s_off, s_rows, ok)
+        t_ids, _ = take_rows(t_ids, t_rows, ok)
+        t_off, _ = take_rows(t_off, t_rows, ok)
+        logprob, _ = take_rows(logprob, t_rows, ok)
+        sigma, t_rows = take_rows(sigma, t_rows, ok)
+        s_ids, _ = take_rows(s_ids, s_rows, ok)
+        s_off, s_rows = take_rows(s_off, s_rows, ok)
 
     names = [doc_ids[d] for d in docs]
     alignment = align_batch(
@@ -154,7 +153,7 @@ def align_table(
     merged = merge_batch(
         alignment, logprob, sigma, gamma=settings.gamma, debias=settings.debias, document_names=names
     )
-    text_bytes = np.array([len(b) for b in data], dtype=np.int64)
+    text_bytes = encoded.text_bytes
     coverage.add(coverage_batch(alignment, merged, text_bytes[docs]))
 
     groups = merged.groups_per_document()
@@ -165,17 +164,17 @@ def align_table(
         dropped.add(reason, doc_ids[d], detail)
 
     kept_docs = docs[kept]
-    input_ids, input_rows = _take_rows(s_ids, s_rows, kept) if not kept.all() else (s_ids, s_rows)
+    input_ids, input_rows = take_rows(s_ids, s_rows, kept) if not kept.all() else (s_ids, s_rows)
     group_rows = np.zeros(len(kept_docs) + 1, dtype=np.int64)
     np.cumsum(groups[kept], out=group_rows[1:])
     group_bytes = np.concatenate([[0], np.cumsum(merged.byte_end - merged.byte_start)])
     columns = {
         "doc_id": pa.array([doc_ids[d] for d in kept_docs], type=pa.string()),
-        "input_ids": _list_array(input_ids, input_rows, pa.int32()),
-        "chunk_start": _list_array(merged.chunk_start, group_rows, pa.int32()),
-        "chunk_end": _list_array(merged.chunk_end, group_rows, pa.int32()),
-        "teacher_chunk_logprob": _list_array(merged.teacher_chunk_logprob, group_rows, pa.float32()),
-        "teacher_chunk_boundary_logprob": _list_array(
+        "input_ids": list_array(input_ids, input_rows, pa.int32()),
+        "chunk_start": list_array(merged.chunk_start, group_rows, pa.int32()),
+        "chunk_end": list_array(merged.chunk_end, group_rows, pa.int32()),
+        "teacher_chunk_logprob": list_array(merged.teacher_chunk_logprob, group_rows, pa.float32()),
+        "teacher_chunk_boundary_logprob": list_array(
             merged.teacher_chunk_boundary_logprob, group_rows, pa.float32()
         ),
         "text_bytes": pa.array(text_bytes[kept_docs], type=pa.int32()),
@@ -184,179 +183,6 @@ def align_table(
         ),
     }
     return pa.Table.from_arrays([columns[name] for name in ALIGNED_SCHEMA.names], schema=ALIGNED_SCHEMA)
-
-
-def _flat_list_column(column: pa.ChunkedArray, dtype) -> tuple[np.ndarray, np.ndarray]:
-    """A list column as (all values concatenated, as ``dtype``; row pointers int64, one per row + 1)."""
-    arr = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
-    if arr.null_count:
-        raise ValueError(f"cache column of type {arr.type} has {arr.null_count} null rows")
-    offsets = arr.offsets.to_numpy().astype(np.int64)  # respects a sliced table; relative to arr.values
-    lo, hi = (int(offsets[0]), int(offsets[-1])) if len(offsets) else (0, 0)
-    values = arr.values.slice(lo, hi - lo).to_numpy(zero_copy_only=False)
-    return np.asarray(values, dtype=dtype), offsets - lo
-
-
-def _take_rows(values: np.ndarray, rows: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The rows ``keep`` (bool per row) of a flat ragged array: (values, row pointers)."""
-    lengths = np.diff(rows)
-    new_rows = np.zeros(int(keep.sum()) + 1, dtype=np.int64)
-    np.cumsum(lengths[keep], out=new_rows[1:])
-    return values[np.repeat(keep, lengths)], new_rows
-
-
-def _list_array(values: np.ndarray, rows: np.ndarray, value_type: pa.DataType) -> pa.ListArray:
-    return pa.ListArray.from_arrays(
-        pa.array(rows.astype(np.int32)), pa.array(np.asarray(values, dtype=value_type.to_pandas_dtype()))
-    )
-
-
-def _encode_texts(
-    student: ByteView, texts: list[str], data: list[bytes], max_length: int | None, doc_ids: list
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[int, str]]:
-    """:meth:`ByteView.encode` of many texts at once: (token ids int32, byte end offsets int32, row pointers
-    int64 (one per text + 1), {text index: error message} for the texts the tokenizer cannot reproduce; their
-    rows hold no meaningful tokens).
-
-    The tokenizer runs once per text (``encode_batch_fast`` of one text: the ids without the character
-    offsets ``encode`` computes, which are not needed here; one core); everything else - the byte check
-    (the tokens' bytes must concatenate to the text, or to a dummy-prefix space plus the text), the offsets,
-    the prefix / suffix special tokens and truncation to ``max_length`` - is done on flat arrays for all
-    texts. A text whose check fails is passed to :meth:`ByteView.encode` itself, which raises the error
-    reported for it (or, should the two ever disagree, gives the encoding used).
-    """
-    num_docs = len(texts)
-    prefix = np.asarray(student.prefix_ids, dtype=np.int32)
-    suffix = np.asarray(student.suffix_ids, dtype=np.int32)
-    n_pre, n_suf = len(prefix), len(suffix)
-    sources, source_data = texts, data
-    if max_length is not None:  # the pre-cut of ByteView.encode, for the same texts
-        limit_bytes = (max_length + 8) * max(student.max_token_bytes, 4) * 2
-        long = [i for i, b in enumerate(data) if len(b) > limit_bytes]
-        if long:
-            sources, source_data = list(texts), list(data)
-            for i in long:
-                sources[i] = data[i][:limit_bytes].decode("utf-8", errors="ignore")
-                source_data[i] = sources[i].encode("utf-8")
-
-    tok = student.tokenizer
-    fast = getattr(tok, "encode_batch_fast", None)
-    if fast is not None:
-        id_lists = [fast([source], add_special_tokens=False)[0].ids for source in sources]
-    else:  # pragma: no cover - tokenizers without encode_batch_fast
-        id_lists = [tok.encode(source, add_special_tokens=False).ids for source in sources]
-    n_body = np.fromiter(map(len, id_lists), dtype=np.int64, count=num_docs)
-    body_rows = np.zeros(num_docs + 1, dtype=np.int64)
-    np.cumsum(n_body, out=body_rows[1:])
-    ids = np.fromiter(chain.from_iterable(id_lists), dtype=np.int64, count=int(body_rows[-1]))
-    lengths = student.token_lengths[ids]
-
-    # The byte check, all texts at once.
-    if len(ids) and int(lengths.max()) <= 1:  # one byte per token at most (a byte-level student)
-        joined = student._flat_bytes[student._flat_starts[ids[lengths > 0]]]
-    else:
-        joined = student._joined_bytes(ids, lengths)
-    text_arr = np.frombuffer(b"".join(source_data), dtype=np.uint8)
-    text_len = np.fromiter(map(len, source_data), dtype=np.int64, count=num_docs)
-    text_rows = np.zeros(num_docs + 1, dtype=np.int64)
-    np.cumsum(text_len, out=text_rows[1:])
-    cum = np.zeros(len(ids) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=cum[1:])
-    joined_len = cum[body_rows[1:]] - cum[body_rows[:-1]]
-    if np.array_equal(joined_len, text_len):
-        dummy = np.zeros(num_docs, dtype=bool)
-        differ = np.flatnonzero(joined != text_arr)
-        bad = np.zeros(num_docs, dtype=bool)
-        bad[np.searchsorted(text_rows, differ, side="right") - 1] = True
-    else:
-        # a text matches exactly, or (dummy prefix) its tokens' bytes are a space followed by the text
-        dummy = joined_len == text_len + 1
-        dummy[dummy] = joined[cum[body_rows[:-1][dummy]]] == 0x20
-        same = joined_len == text_len
-        joined_mask = np.repeat(same | dummy, joined_len)
-        joined_mask[cum[body_rows[:-1][dummy]]] = False  # the dummy space is not compared
-        text_mask = np.repeat(same | dummy, text_len)
-        compared_rows = np.zeros(num_docs + 1, dtype=np.int64)
-        np.cumsum(np.where(same | dummy, text_len, 0), out=compared_rows[1:])
-        differ = np.flatnonzero(joined[joined_mask] != text_arr[text_mask])
-        bad = ~(same | dummy)
-        bad[np.searchsorted(compared_rows, differ, side="right") - 1] = True
-        dummy &= ~bad
-        if dummy.any():
-            lengths = lengths.copy()
-            lengths[body_rows[:-1][dummy]] -= 1  # the dummy-prefix space is carried by the first token
-            np.cumsum(lengths, out=cum[1:])
-    body_ends = cum[1:] - np.repeat(cum[body_rows[:-1]], n_body)  # document-local byte end offsets
-    text_end = cum[body_rows[1:]] - cum[body_rows[:-1]]
-
-    # prefix + body + suffix per text
-    n_tokens = n_pre + n_body + n_suf
-    rows = np.zeros(num_docs + 1, dtype=np.int64)
-    np.cumsum(n_tokens, out=rows[1:])
-    if n_pre or n_suf:
-        out_ids = np.empty(int(rows[-1]), dtype=np.int32)
-        offsets = np.empty(int(rows[-1]), dtype=np.int64)
-        body = np.ones(int(rows[-1]), dtype=bool)
-        pre_pos = (rows[:-1, None] + np.arange(n_pre)).ravel()
-        suf_pos = (rows[1:, None] - n_suf + np.arange(n_suf)).ravel()
-        body[pre_pos] = False
-        body[suf_pos] = False
-        out_ids[body] = ids
-        offsets[body] = body_ends
-        out_ids[pre_pos] = np.tile(prefix, num_docs)
-        offsets[pre_pos] = 0
-        out_ids[suf_pos] = np.tile(suffix, num_docs)
-        offsets[suf_pos] = np.repeat(text_end, n_suf)
-    else:
-        out_ids, offsets = ids.astype(np.int32), body_ends
-    offsets = offsets.astype(np.int32)
-
-    if max_length is not None:
-        # keep the first max_length tokens, backing off until the kept tokens end on a character boundary
-        over = np.flatnonzero((n_tokens > max_length) & ~bad)
-        if len(over):
-            keep = np.full(len(over), max_length, dtype=np.int64)
-            active = np.arange(len(over))
-            while len(active):
-                active = active[keep[active] > 0]
-                o = offsets[rows[over[active]] + keep[active] - 1].astype(np.int64)
-                inside = (o > 0) & (o < text_len[over[active]])
-                at = text_rows[over[active][inside]] + o[inside]
-                split = np.zeros(len(active), dtype=bool)
-                split[inside] = (text_arr[at] & 0xC0) == 0x80
-                active = active[split]
-                keep[active] -= 1
-            new_tokens = n_tokens.copy()
-            new_tokens[over] = keep
-            position = np.arange(int(rows[-1])) - np.repeat(rows[:-1], n_tokens)
-            mask = position < np.repeat(new_tokens, n_tokens)
-            out_ids, offsets = out_ids[mask], offsets[mask]
-            n_tokens = new_tokens
-            rows = np.zeros(num_docs + 1, dtype=np.int64)
-            np.cumsum(n_tokens, out=rows[1:])
-
-    failed: dict[int, str] = {}
-    replaced: dict[int, EncodedText] = {}
-    for i in np.flatnonzero(bad).tolist():
-        try:
-            replaced[i] = student.encode(texts[i], max_length=max_length, doc_ref=doc_ids[i])
-        except TokenizerMismatchError as err:
-            failed[i] = str(err)[:200]
-    if replaced:  # pragma: no cover - the batched check and ByteView.encode agree
-        split_ids = np.split(out_ids, rows[1:-1])
-        split_off = np.split(offsets, rows[1:-1])
-        for i, enc in replaced.items():
-            split_ids[i], split_off[i] = enc.token_ids, enc.offsets
-        out_ids, offsets = np.concatenate(split_ids), np.concatenate(split_off)
-        np.cumsum([len(a) for a in split_ids], out=rows[1:])
-    return out_ids, offsets, rows, failed
-
-
-def teacher_special_mask(cache: TeacherCache) -> np.ndarray:
-    tok = cache.manifest["tokenizer"]
-    mask = np.zeros(int(tok["vocab_size"]), dtype=bool)
-    mask[np.asarray(tok["special_ids"], dtype=np.int64)] = True
-    return mask
 
 
 # ------------------------------------------------------------------------------------------ driver
@@ -396,11 +222,13 @@ def build_aligned_sets(
             "student_tokenizer_fingerprint": view.fingerprint,
             "settings": config.settings.identity(),
         }
-        _check_existing(root, identity, config.overwrite)
+        try:
+            AlignedSet.prepare_output(root, identity, config.overwrite)
+        except OutputRefusedError as err:
+            raise AlignError(str(err)) from None
         _save_student_tokenizer(student, root / TOKENIZER_DIR)
-        manifest = _manifest(cache, config, student, view, identity, [], state="in_progress")
-        store.atomic_write_json(root / store.MANIFEST, manifest)
-        pending = [k for k in range(num_shards) if store.verified_shard(root, k) is None]
+        AlignedSet.write_manifest(root, _manifest(cache, config, student, view, identity, [], "in_progress"))
+        pending = AlignedSet.pending_shards(root, num_shards)
         sets.append(
             {
                 "student": student,
@@ -419,16 +247,9 @@ def build_aligned_sets(
 
     summaries = []
     for s in sets:
-        infos = []
-        for k in range(num_shards):
-            info = store.verified_shard(s["root"], k)
-            if info is None:
-                raise AlignError(
-                    f"{store.shard_path(s['root'], k)}: shard missing or unverified after the run"
-                )
-            infos.append(info)
-        manifest = _manifest(cache, config, s["student"], s["view"], s["identity"], infos, state="complete")
-        store.atomic_write_json(s["root"] / store.MANIFEST, manifest)
+        infos = finished_shards(AlignedSet, s["root"], num_shards, AlignError)
+        manifest = _manifest(cache, config, s["student"], s["view"], s["identity"], infos, "complete")
+        AlignedSet.write_manifest(s["root"], manifest)
         cov = manifest["coverage"]
         low = cov["coverage"] < config.settings.min_coverage
         summaries.append(
@@ -481,29 +302,7 @@ def _save_student_tokenizer(student: str, folder: Path) -> None:
     tmp.rename(folder)
 
 
-def _check_existing(root: Path, identity: dict, overwrite: bool) -> None:
-    manifest_file = root / store.MANIFEST
-    if not manifest_file.exists():
-        return
-    existing = store.read_json(manifest_file)
-    if existing.get("kind") != ALIGNED_KIND:
-        raise AlignError(f"{root}: exists and is not an aligned set (kind={existing.get('kind')!r})")
-    old = existing.get("identity", {})
-    diffs = [k for k in sorted(set(old) | set(identity)) if old.get(k) != identity.get(k)]
-    if not diffs:
-        return
-    if not overwrite:
-        lines = "\n".join(f"  {k}: set has {old.get(k)!r}, this run has {identity.get(k)!r}" for k in diffs)
-        raise AlignError(
-            f"{root}: an aligned set made from another cache, tokenizer or settings is already there:\n{lines}\n"
-            "Use another --output, or --overwrite to replace it."
-        )
-    shutil.rmtree(root)
-
-
 def _manifest(cache, config, student, view, identity, infos, state) -> dict:
-    from alm_pipeline import __version__
-
     coverage = CoverageStats()
     dropped: dict[str, int] = {}
     examples: list[str] = []
@@ -518,30 +317,26 @@ def _manifest(cache, config, student, view, identity, infos, state) -> dict:
         "dropped": dropped,
         "dropped_examples": examples,
     }
-    return {
-        "kind": ALIGNED_KIND,
-        "format_version": ALIGNED_FORMAT_VERSION,
-        "state": state,
-        "identity": identity,
-        "cache": {
+    return AlignedSet.new_manifest(
+        state,
+        identity,
+        len(cache.shards),
+        infos,
+        cache={
             "path": str(cache.root),
             "fingerprint": cache.fingerprint,
             "teacher": cache.manifest["teacher"]["name"],
             "teacher_tokenizer_fingerprint": cache.tokenizer_fingerprint,
             "max_teacher_length": cache.manifest["settings"]["max_length"],
         },
-        "student_tokenizer": {
+        student_tokenizer={
             "name": student,
             "folder": TOKENIZER_DIR,
             **{k: v for k, v in view.describe().items() if k != "special_ids"},
         },
-        "settings": {**config.settings.identity(), "min_coverage": config.settings.min_coverage},
-        "coverage": report,
-        "num_shards": len(cache.shards),
-        "shards": [i.to_json() for i in infos],
-        "created_with": f"alm-pipeline {__version__}",
-        "updated_at": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
+        settings={**config.settings.identity(), "min_coverage": config.settings.min_coverage},
+        coverage=report,
+    )
 
 
 # ------------------------------------------------------------------------------------------ Ray
@@ -564,40 +359,29 @@ class _AlignCacheShard:
         for s in self.sets:
             if k not in s["pending"]:
                 continue
-            coverage, dropped = CoverageStats(), _Dropped()
+            coverage, dropped = CoverageStats(), DroppedDocs()
             aligned = align_table(table, self.teacher_special, s["view"], self.settings, coverage, dropped)
-            tokens = int(pa.compute.sum(pa.compute.list_value_length(aligned["input_ids"])).as_py() or 0)
             stats = {
                 "coverage": asdict(coverage),
                 "dropped": dropped.counts,
                 "dropped_examples": dropped.examples,
             }
-            store.write_shard(Path(s["root"]), k, aligned, tokens=tokens, stats=stats)
+            AlignedSet.write_shard(Path(s["root"]), k, aligned, stats=stats)
             written += 1
         return {"shard": k, "written": written, "docs": table.num_rows}
 
 
 def _run_ray(config: AlignConfig, cache: TeacherCache, sets: list[dict], work: list[int]) -> None:
-    import ray.data
-    from tqdm import tqdm
-
-    from alm_pipeline.pipeline.teacher_cache import _root_cause_message
-
-    ensure_ray(config.ray)
-    fn = _AlignCacheShard(str(cache.root), teacher_special_mask(cache), sets, config.settings)
-    ds = ray.data.from_items([{"shard": k} for k in work], override_num_blocks=len(work))
-    ds = ds.map(fn, num_cpus=1)
-    bar = tqdm(total=len(work), unit="shard", desc="align", dynamic_ncols=True)
-    t0, docs = time.time(), 0
-    try:
-        for row in ds.iter_rows():
-            docs += int(row["docs"])
-            bar.set_postfix_str(f"{docs / max(time.time() - t0, 1e-9):,.0f} docs/s")
-            bar.update(1)
-    except Exception as err:
-        raise AlignError(_root_cause_message(err)) from err
-    finally:
-        bar.close()
+    fn = _AlignCacheShard(str(cache.root), cache.special_token_mask(), sets, config.settings)
+    run_shards(
+        work,
+        lambda ds: ds.map(fn, num_cpus=1),
+        desc="align",
+        rate_column="docs",
+        rate_unit="docs",
+        ray_config=config.ray,
+        error=AlignError,
+    )
 
 
 def stream_aligned(
@@ -611,7 +395,7 @@ def stream_aligned(
     ensure_ray(ray_config or RayConfig())
     cache = open_cache(cache_path, verify=True)
     (view,) = _load_students((student_tokenizer,))
-    special = teacher_special_mask(cache)
+    special = cache.special_token_mask()
     root = str(cache.root)
 
     def transform(batch: pa.Table) -> pa.Table:

@@ -1,4 +1,4 @@
-"""The built-in ``bytes`` tokenizer: 256 byte tokens plus BOS/EOS/PAD, nothing else.
+"""GPT-2's byte alphabet and the built-in ``bytes`` tokenizer: 256 byte tokens plus BOS/EOS/PAD, nothing else.
 
 Token id ``b`` (0..255) is the byte ``b``; ``<pad>`` = 256, ``<bos>`` = 257, ``<eos>`` = 258. It is an ordinary
 Hugging Face fast tokenizer (byte-level alphabet, no merges), so ``save_pretrained`` / ``AutoTokenizer``
@@ -8,11 +8,30 @@ every document is predicted.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
-from alm_pipeline.pipeline.byteview import unicode_to_bytes
-
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
+
+
+@lru_cache(maxsize=1)
+def unicode_to_bytes() -> dict[str, int]:
+    """Inverse of GPT-2's ``bytes_to_unicode``: stand-in character -> byte value."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    byte_values = printable[:]
+    code_points = printable[:]
+    n = 0
+    for b in range(256):
+        if b not in printable:
+            byte_values.append(b)
+            code_points.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(byte_values, code_points, strict=True)}
 
 
 def build_byte_backend() -> Tokenizer:

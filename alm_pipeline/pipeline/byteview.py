@@ -24,11 +24,13 @@ import json
 import re
 import unicodedata
 from dataclasses import dataclass, field
-from functools import lru_cache
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer
+
+from alm_pipeline.pipeline.byte_tokenizer import build_byte_tokenizer, unicode_to_bytes
 
 # Bytes after which a new pretoken starts: the boundary set B of the method (space, newline, tab).
 BOUNDARY_BYTES = frozenset(b" \n\t")
@@ -43,25 +45,6 @@ class TokenizerMismatchError(ValueError):
     """The tokenizer cannot reproduce the bytes of a text (or cannot be used at all)."""
 
 
-@lru_cache(maxsize=1)
-def unicode_to_bytes() -> dict[str, int]:
-    """Inverse of GPT-2's ``bytes_to_unicode``: stand-in character -> byte value."""
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    byte_values = printable[:]
-    code_points = printable[:]
-    n = 0
-    for b in range(256):
-        if b not in printable:
-            byte_values.append(b)
-            code_points.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(byte_values, code_points, strict=True)}
-
-
 @dataclass(frozen=True)
 class EncodedText:
     """A text tokenized with exact byte offsets.
@@ -74,6 +57,21 @@ class EncodedText:
     token_ids: np.ndarray  # int32
     offsets: np.ndarray  # int32
     truncated: bool = False
+
+
+@dataclass(frozen=True)
+class EncodedBatch:
+    """Many texts tokenized with exact byte offsets, as flat arrays: text i's tokens are
+    ``token_ids[rows[i]:rows[i + 1]]`` (int32) with byte end offsets ``offsets[...]`` (int32, as in
+    :class:`EncodedText`); ``rows`` int64 (one per text + 1); ``text_bytes`` (int64) each text's UTF-8 length;
+    ``failed`` {text index: error message} for the texts the tokenizer cannot reproduce (their rows hold no
+    meaningful tokens)."""
+
+    token_ids: np.ndarray
+    offsets: np.ndarray
+    rows: np.ndarray
+    text_bytes: np.ndarray
+    failed: dict[int, str]
 
 
 @dataclass
@@ -195,6 +193,154 @@ class ByteView:
             text = source_bytes[:end].decode("utf-8")
         return EncodedText(text=text, token_ids=all_ids, offsets=offsets, truncated=truncated)
 
+    def encode_batch(
+        self, texts: list[str], max_length: int | None = None, doc_refs: list[str] | None = None
+    ) -> EncodedBatch:
+        """:meth:`encode` of many texts at once (special tokens added), as one :class:`EncodedBatch`; a text
+        the tokenizer cannot reproduce is reported in ``failed`` (named by ``doc_refs[i]``) instead of raising.
+
+        The tokenizer runs once per text (``encode_batch_fast`` of one text: the ids without the character
+        offsets ``encode`` computes, which are not needed here; one core); everything else - the byte check
+        (the tokens' bytes must concatenate to the text, or to a dummy-prefix space plus the text), the offsets,
+        the prefix / suffix special tokens and truncation to ``max_length`` - is done on flat arrays for all
+        texts. A text whose check fails is passed to :meth:`encode` itself, which raises the error
+        reported for it (or, should the two ever disagree, gives the encoding used).
+        """
+        data = [text.encode("utf-8") for text in texts]
+        num_docs = len(texts)
+        prefix = np.asarray(self.prefix_ids, dtype=np.int32)
+        suffix = np.asarray(self.suffix_ids, dtype=np.int32)
+        n_pre, n_suf = len(prefix), len(suffix)
+        sources, source_data = texts, data
+        if max_length is not None:  # the pre-cut of ByteView.encode, for the same texts
+            limit_bytes = (max_length + 8) * max(self.max_token_bytes, 4) * 2
+            long = [i for i, b in enumerate(data) if len(b) > limit_bytes]
+            if long:
+                sources, source_data = list(texts), list(data)
+                for i in long:
+                    sources[i] = data[i][:limit_bytes].decode("utf-8", errors="ignore")
+                    source_data[i] = sources[i].encode("utf-8")
+
+        tok = self.tokenizer
+        fast = getattr(tok, "encode_batch_fast", None)
+        if fast is not None:
+            id_lists = [fast([source], add_special_tokens=False)[0].ids for source in sources]
+        else:  # pragma: no cover - tokenizers without encode_batch_fast
+            id_lists = [tok.encode(source, add_special_tokens=False).ids for source in sources]
+        n_body = np.fromiter(map(len, id_lists), dtype=np.int64, count=num_docs)
+        body_rows = np.zeros(num_docs + 1, dtype=np.int64)
+        np.cumsum(n_body, out=body_rows[1:])
+        ids = np.fromiter(chain.from_iterable(id_lists), dtype=np.int64, count=int(body_rows[-1]))
+        lengths = self.token_lengths[ids]
+
+        # The byte check, all texts at once.
+        if len(ids) and int(lengths.max()) <= 1:  # one byte per token at most (a byte-level student)
+            joined = self._flat_bytes[self._flat_starts[ids[lengths > 0]]]
+        else:
+            joined = self._joined_bytes(ids, lengths)
+        text_arr = np.frombuffer(b"".join(source_data), dtype=np.uint8)
+        text_len = np.fromiter(map(len, source_data), dtype=np.int64, count=num_docs)
+        text_rows = np.zeros(num_docs + 1, dtype=np.int64)
+        np.cumsum(text_len, out=text_rows[1:])
+        cum = np.zeros(len(ids) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=cum[1:])
+        joined_len = cum[body_rows[1:]] - cum[body_rows[:-1]]
+        if np.array_equal(joined_len, text_len):
+            dummy = np.zeros(num_docs, dtype=bool)
+            differ = np.flatnonzero(joined != text_arr)
+            bad = np.zeros(num_docs, dtype=bool)
+            bad[np.searchsorted(text_rows, differ, side="right") - 1] = True
+        else:
+            # a text matches exactly, or (dummy prefix) its tokens' bytes are a space followed by the text
+            dummy = joined_len == text_len + 1
+            dummy[dummy] = joined[cum[body_rows[:-1][dummy]]] == 0x20
+            same = joined_len == text_len
+            joined_mask = np.repeat(same | dummy, joined_len)
+            joined_mask[cum[body_rows[:-1][dummy]]] = False  # the dummy space is not compared
+            text_mask = np.repeat(same | dummy, text_len)
+            compared_rows = np.zeros(num_docs + 1, dtype=np.int64)
+            np.cumsum(np.where(same | dummy, text_len, 0), out=compared_rows[1:])
+            differ = np.flatnonzero(joined[joined_mask] != text_arr[text_mask])
+            bad = ~(same | dummy)
+            bad[np.searchsorted(compared_rows, differ, side="right") - 1] = True
+            dummy &= ~bad
+            if dummy.any():
+                lengths = lengths.copy()
+                lengths[body_rows[:-1][dummy]] -= 1  # the dummy-prefix space is carried by the first token
+                np.cumsum(lengths, out=cum[1:])
+        body_ends = cum[1:] - np.repeat(cum[body_rows[:-1]], n_body)  # document-local byte end offsets
+        text_end = cum[body_rows[1:]] - cum[body_rows[:-1]]
+
+        # prefix + body + suffix per text
+        n_tokens = n_pre + n_body + n_suf
+        rows = np.zeros(num_docs + 1, dtype=np.int64)
+        np.cumsum(n_tokens, out=rows[1:])
+        if n_pre or n_suf:
+            out_ids = np.empty(int(rows[-1]), dtype=np.int32)
+            offsets = np.empty(int(rows[-1]), dtype=np.int64)
+            body = np.ones(int(rows[-1]), dtype=bool)
+            pre_pos = (rows[:-1, None] + np.arange(n_pre)).ravel()
+            suf_pos = (rows[1:, None] - n_suf + np.arange(n_suf)).ravel()
+            body[pre_pos] = False
+            body[suf_pos] = False
+            out_ids[body] = ids
+            offsets[body] = body_ends
+            out_ids[pre_pos] = np.tile(prefix, num_docs)
+            offsets[pre_pos] = 0
+            out_ids[suf_pos] = np.tile(suffix, num_docs)
+            offsets[suf_pos] = np.repeat(text_end, n_suf)
+        else:
+            out_ids, offsets = ids.astype(np.int32), body_ends
+        offsets = offsets.astype(np.int32)
+
+        if max_length is not None:
+            # keep the first max_length tokens, backing off until the kept tokens end on a character boundary
+            over = np.flatnonzero((n_tokens > max_length) & ~bad)
+            if len(over):
+                keep = np.full(len(over), max_length, dtype=np.int64)
+                active = np.arange(len(over))
+                while len(active):
+                    active = active[keep[active] > 0]
+                    o = offsets[rows[over[active]] + keep[active] - 1].astype(np.int64)
+                    inside = (o > 0) & (o < text_len[over[active]])
+                    at = text_rows[over[active][inside]] + o[inside]
+                    split = np.zeros(len(active), dtype=bool)
+                    split[inside] = (text_arr[at] & 0xC0) == 0x80
+                    active = active[split]
+                    keep[active] -= 1
+                new_tokens = n_tokens.copy()
+                new_tokens[over] = keep
+                position = np.arange(int(rows[-1])) - np.repeat(rows[:-1], n_tokens)
+                mask = position < np.repeat(new_tokens, n_tokens)
+                out_ids, offsets = out_ids[mask], offsets[mask]
+                n_tokens = new_tokens
+                rows = np.zeros(num_docs + 1, dtype=np.int64)
+                np.cumsum(n_tokens, out=rows[1:])
+
+        failed: dict[int, str] = {}
+        replaced: dict[int, EncodedText] = {}
+        for i in np.flatnonzero(bad).tolist():
+            try:
+                replaced[i] = self.encode(
+                    texts[i], max_length=max_length, doc_ref=doc_refs[i] if doc_refs else ""
+                )
+            except TokenizerMismatchError as err:
+                failed[i] = str(err)[:200]
+        if replaced:  # pragma: no cover - the batched check and ByteView.encode agree
+            split_ids = np.split(out_ids, rows[1:-1])
+            split_off = np.split(offsets, rows[1:-1])
+            for i, enc in replaced.items():
+                split_ids[i], split_off[i] = enc.token_ids, enc.offsets
+            out_ids, offsets = np.concatenate(split_ids), np.concatenate(split_off)
+            np.cumsum([len(a) for a in split_ids], out=rows[1:])
+        return EncodedBatch(
+            token_ids=out_ids,
+            offsets=offsets,
+            rows=rows,
+            text_bytes=np.fromiter(map(len, data), dtype=np.int64, count=num_docs),
+            failed=failed,
+        )
+
     def _joined_bytes(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """The concatenated bytes of ``ids`` as a uint8 array (one vectorised gather, no Python loop)."""
         total = int(lengths.sum())
@@ -299,8 +445,6 @@ def load_byte_view(path_or_name: str | Path) -> ByteView:
     from transformers import AutoTokenizer
 
     if str(path_or_name) == "bytes":
-        from alm_pipeline.pipeline.byte_tokenizer import build_byte_tokenizer
-
         return byte_view_from_hf(build_byte_tokenizer(), name="bytes")
     tok = AutoTokenizer.from_pretrained(str(path_or_name))
     return byte_view_from_hf(tok, name=str(path_or_name))

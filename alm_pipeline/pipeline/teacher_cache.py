@@ -18,12 +18,10 @@ Plan of a run:
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -31,23 +29,38 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from alm_pipeline.cache import store
-from alm_pipeline.cache.schema import (
-    CACHE_KIND,
-    CACHE_SCHEMA,
-    FORMAT_VERSION,
-    STAGED_SCHEMA,
-    TOKENIZED_SCHEMA,
-    ipc_to_table,
-    table_to_ipc,
-)
+from alm_pipeline.cache.arrow import ipc_to_table, ragged_list_array, table_to_ipc
+from alm_pipeline.cache.dataset import OutputRefusedError
+from alm_pipeline.cache.teacher import BOUNDARY_FILE, FORMAT_VERSION, TeacherCache, cache_totals, shard_stats
 from alm_pipeline.pipeline.byteview import ByteView, TokenizerMismatchError, byte_view_from_hf
 from alm_pipeline.pipeline.corpus import CorpusConfig, CorpusError, CorpusStats, iter_documents
 from alm_pipeline.pipeline.engine_hf import HFEngineConfig
-from alm_pipeline.pipeline.ray_utils import RayConfig, ensure_ray
+from alm_pipeline.pipeline.ray_utils import RayConfig
+from alm_pipeline.pipeline.stage import finished_shards, run_shards
 
 STAGING = "_staging"
-BOUNDARY_FILE = "boundary_tokens.json"
 BOUNDARY_DEFINITION = "next token starts with a space, newline or tab byte, or is a special token"
+
+
+# What the driver stages for the tokenize step (the validated corpus slice of one shard).
+STAGED_SCHEMA = pa.schema(
+    [
+        pa.field("doc_id", pa.string(), nullable=False),
+        pa.field("text", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+    ]
+)
+
+# What the tokenize step hands to the scoring step.
+TOKENIZED_SCHEMA = pa.schema(
+    [
+        pa.field("doc_id", pa.string(), nullable=False),
+        pa.field("text", pa.string(), nullable=False),
+        pa.field("token_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("offsets", pa.list_(pa.int32()), nullable=False),
+        pa.field("truncated", pa.bool_(), nullable=False),
+    ]
+)
 
 
 class TeacherCacheError(RuntimeError):
@@ -137,7 +150,10 @@ def build_teacher_cache(
         },
         "settings": config.identity_settings(),
     }
-    existing = _check_existing(out, identity, config.overwrite)
+    try:
+        existing = TeacherCache.prepare_output(out, identity, config.overwrite)
+    except OutputRefusedError as err:
+        raise TeacherCacheError(str(err)) from None
     num_shards = staged.num_shards
     boundary_ids = view.boundary_token_ids()
     store.atomic_write_json(
@@ -145,26 +161,21 @@ def build_teacher_cache(
     )
     manifest = _manifest(config, identity, view, teacher_path, staged, boundary_ids, state="in_progress")
     if existing is None or existing.get("state") != "complete":
-        store.atomic_write_json(out / store.MANIFEST, manifest)
+        TeacherCache.write_manifest(out, manifest)
 
-    pending = [k for k in range(num_shards) if store.verified_shard(out, k) is None]
+    pending = TeacherCache.pending_shards(out, num_shards)
     reused = num_shards - len(pending)
     if reused:
         say(f"resuming: {reused}/{num_shards} shards already written and verified")
     if pending:
         say(f"scoring {len(pending)} shards ({staged.num_docs} documents) with engine {config.engine!r}")
-        timings.update(_run_ray_pipeline(config, teacher_path, view, out, pending, say))
+        timings.update(_run_ray_pipeline(config, teacher_path, view, out, pending))
 
-    infos = []
-    for k in range(num_shards):
-        info = store.verified_shard(out, k)
-        if info is None:
-            raise TeacherCacheError(f"{store.shard_path(out, k)}: shard missing or unverified after the run")
-        infos.append(info)
+    infos = finished_shards(TeacherCache, out, num_shards, TeacherCacheError)
     manifest = _manifest(
         config, identity, view, teacher_path, staged, boundary_ids, state="complete", shards=infos
     )
-    store.atomic_write_json(out / store.MANIFEST, manifest)
+    TeacherCache.write_manifest(out, manifest)
     shutil.rmtree(out / STAGING, ignore_errors=True)
     seconds = time.time() - t0
     tokens = manifest["totals"]["tokens"]
@@ -182,10 +193,8 @@ def build_teacher_cache(
 
 
 def _resolve_teacher(name: str) -> str:
-    try:
-        from alm_pipeline.assets import resolve_model
-    except ImportError:  # pragma: no cover - assets module is part of the package
-        return name
+    from alm_pipeline.assets import resolve_model
+
     return resolve_model(name)
 
 
@@ -273,40 +282,6 @@ def _stage_corpus(config: TeacherCacheConfig, view: ByteView, staging: Path) -> 
     return StagedCorpus(num_docs=count, num_shards=shard, content_sha256=digest.hexdigest(), stats=stats)
 
 
-def _check_existing(out: Path, identity: dict, overwrite: bool) -> dict | None:
-    manifest_file = out / store.MANIFEST
-    if not manifest_file.exists():
-        if (out / store.SHARD_DIR).exists() and any((out / store.SHARD_DIR).iterdir()):
-            if not overwrite:
-                raise TeacherCacheError(f"{out}: has shards but no manifest; pass overwrite to replace it")
-            shutil.rmtree(out / store.SHARD_DIR)
-        return None
-    existing = store.read_json(manifest_file)
-    if existing.get("kind") != CACHE_KIND:
-        raise TeacherCacheError(f"{out}: exists and is not a teacher cache (kind={existing.get('kind')!r})")
-    differences = _diff(existing.get("identity", {}), identity)
-    if not differences:
-        return existing
-    if not overwrite:
-        lines = "\n".join(f"  {k}: cache has {a!r}, this run has {b!r}" for k, a, b in differences)
-        raise TeacherCacheError(
-            f"{out}: a teacher cache with different settings is already there:\n{lines}\n"
-            "Use another --output, or --overwrite to replace it."
-        )
-    shutil.rmtree(out / store.SHARD_DIR, ignore_errors=True)
-    manifest_file.unlink()
-    return None
-
-
-def _diff(old, new, prefix: str = "") -> list[tuple[str, object, object]]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = []
-        for key in sorted(set(old) | set(new)):
-            out += _diff(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else key)
-        return out
-    return [] if old == new else [(prefix, old, new)]
-
-
 def _manifest(
     config: TeacherCacheConfig,
     identity: dict,
@@ -318,101 +293,77 @@ def _manifest(
     shards: list[store.ShardInfo] | None = None,
 ) -> dict:
 
-    from alm_pipeline import __version__
-
     shards = shards or []
-    totals = {
-        "docs": sum(s.rows for s in shards),
-        "tokens": sum(s.tokens for s in shards),
-        "bytes_on_disk": sum(s.bytes for s in shards),
-    }
-    for key in ("truncated_docs", "text_bytes", "predicted_tokens", "predicted_bytes", "sum_logprob"):
-        totals[key] = sum(s.stats.get(key, 0) for s in shards)
-    now = datetime.now(UTC).isoformat(timespec="seconds")
-    return {
-        "kind": CACHE_KIND,
-        "format_version": FORMAT_VERSION,
-        "state": state,
-        "identity": identity,
-        "teacher": {"name": config.teacher, "path": teacher_path, **_engine_manifest(config, teacher_path)},
-        "tokenizer": view.describe(),
-        "corpus": {
+    return TeacherCache.new_manifest(
+        state,
+        identity,
+        staged.num_shards,
+        shards,
+        teacher={"name": config.teacher, "path": teacher_path, **_engine_manifest(config, teacher_path)},
+        tokenizer=view.describe(),
+        corpus={
             **config.corpus.describe(),
             "rows": staged.num_docs,
             "content_sha256": staged.content_sha256,
             "stats": staged.stats.to_json(),
         },
-        "settings": {**config.identity_settings(), "batch_tokens": config.batch_tokens},
-        "boundary_tokens": {
+        settings={**config.identity_settings(), "batch_tokens": config.batch_tokens},
+        boundary_tokens={
             "definition": BOUNDARY_DEFINITION,
             "file": BOUNDARY_FILE,
             "count": int(len(boundary_ids)),
             "sha256": hashlib.sha256(np.asarray(boundary_ids, dtype=np.int32).tobytes()).hexdigest(),
         },
-        "num_shards": staged.num_shards,
-        "shards": [s.to_json() for s in shards],
-        "totals": totals,
-        "created_with": f"alm-pipeline {__version__}",
-        "updated_at": now,
-    }
+        totals=cache_totals(shards),
+    )
 
 
 # ------------------------------------------------------------------------------------------ Ray Data
 
 
 def _run_ray_pipeline(
-    config: TeacherCacheConfig,
-    teacher_path: str,
-    view: ByteView,
-    out: Path,
-    pending: list[int],
-    say: Callable[[str], None],
+    config: TeacherCacheConfig, teacher_path: str, view: ByteView, out: Path, pending: list[int]
 ) -> dict:
-    """Run the Ray Data graph over ``pending`` shards; returns timings (seconds, tokens)."""
-    import ray
+    """Run the Ray Data steps over ``pending`` shards; returns timings (seconds, tokens)."""
     import ray.data
-    from tqdm import tqdm
 
-    ensure_ray(config.ray)
     engine_config = _engine_config(config, teacher_path)
     light = {"num_cpus": 0.25}  # tokenize/write are short and must not starve the scoring actors
-    ds = ray.data.from_items([{"shard": k} for k in pending], override_num_blocks=len(pending))
-    ds = ds.map(_TokenizeShard(view, str(out / STAGING), config.max_length), **light)
-    ds = ds.map_batches(
-        _ScoreShards,
-        fn_constructor_kwargs={
-            "engine": config.engine,
-            "engine_config": engine_config,
-            "boundary_file": str(out / BOUNDARY_FILE),
-            "tokenizer_size": view.vocab_size,
-        },
-        batch_size=1,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=config.concurrency),
-        num_cpus=config.num_cpus_per_actor,
-        num_gpus=config.num_gpus_per_actor or None,
+
+    def steps(ds):
+        ds = ds.map(_TokenizeShard(view, str(out / STAGING), config.max_length), **light)
+        ds = ds.map_batches(
+            _ScoreShards,
+            fn_constructor_kwargs={
+                "engine": config.engine,
+                "engine_config": engine_config,
+                "boundary_file": str(out / BOUNDARY_FILE),
+                "tokenizer_size": view.vocab_size,
+            },
+            batch_size=1,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=config.concurrency),
+            num_cpus=config.num_cpus_per_actor,
+            num_gpus=config.num_gpus_per_actor or None,
+        )
+        return ds.map(_WriteShard(str(out)), **light)
+
+    run = run_shards(
+        pending,
+        steps,
+        desc="teacher-cache",
+        rate_column="tokens",
+        rate_unit="tok",
+        ray_config=config.ray,
+        error=TeacherCacheError,
     )
-    ds = ds.map(_WriteShard(str(out)), **light)
-    bar = tqdm(total=len(pending), unit="shard", desc="teacher-cache", dynamic_ncols=True)
-    t0, tokens = time.time(), 0
-    first_done, first_tokens, actor_seconds = None, 0, 0.0
-    try:
-        for row in ds.iter_rows():
-            tokens += int(row["tokens"])
-            actor_seconds += float(row["actor_seconds"])
-            if first_done is None:
-                first_done, first_tokens = time.time(), tokens
-            bar.set_postfix_str(f"{tokens / max(time.time() - t0, 1e-9):,.0f} tok/s")
-            bar.update(1)
-    except Exception as err:  # surface our own error (naming the document) instead of Ray's wrapper
-        raise TeacherCacheError(_root_cause_message(err)) from err
-    finally:
-        bar.close()
-    end = time.time()
-    timings = {"ray_pipeline": end - t0, "first_shard": (first_done or end) - t0, "actor_busy": actor_seconds}
-    if first_done is not None and end > first_done:
-        # throughput once the actors are up: everything after the first finished shard
-        timings["steady_tokens_per_second"] = (tokens - first_tokens) / (end - first_done)
+    timings = {
+        "ray_pipeline": run.seconds,
+        "first_shard": run.first_shard_seconds,
+        "actor_busy": float(run.totals.get("actor_seconds", 0.0)),
+    }
+    if run.steady_rate is not None:
+        timings["steady_tokens_per_second"] = run.steady_rate
     return timings
 
 
@@ -449,12 +400,13 @@ def _engine_config(config: TeacherCacheConfig, teacher_path: str):
     if config.engine == "vllm":
         import os
 
-        from alm_pipeline.pipeline.engine_vllm import VLLMEngineConfig, VLLMUnavailableError, require_vllm
+        from alm_pipeline.optional import MissingDependencyError, check
+        from alm_pipeline.pipeline.engine_vllm import VLLMEngineConfig
 
         if not (config.ray.address or os.environ.get("RAY_ADDRESS")):  # local Ray: actors share this env
             try:
-                require_vllm()
-            except VLLMUnavailableError as err:
+                check("vllm", "engine 'vllm'")
+            except MissingDependencyError as err:
                 raise TeacherCacheError(f"{err} (or use --engine hf)") from None
         tp = config.tensor_parallel_size
         if tp < 1:
@@ -482,17 +434,6 @@ def _engine_config(config: TeacherCacheConfig, teacher_path: str):
             num_threads=threads,
         )
     raise TeacherCacheError(f"unknown engine {config.engine!r} (choose hf or vllm)")
-
-
-def _root_cause_message(err: BaseException) -> str:
-    seen = err
-    ours = (TokenizerMismatchError, CorpusError, TeacherCacheError, store.CacheIntegrityError)
-    while seen is not None:
-        if isinstance(seen, ours):
-            return str(seen)
-        # Ray wraps user errors (RayTaskError keeps the original in `.cause`)
-        seen = getattr(seen, "cause", None) or seen.__cause__ or seen.__context__
-    return f"{type(err).__name__}: {err}"
 
 
 class _TokenizeShard:
@@ -525,8 +466,8 @@ class _TokenizeShard:
             {
                 "doc_id": staged["doc_id"],
                 "text": texts,
-                "token_ids": _ragged(ids, pa.int32()),
-                "offsets": _ragged(offsets, pa.int32()),
+                "token_ids": ragged_list_array(ids, pa.int32()),
+                "offsets": ragged_list_array(offsets, pa.int32()),
                 "truncated": truncated,
             },
             schema=TOKENIZED_SCHEMA,
@@ -561,8 +502,10 @@ class _ScoreShards:
             table = ipc_to_table(payload)
             seqs = [np.asarray(x, dtype=np.int32) for x in table["token_ids"].to_numpy(zero_copy_only=False)]
             scored = self.engine.score(seqs)
-            table = table.append_column("logprob", _ragged([s[0] for s in scored], pa.float32()))
-            table = table.append_column("boundary_logprob", _ragged([s[1] for s in scored], pa.float32()))
+            table = table.append_column("logprob", ragged_list_array([s[0] for s in scored], pa.float32()))
+            table = table.append_column(
+                "boundary_logprob", ragged_list_array([s[1] for s in scored], pa.float32())
+            )
             shards.append(int(k))
             payloads.append(table_to_ipc(table))
             busy.append(time.perf_counter() - t0)
@@ -581,41 +524,11 @@ class _WriteShard:
 
     def __call__(self, row: dict) -> dict:
         k = int(row["shard"])
-        table = ipc_to_table(row["payload"]).select(CACHE_SCHEMA.names).cast(CACHE_SCHEMA)
-        stats = shard_stats(table)
-        info = store.write_shard(Path(self.out), k, table, tokens=stats["tokens"], stats=stats)
+        table = ipc_to_table(row["payload"])
+        info = TeacherCache.write_shard(Path(self.out), k, table, stats=shard_stats(table))
         return {
             "shard": k,
             "tokens": info.tokens,
             "rows": info.rows,
             "actor_seconds": float(row["actor_seconds"]),
         }
-
-
-def _ragged(arrays: list[np.ndarray], value_type: pa.DataType) -> pa.ListArray:
-    lengths = np.array([len(a) for a in arrays], dtype=np.int64)
-    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    values = np.concatenate(arrays) if arrays else np.zeros(0)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.astype(value_type.to_pandas_dtype())))
-
-
-def shard_stats(table: pa.Table) -> dict:
-    """Totals of one cache shard used by ``inspect`` (and bits per byte)."""
-    tokens = pa.compute.list_value_length(table["token_ids"]).to_numpy()
-    offsets = table["offsets"].to_numpy(zero_copy_only=False)
-    logprob = table["logprob"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    predicted_bytes = sum(int(o[-1] - o[0]) for o in offsets if len(o))
-    return {
-        "docs": table.num_rows,
-        "tokens": int(tokens.sum()),
-        "truncated_docs": int(pa.compute.sum(table["truncated"]).as_py() or 0),
-        "text_bytes": int(sum(len(t.encode("utf-8")) for t in table["text"].to_pylist())),
-        "predicted_tokens": int(np.isfinite(logprob).sum()),
-        "predicted_bytes": predicted_bytes,
-        "sum_logprob": float(np.nansum(logprob.astype(np.float64))),
-    }
-
-
-def manifest_summary(manifest: dict) -> str:  # used by the CLI after a run
-    return json.dumps(manifest.get("totals", {}), indent=2)

@@ -1,0 +1,104 @@
+"""One runner for the sharded stages (teacher cache, align): run the pending shards on Ray Data.
+
+A stage writes a :class:`~alm_pipeline.cache.dataset.ShardedDataset` shard by shard. Each shard is a
+deterministic function of its input and the settings, written atomically with a verified ``.done.json``
+marker, so a stage is: find the pending shards (no verified marker), map them through the stage's Ray Data
+steps (one row ``{"shard": k}`` in, one row per written shard out) under one progress bar, check that every
+shard is now there, and write the final manifest. This module holds the shard loop and the final check; the
+stages hold their steps and their manifests (in the spirit of datatrove's executor and ``PipelineStep``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from alm_pipeline.cache import store
+from alm_pipeline.cache.dataset import ShardedDataset
+from alm_pipeline.pipeline.byteview import TokenizerMismatchError
+from alm_pipeline.pipeline.corpus import CorpusError
+from alm_pipeline.pipeline.ray_utils import RayConfig, ensure_ray
+
+# errors whose message already names the document or file: shown as they are, not as Ray's wrapper
+_OUR_ERRORS = (TokenizerMismatchError, CorpusError, store.CacheIntegrityError)
+
+
+@dataclass
+class ShardRun:
+    """What :func:`run_shards` measured: wall time, time to the first finished shard, and the sums of the
+    numeric columns of the rows the steps returned (e.g. ``tokens``, ``docs``)."""
+
+    seconds: float
+    first_shard_seconds: float
+    totals: dict = field(default_factory=dict)
+    steady_rate: float | None = None  # rate column per second after the first finished shard
+
+
+def run_shards(
+    shards: list[int],
+    steps: Callable,
+    *,
+    desc: str,
+    rate_column: str,
+    rate_unit: str,
+    ray_config: RayConfig,
+    error: type[Exception],
+) -> ShardRun:
+    """Map ``shards`` through ``steps`` (a function of a Ray Dataset of ``{"shard": k}`` rows, one block per
+    shard, returning the Dataset whose rows report the finished shards) with a progress bar showing
+    ``rate_column`` per second. An exception inside a step is raised as ``error`` with the message of the
+    stage's own error that caused it (naming the document or file) rather than Ray's wrapper."""
+    import ray.data
+    from tqdm import tqdm
+
+    ensure_ray(ray_config)
+    ds = steps(ray.data.from_items([{"shard": k} for k in shards], override_num_blocks=len(shards)))
+    bar = tqdm(total=len(shards), unit="shard", desc=desc, dynamic_ncols=True)
+    totals: dict = {}
+    t0 = time.time()
+    first_done, first_count = None, 0
+    try:
+        for row in ds.iter_rows():
+            for key, value in row.items():
+                if key != "shard":
+                    totals[key] = totals.get(key, 0) + value
+            if first_done is None:
+                first_done, first_count = time.time(), totals[rate_column]
+            bar.set_postfix_str(f"{totals[rate_column] / max(time.time() - t0, 1e-9):,.0f} {rate_unit}/s")
+            bar.update(1)
+    except Exception as err:
+        raise error(root_cause_message(err, error)) from err
+    finally:
+        bar.close()
+    end = time.time()
+    steady = None
+    if first_done is not None and end > first_done:
+        # throughput once the workers are up: everything after the first finished shard
+        steady = (totals[rate_column] - first_count) / (end - first_done)
+    return ShardRun(
+        seconds=end - t0, first_shard_seconds=(first_done or end) - t0, totals=totals, steady_rate=steady
+    )
+
+
+def finished_shards(
+    dataset: type[ShardedDataset], root: Path, num_shards: int, error: type[Exception]
+) -> list[store.ShardInfo]:
+    """Every shard of ``root`` after a run, verified; raises ``error`` naming a shard that is not there."""
+    try:
+        return dataset.finished_shards(root, num_shards)
+    except store.CacheIntegrityError as err:
+        raise error(f"{err} after the run") from None
+
+
+def root_cause_message(err: BaseException, stage_error: type[Exception]) -> str:
+    """The message of the first of our own errors (or ``stage_error``) in ``err``'s chain of causes."""
+    seen = err
+    ours = (*_OUR_ERRORS, stage_error)
+    while seen is not None:
+        if isinstance(seen, ours):
+            return str(seen)
+        # Ray wraps user errors (RayTaskError keeps the original in `.cause`)
+        seen = getattr(seen, "cause", None) or seen.__cause__ or seen.__context__
+    return f"{type(err).__name__}: {err}"
