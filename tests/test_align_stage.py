@@ -10,8 +10,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from alm_pipeline.cache.aligned import ALIGNED_SCHEMA, open_aligned_set
-from alm_pipeline.cache.teacher import open_cache
 from alm_pipeline.cache.store import CacheIntegrityError
+from alm_pipeline.cache.teacher import open_cache
 from alm_pipeline.pipeline.align_stage import (
     AlignConfig,
     AlignError,

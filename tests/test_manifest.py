@@ -8,8 +8,8 @@ import json
 import pytest
 
 from alm_pipeline.cache.aligned import ALIGNED_FORMAT_VERSION, ALIGNED_KIND, open_aligned_set
-from alm_pipeline.cache.teacher import CACHE_KIND, FORMAT_VERSION, open_cache
 from alm_pipeline.cache.store import CacheIntegrityError
+from alm_pipeline.cache.teacher import CACHE_KIND, FORMAT_VERSION, open_cache
 
 OPENERS = {
     "cache": (open_cache, CACHE_KIND, FORMAT_VERSION, "teacher cache", "alm-pipeline teacher-cache"),
