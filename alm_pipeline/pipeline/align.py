@@ -19,9 +19,8 @@ Three steps, each a function:
 These per-document functions are the REFERENCE: the specification in code, what the tests compare against,
 and what a caller aligning a single document uses. The production path (the align stage) runs the same
 three steps on a whole batch of documents at once (:mod:`alm_pipeline.pipeline.align_batch`), which gives
-exactly these results, field by field, and shares with this module the input checks
-(:func:`check_token_arrays`, :func:`check_merge_inputs`), the grouping rule (:func:`merge_groups`) and the
-coverage counts (:meth:`CoverageStats.of_chunks`).
+exactly these results, field by field; the two share the rules of :mod:`alm_pipeline.pipeline.align_rules`
+and the coverage counts (:meth:`CoverageStats.of_chunks`).
 
 Everything is vectorised numpy (``searchsorted`` on sorted offsets, cumulative sums, ``reduceat``): linear
 passes over the n teacher and m student tokens plus binary searches, no sorting of token arrays and no
@@ -34,17 +33,24 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
+from alm_pipeline.pipeline.align_rules import (
+    check_merge_inputs,
+    check_token_arrays,
+    chunk_bytes,
+    chunk_validity,
+    merge_groups,
+    order_chunks,
+    special_run_chunks,
+)
+
 __all__ = [
     "Alignment",
     "CoverageStats",
     "MergedChunks",
     "align_document",
     "align_with_views",
-    "check_merge_inputs",
-    "check_token_arrays",
     "coverage_stats",
     "merge_and_debias",
-    "merge_groups",
 ]
 
 
@@ -106,27 +112,6 @@ class _Side:
     @property
     def n(self) -> int:
         return len(self.ends)
-
-
-def check_token_arrays(name: str, ids, offsets, is_special_tok) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One side's per-token arrays as numpy (ids, offsets, special flags); raises :class:`ValueError` naming
-    the array (``{name}_offsets``, ...) unless they are one-dimensional, of one length, integer offsets and
-    bool flags."""
-    ids = np.asarray(ids)
-    offsets = np.asarray(offsets)
-    special = np.asarray(is_special_tok)
-    for label, arr in (("ids", ids), ("offsets", offsets), ("is_special_tok", special)):
-        if arr.ndim != 1:
-            raise ValueError(f"{name}_{label} must be one-dimensional, got shape {arr.shape}")
-    if len(offsets) != len(ids):
-        raise ValueError(f"{name}_offsets has {len(offsets)} entries but {name}_ids has {len(ids)}")
-    if len(special) != len(ids):
-        raise ValueError(f"{name}_is_special_tok has {len(special)} entries but {name}_ids has {len(ids)}")
-    if len(offsets) and not np.issubdtype(offsets.dtype, np.integer):
-        raise ValueError(f"{name}_offsets must be integers, got dtype {offsets.dtype}")
-    if len(special) and special.dtype != bool:
-        raise ValueError(f"{name}_is_special_tok must be bool, got dtype {special.dtype}")
-    return ids, offsets, special
 
 
 def _check_side(name: str, ids, offsets, is_special_tok) -> _Side:
@@ -233,15 +218,8 @@ def align_document(
     # Special groups pair by offset. A zero-byte token at offset o > 0 follows a byte-covering token ending at
     # o, so a group that both sides have at o always sits at a common boundary (and o = 0 is the start): the
     # pair lies between two chunks, never inside one. A side truncated before o has no group there.
-    paired = np.intersect1d(run_offset_t, run_offset_s, assume_unique=True)
-    n_special = len(paired)
-
-    # Final chunk order: the special chunk at o comes after the chunk ending at o and before the one starting
-    # at o. Regular chunk k is preceded by the special chunks at offsets <= its start; special chunk j by the
-    # regular chunks starting before its offset.
-    regular_index = np.arange(n_regular) + np.searchsorted(paired, regular_start, side="right")
-    special_index = np.arange(n_special) + np.searchsorted(regular_start, paired, side="left")
-    n_chunks = n_regular + n_special
+    paired, regular_index, special_index = order_chunks(regular_start, run_offset_t, run_offset_s)
+    n_chunks = n_regular + len(paired)
 
     # chunk id per chunk slot: regular chunk k -> regular_index[k], past the last one -> -1; special group r
     # of a side -> its special chunk, or -1 when it is not paired (dropped)
@@ -256,10 +234,7 @@ def align_document(
         # beyond the last common boundary (bytes only this side covers): no chunk
         k = np.searchsorted(bounds, side.starts[ordinary], side="right")
         ids[ordinary] = regular_lookup[k]
-        j = np.searchsorted(paired, run_offset)
-        run_paired = j < n_special
-        run_paired[run_paired] = paired[j[run_paired]] == run_offset[run_paired]
-        run_chunk = np.where(run_paired, special_index[np.minimum(j, n_special - 1)] if n_special else -1, -1)
+        run_chunk = special_run_chunks(paired, special_index, run_offset)
         is_start = np.zeros(side.n, dtype=bool)
         is_start[run_starts] = True
         ids[member] = run_chunk[np.cumsum(is_start)[member] - 1]
@@ -286,24 +261,21 @@ def align_document(
     t_start, t_end, t_contiguous = ranges(tid)
     s_start, s_end, s_contiguous = ranges(sid)
 
-    byte_start = np.zeros(n_chunks, dtype=np.int64)
-    byte_end = np.zeros(n_chunks, dtype=np.int64)
-    is_special = np.zeros(n_chunks, dtype=bool)
-    byte_start[regular_index] = regular_start
-    byte_end[regular_index] = bounds
-    byte_start[special_index] = paired
-    byte_end[special_index] = paired
-    is_special[special_index] = True
+    byte_start, byte_end, is_special = chunk_bytes(
+        regular_index, regular_start, bounds, special_index, paired
+    )
 
     def position0_is_content(side: _Side) -> bool:
         return bool(side.n and (side.covering[0] or side.special[0]))
 
-    valid = (
-        (t_end >= 2)  # (a) the last teacher token of the chunk is at position >= 1
-        & ~((t_start == 0) & position0_is_content(teacher))  # (b)
-        & ~((s_start == 0) & position0_is_content(student))  # (b)
-        & t_contiguous  # (c)
-        & s_contiguous  # (c)
+    valid = chunk_validity(
+        t_start,
+        t_end,
+        t_contiguous,
+        position0_is_content(teacher),
+        s_start,
+        s_contiguous,
+        position0_is_content(student),
     )
     return Alignment(
         teacher_start=t_start,
@@ -394,41 +366,6 @@ class MergedChunks:
             return self.teacher_chunk_logprob.copy()
         total = self.teacher_chunk_logprob.astype(np.float64) + self.teacher_chunk_boundary_logprob
         return total.astype(np.float32)
-
-
-def check_merge_inputs(
-    num_teacher_tokens: int, teacher_logprob, teacher_boundary_logprob, gamma: float
-) -> tuple[float, np.ndarray, np.ndarray]:
-    """(γ as float, log-probs float64, σ float64); raises :class:`ValueError` for γ outside [0, 1] or arrays
-    that do not have one entry per teacher token."""
-    gamma = float(gamma)
-    if not 0.0 <= gamma <= 1.0:  # also rejects NaN
-        raise ValueError(f"gamma must be in [0, 1], got {gamma}")
-    logprob = np.asarray(teacher_logprob, dtype=np.float64)
-    sigma = np.asarray(teacher_boundary_logprob, dtype=np.float64)
-    n = num_teacher_tokens
-    if logprob.shape != (n,):
-        raise ValueError(
-            f"teacher_logprob has shape {logprob.shape}, expected ({n},) (one per teacher token)"
-        )
-    if sigma.shape != (n,):
-        raise ValueError(
-            f"teacher_boundary_logprob has shape {sigma.shape}, expected ({n},) (one per teacher token)"
-        )
-    return gamma, logprob, sigma
-
-
-def merge_groups(
-    chunk_ll: np.ndarray, last_sigma: np.ndarray, adjacent: np.ndarray, gamma: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """γ-merging of consecutive valid chunks (see :func:`merge_and_debias`): per group, the position of its
-    first and last member among the valid chunks and its log-likelihood min(0, Σ member C_T). ``adjacent[c]``
-    says whether valid chunk c + 1 may join chunk c's group."""
-    flag = np.exp(last_sigma) > gamma if gamma > 0 else last_sigma > -np.inf
-    new_group = np.concatenate([[True], flag[:-1] | ~adjacent])
-    first = np.flatnonzero(new_group)  # position (among valid chunks) of each group's first member
-    last = np.concatenate([first[1:] - 1, [len(chunk_ll) - 1]])
-    return first, last, np.minimum(np.add.reduceat(chunk_ll, first), 0.0)
 
 
 def merge_and_debias(

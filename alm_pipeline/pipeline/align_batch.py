@@ -15,13 +15,15 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from alm_pipeline.pipeline.align import (
-    Alignment,
-    CoverageStats,
-    MergedChunks,
+from alm_pipeline.pipeline.align import Alignment, CoverageStats, MergedChunks
+from alm_pipeline.pipeline.align_rules import (
     check_merge_inputs,
     check_token_arrays,
+    chunk_bytes,
+    chunk_validity,
     merge_groups,
+    order_chunks,
+    special_run_chunks,
 )
 
 __all__ = ["AlignmentBatch", "MergedBatch", "align_batch", "coverage_batch", "merge_batch"]
@@ -294,12 +296,8 @@ def align_batch(
 
     members_t, run_number_t, run_offset_t = _batch_special_runs(teacher)
     members_s, run_number_s, run_offset_s = _batch_special_runs(student)
-    paired = np.intersect1d(run_offset_t, run_offset_s, assume_unique=True)
-    n_special = len(paired)
-
-    regular_index = np.arange(n_regular) + np.searchsorted(paired, regular_start, side="right")
-    special_index = np.arange(n_special) + np.searchsorted(regular_start, paired, side="left")
-    n_chunks = n_regular + n_special
+    paired, regular_index, special_index = order_chunks(regular_start, run_offset_t, run_offset_s)
+    n_chunks = n_regular + len(paired)
     regular_lookup = np.concatenate([regular_index, [-1]])
     bound_doc_lookup = np.concatenate([bound_doc, [-1]])
 
@@ -318,13 +316,7 @@ def align_batch(
         k -= on_bound
         ids = np.where(bound_doc_lookup[k] == side.doc, regular_lookup[k], -1)
         if len(members):  # members of special runs (their entries above are overwritten)
-            j = np.searchsorted(paired, run_offset)
-            run_paired = j < n_special
-            run_paired[run_paired] = paired[j[run_paired]] == run_offset[run_paired]
-            run_chunk = np.where(
-                run_paired, special_index[np.minimum(j, n_special - 1)] if n_special else -1, -1
-            )
-            ids[members] = run_chunk[run_number]
+            ids[members] = special_run_chunks(paired, special_index, run_offset)[run_number]
         return ids
 
     tid = chunk_ids(teacher, on_bound_t, members_t, run_number_t, run_offset_t)
@@ -359,14 +351,9 @@ def align_batch(
     chunk_rows = np.zeros(num_docs + 1, dtype=np.int64)
     np.cumsum(np.bincount(chunk_doc, minlength=num_docs), out=chunk_rows[1:])
     chunk_base = base[chunk_doc]
-    byte_start = np.empty(n_chunks, dtype=np.int64)
-    byte_end = np.empty(n_chunks, dtype=np.int64)
-    is_special = np.zeros(n_chunks, dtype=bool)
-    byte_start[regular_index] = regular_start
-    byte_end[regular_index] = bounds
-    byte_start[special_index] = paired
-    byte_end[special_index] = paired
-    is_special[special_index] = True
+    byte_start, byte_end, is_special = chunk_bytes(
+        regular_index, regular_start, bounds, special_index, paired
+    )
     byte_start -= chunk_base
     byte_end -= chunk_base
     t_start -= rows_t[chunk_doc]
@@ -379,12 +366,14 @@ def align_batch(
         out[side.lengths > 0] = side.covering[side.first] | side.special[side.first]
         return out[chunk_doc]
 
-    valid = (
-        (t_end >= 2)
-        & ~((t_start == 0) & position0_is_content(teacher))
-        & ~((s_start == 0) & position0_is_content(student))
-        & t_contiguous
-        & s_contiguous
+    valid = chunk_validity(
+        t_start,
+        t_end,
+        t_contiguous,
+        position0_is_content(teacher),
+        s_start,
+        s_contiguous,
+        position0_is_content(student),
     )
 
     aligned_bytes = np.zeros(num_docs, dtype=np.int64)
