@@ -147,3 +147,36 @@ def test_unknown_character_is_a_clear_error(tokenizer_dirs):
     view = load_byte_view(tokenizer_dirs["char"])
     with pytest.raises(TokenizerMismatchError, match="doc-7"):
         view.encode("Ω is not in this vocabulary", doc_ref="doc-7")
+
+
+@pytest.mark.parametrize("max_length", [None, 1, 7, 40])
+def test_encode_batch_equals_encode_text_by_text(tokenizer_dirs, max_length):
+    texts = [*TRICKY_TEXTS, "", "x" * 3000, "é" * 700, "👍🏽" * 300]
+    for kind, view in _views(tokenizer_dirs).items():
+        batch = view.encode_batch(texts, max_length, doc_refs=[f"doc{i}" for i in range(len(texts))])
+        assert batch.failed == {}, kind
+        assert (
+            len(batch.rows) == len(texts) + 1
+            and batch.rows[0] == 0
+            and batch.rows[-1] == len(batch.token_ids)
+        )
+        assert batch.token_ids.dtype == np.int32 and batch.offsets.dtype == np.int32, kind
+        for i, text in enumerate(texts):
+            enc = view.encode(text, max_length=max_length)
+            row = slice(int(batch.rows[i]), int(batch.rows[i + 1]))
+            np.testing.assert_array_equal(batch.token_ids[row], enc.token_ids, err_msg=f"{kind} text {i}")
+            np.testing.assert_array_equal(batch.offsets[row], enc.offsets, err_msg=f"{kind} text {i}")
+            assert batch.text_bytes[i] == len(text.encode("utf-8"))
+
+
+def test_encode_batch_reports_the_texts_it_cannot_reproduce(tokenizer_dirs):
+    view = load_byte_view(tokenizer_dirs["char"])
+    texts = ["abc", "unknown ☃ character", "abc abc"]
+    with pytest.raises(TokenizerMismatchError) as single:
+        view.encode(texts[1], doc_ref="snowman")
+    batch = view.encode_batch(texts, doc_refs=["first", "snowman", "third"])
+    assert list(batch.failed) == [1]
+    assert batch.failed[1] == str(single.value)[:200]
+    for i in (0, 2):
+        row = slice(int(batch.rows[i]), int(batch.rows[i + 1]))
+        np.testing.assert_array_equal(batch.token_ids[row], view.encode(texts[i]).token_ids)

@@ -1,15 +1,29 @@
 """Opening a teacher cache or an aligned set: what is not one, an unfinished one and another format version are
-refused with a message that names the folder and the command that makes or finishes it."""
+refused with a message that names the folder and the command that makes or finishes it. Writing one: an output
+folder made with another identity is refused with the differences listed; shards round-trip through the
+dataset base and the Arrow list-column helpers."""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
+import pyarrow as pa
 import pytest
 
-from alm_pipeline.cache.aligned import ALIGNED_FORMAT_VERSION, ALIGNED_KIND, open_aligned_set
+from alm_pipeline.cache import store
+from alm_pipeline.cache.aligned import (
+    ALIGNED_FORMAT_VERSION,
+    ALIGNED_KIND,
+    ALIGNED_SCHEMA,
+    TOKENIZER_DIR,
+    AlignedSet,
+    open_aligned_set,
+)
+from alm_pipeline.cache.arrow import list_array, list_parts, ragged_list_array, take_rows
+from alm_pipeline.cache.dataset import OutputRefusedError, diff_identity
 from alm_pipeline.cache.store import CacheIntegrityError
-from alm_pipeline.cache.teacher import CACHE_KIND, FORMAT_VERSION, open_cache
+from alm_pipeline.cache.teacher import CACHE_KIND, FORMAT_VERSION, TeacherCache, open_cache
 
 OPENERS = {
     "cache": (open_cache, CACHE_KIND, FORMAT_VERSION, "teacher cache", "alm-pipeline teacher-cache"),
@@ -38,3 +52,112 @@ def test_refusals_name_the_folder_and_the_command(tmp_path, which):
     folder = _manifest(tmp_path / "half", kind=kind, format_version=version, state="in_progress")
     with pytest.raises(CacheIntegrityError, match=rf"{folder}: the {what} is incomplete.*same `{command}`"):
         opener(folder)
+
+
+def test_diff_identity_lists_every_differing_leaf():
+    old = {"format_version": 1, "settings": {"gamma": 0.1, "debias": True}, "corpus": {"rows": 3}}
+    new = {"format_version": 1, "settings": {"gamma": 0.5, "debias": True}, "teacher": "t"}
+    assert diff_identity(old, new) == [
+        ("corpus", {"rows": 3}, None),
+        ("settings.gamma", 0.1, 0.5),
+        ("teacher", None, "t"),
+    ]
+    assert diff_identity(old, old) == []
+
+
+@pytest.mark.parametrize("dataset, noun", [(TeacherCache, "cache"), (AlignedSet, "set")])
+def test_prepare_output_resumes_refuses_or_replaces(tmp_path, dataset, noun):
+    root = tmp_path / "out"
+    identity = {"format_version": 1, "settings": {"max_length": 128}}
+    assert dataset.prepare_output(root, identity, overwrite=False) is None  # nothing there yet
+    manifest = dataset.new_manifest("in_progress", identity, 2, [])
+    dataset.write_manifest(root, manifest)
+    (root / store.SHARD_DIR).mkdir()
+    (root / store.SHARD_DIR / "shard-00000.parquet").write_bytes(b"x")
+    (root / TOKENIZER_DIR).mkdir()
+    assert dataset.prepare_output(root, identity, overwrite=False)["state"] == "in_progress"  # resume
+
+    other = {"format_version": 1, "settings": {"max_length": 64}}
+    with pytest.raises(
+        OutputRefusedError, match=rf"settings\.max_length: {noun} has 128, this run has 64"
+    ) as err:
+        dataset.prepare_output(root, other, overwrite=False)
+    assert err.value.differences == [("settings.max_length", 128, 64)]
+    assert (root / store.SHARD_DIR / "shard-00000.parquet").exists()  # a refusal removes nothing
+
+    assert dataset.prepare_output(root, other, overwrite=True) is None
+    assert not (root / store.MANIFEST).exists() and not (root / store.SHARD_DIR).exists()
+    assert (root / TOKENIZER_DIR).exists() == (dataset is TeacherCache)  # the set's tokenizer goes with it
+
+
+def test_prepare_output_refuses_another_kind_and_orphan_shards(tmp_path):
+    root = _manifest(tmp_path / "cache", kind=CACHE_KIND, format_version=FORMAT_VERSION, identity={})
+    with pytest.raises(
+        OutputRefusedError, match=r"exists and is not an aligned set \(kind='alm-teacher-cache'\)"
+    ):
+        AlignedSet.prepare_output(root, {}, overwrite=True)
+    orphan = tmp_path / "orphan"
+    (orphan / store.SHARD_DIR).mkdir(parents=True)
+    (orphan / store.SHARD_DIR / "shard-00000.parquet").write_bytes(b"x")
+    with pytest.raises(OutputRefusedError, match="has shards but no manifest"):
+        TeacherCache.prepare_output(orphan, {}, overwrite=False)
+    assert TeacherCache.prepare_output(orphan, {}, overwrite=True) is None
+    assert not (orphan / store.SHARD_DIR).exists()
+
+
+def _aligned_rows(n_docs: int, rng) -> pa.Table:
+    lengths = rng.integers(0, 6, size=n_docs)
+    groups = rng.integers(0, 3, size=n_docs)
+    ids = [rng.integers(0, 259, size=k).astype(np.int32) for k in lengths]
+    ends = [np.sort(rng.integers(0, 9, size=g)).astype(np.int32) for g in groups]
+    lp = [-rng.random(g).astype(np.float32) for g in groups]
+    columns = {
+        "doc_id": pa.array([f"d{i}" for i in range(n_docs)]),
+        "input_ids": ragged_list_array(ids, pa.int32()),
+        "chunk_start": ragged_list_array(ends, pa.int32()),
+        "chunk_end": ragged_list_array(ends, pa.int32()),
+        "teacher_chunk_logprob": ragged_list_array(lp, pa.float32()),
+        "teacher_chunk_boundary_logprob": ragged_list_array(lp, pa.float32()),
+        "text_bytes": pa.array(lengths, type=pa.int32()),
+        "covered_bytes": pa.array(lengths, type=pa.int32()),
+    }
+    return pa.Table.from_arrays([columns[n] for n in ALIGNED_SCHEMA.names], schema=ALIGNED_SCHEMA)
+
+
+def test_written_shards_verify_and_read_back(tmp_path):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "set"
+    tables = [_aligned_rows(5, rng), _aligned_rows(0, rng), _aligned_rows(7, rng)]
+    identity = {"format_version": ALIGNED_FORMAT_VERSION}
+    AlignedSet.write_manifest(root, AlignedSet.new_manifest("in_progress", identity, len(tables), []))
+    assert AlignedSet.pending_shards(root, len(tables)) == [0, 1, 2]
+    infos = [AlignedSet.write_shard(root, k, t, stats={"k": k}) for k, t in enumerate(tables)]
+    assert [i.tokens for i in infos] == [sum(len(x) for x in t["input_ids"].to_pylist()) for t in tables]
+    assert AlignedSet.pending_shards(root, len(tables)) == []
+    assert AlignedSet.finished_shards(root, len(tables)) == infos
+    AlignedSet.write_manifest(root, AlignedSet.new_manifest("complete", identity, len(tables), infos))
+    aligned = open_aligned_set(root)  # verifies checksums and schema
+    assert [t.equals(w) for t, w in zip(aligned.iter_tables(), tables, strict=True)] == [True] * 3
+
+    store.shard_path(root, 1).write_bytes(b"corrupt")
+    assert AlignedSet.pending_shards(root, len(tables)) == [1]
+    with pytest.raises(CacheIntegrityError, match="shard-00001.parquet: shard missing or unverified"):
+        AlignedSet.finished_shards(root, len(tables))
+
+
+def test_list_column_helpers_round_trip():
+    rng = np.random.default_rng(1)
+    arrays = [rng.integers(-5, 5, size=k) for k in (3, 0, 4, 1, 2)]
+    column = pa.chunked_array(
+        [ragged_list_array(arrays[:2], pa.int32()), ragged_list_array(arrays[2:], pa.int32())]
+    )
+    values, rows = list_parts(column.slice(1), np.int32)  # a sliced, chunked column
+    assert rows.tolist() == [0, 0, 4, 5, 7]
+    assert values.tolist() == np.concatenate(arrays[1:]).tolist()
+    keep = np.array([True, False, True, True])
+    kept, kept_rows = take_rows(values, rows, keep)
+    assert kept_rows.tolist() == [0, 0, 1, 3]
+    rebuilt = list_array(kept, kept_rows, pa.int32())
+    assert rebuilt.to_pylist() == [a.tolist() for a, k in zip(arrays[1:], keep, strict=True) if k]
+    with pytest.raises(ValueError, match="null rows"):
+        list_parts(pa.chunked_array([pa.array([[1], None], type=pa.list_(pa.int32()))]), np.int32)
