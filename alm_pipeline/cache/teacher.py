@@ -38,6 +38,7 @@ from alm_pipeline.cache.dataset import ShardedDataset
 FORMAT_VERSION = 1
 CACHE_KIND = "alm-teacher-cache"
 BOUNDARY_FILE = "boundary_tokens.json"
+BOUNDARY_DEFINITION = "next token starts with a space, newline or tab byte, or is a special token"
 
 CACHE_SCHEMA = pa.schema(
     [
@@ -77,8 +78,7 @@ class TeacherCache(ShardedDataset):
         return h.hexdigest()[:32]
 
     def boundary_token_ids(self) -> np.ndarray:
-        data = store.read_json(self.root / self.manifest["boundary_tokens"]["file"])
-        return np.asarray(data["ids"], dtype=np.int32)
+        return read_boundary_tokens(self.root / self.manifest["boundary_tokens"]["file"])
 
     def special_token_mask(self) -> np.ndarray:
         """Per teacher token id: is it a special token (from the manifest's tokenizer description)."""
@@ -125,6 +125,21 @@ class TeacherCache(ShardedDataset):
 def open_cache(path: str | Path, verify: bool = True, require_complete: bool = True) -> TeacherCache:
     """Open a teacher cache directory, refusing (with a clear message) anything that does not check out."""
     return TeacherCache.open(path, verify=verify, require_complete=require_complete)
+
+
+def write_boundary_tokens(root: Path, ids: np.ndarray) -> dict:
+    """Write ``boundary_tokens.json`` (the ids σ sums over) into a cache folder; returns its manifest entry."""
+    store.atomic_write_json(root / BOUNDARY_FILE, {"definition": BOUNDARY_DEFINITION, "ids": ids.tolist()})
+    return {
+        "definition": BOUNDARY_DEFINITION,
+        "file": BOUNDARY_FILE,
+        "count": int(len(ids)),
+        "sha256": hashlib.sha256(np.asarray(ids, dtype=np.int32).tobytes()).hexdigest(),
+    }
+
+
+def read_boundary_tokens(path: Path) -> np.ndarray:
+    return np.asarray(store.read_json(path)["ids"], dtype=np.int32)
 
 
 def shard_stats(table: pa.Table) -> dict:

@@ -188,6 +188,18 @@ def align_table(
 # ------------------------------------------------------------------------------------------ driver
 
 
+@dataclass
+class _SetOutput:
+    """One aligned set being written: its student tokenizer, folder, identity and shards still to write."""
+
+    student: str
+    name: str
+    view: ByteView
+    root: Path
+    identity: dict
+    pending: list[int]
+
+
 def set_name(student: str) -> str:
     """Folder name of a student tokenizer's aligned set: 'bytes', a short name, or a path's last part."""
     name = Path(student.rstrip("/")).name if ("/" in student or Path(student).exists()) else student
@@ -213,7 +225,7 @@ def build_aligned_sets(
         names = [f"{n}-{v.fingerprint[:8]}" for n, v in zip(names, views, strict=True)]
     out_root = Path(config.output).absolute()
     num_shards = len(cache.shards)
-    sets = []
+    sets: list[_SetOutput] = []
     for student, name, view in zip(config.student_tokenizers, names, views, strict=True):
         root = out_root / name
         identity = {
@@ -229,39 +241,30 @@ def build_aligned_sets(
         _save_student_tokenizer(student, root / TOKENIZER_DIR)
         AlignedSet.write_manifest(root, _manifest(cache, config, student, view, identity, [], "in_progress"))
         pending = AlignedSet.pending_shards(root, num_shards)
-        sets.append(
-            {
-                "student": student,
-                "name": name,
-                "view": view,
-                "root": root,
-                "identity": identity,
-                "pending": pending,
-            }
-        )
+        sets.append(_SetOutput(student, name, view, root, identity, pending))
 
-    work = sorted({k for s in sets for k in s["pending"]})
+    work = sorted({k for s in sets for k in s.pending})
     if work:
         say(f"aligning {len(work)} cache shards to {len(sets)} student tokenizer(s): {', '.join(names)}")
         _run_ray(config, cache, sets, work)
 
     summaries = []
     for s in sets:
-        infos = finished_shards(AlignedSet, s["root"], num_shards, AlignError)
-        manifest = _manifest(cache, config, s["student"], s["view"], s["identity"], infos, "complete")
-        AlignedSet.write_manifest(s["root"], manifest)
+        infos = finished_shards(AlignedSet, s.root, num_shards, AlignError)
+        manifest = _manifest(cache, config, s.student, s.view, s.identity, infos, "complete")
+        AlignedSet.write_manifest(s.root, manifest)
         cov = manifest["coverage"]
         low = cov["coverage"] < config.settings.min_coverage
         summaries.append(
             AlignedSetSummary(
-                name=s["name"],
-                path=str(s["root"]),
+                name=s.name,
+                path=str(s.root),
                 docs=cov["documents_kept"],
                 dropped=cov["dropped"],
                 coverage=cov["coverage"],
                 groups=cov["groups"],
-                shards_written=len(s["pending"]),
-                shards_reused=num_shards - len(s["pending"]),
+                shards_written=len(s.pending),
+                shards_reused=num_shards - len(s.pending),
                 low_coverage=low,
             )
         )
@@ -346,10 +349,10 @@ class _AlignCacheShard:
     """Ray task: read cache shard K once, write shard K of every aligned set that still needs it."""
 
     def __init__(
-        self, cache_root: str, teacher_special: np.ndarray, sets: list[dict], settings: AlignSettings
+        self, cache_root: str, teacher_special: np.ndarray, sets: list[_SetOutput], settings: AlignSettings
     ):
         self.cache_root, self.teacher_special, self.settings = cache_root, teacher_special, settings
-        self.sets = [{"root": str(s["root"]), "view": s["view"], "pending": set(s["pending"])} for s in sets]
+        self.sets = sets
 
     def __call__(self, row: dict) -> dict:
         k = int(row["shard"])
@@ -357,21 +360,21 @@ class _AlignCacheShard:
         table = cache.read_shard(k, columns=CACHE_COLUMNS)
         written = 0
         for s in self.sets:
-            if k not in s["pending"]:
+            if k not in s.pending:
                 continue
             coverage, dropped = CoverageStats(), DroppedDocs()
-            aligned = align_table(table, self.teacher_special, s["view"], self.settings, coverage, dropped)
+            aligned = align_table(table, self.teacher_special, s.view, self.settings, coverage, dropped)
             stats = {
                 "coverage": asdict(coverage),
                 "dropped": dropped.counts,
                 "dropped_examples": dropped.examples,
             }
-            AlignedSet.write_shard(Path(s["root"]), k, aligned, stats=stats)
+            AlignedSet.write_shard(s.root, k, aligned, stats=stats)
             written += 1
         return {"shard": k, "written": written, "docs": table.num_rows}
 
 
-def _run_ray(config: AlignConfig, cache: TeacherCache, sets: list[dict], work: list[int]) -> None:
+def _run_ray(config: AlignConfig, cache: TeacherCache, sets: list[_SetOutput], work: list[int]) -> None:
     fn = _AlignCacheShard(str(cache.root), cache.special_token_mask(), sets, config.settings)
     run_shards(
         work,

@@ -31,7 +31,15 @@ import pyarrow.parquet as pq
 from alm_pipeline.cache import store
 from alm_pipeline.cache.arrow import ipc_to_table, ragged_list_array, table_to_ipc
 from alm_pipeline.cache.dataset import OutputRefusedError
-from alm_pipeline.cache.teacher import BOUNDARY_FILE, FORMAT_VERSION, TeacherCache, cache_totals, shard_stats
+from alm_pipeline.cache.teacher import (
+    BOUNDARY_FILE,
+    FORMAT_VERSION,
+    TeacherCache,
+    cache_totals,
+    read_boundary_tokens,
+    shard_stats,
+    write_boundary_tokens,
+)
 from alm_pipeline.pipeline.byteview import ByteView, TokenizerMismatchError, byte_view_from_hf
 from alm_pipeline.pipeline.corpus import CorpusConfig, CorpusError, CorpusStats, iter_documents
 from alm_pipeline.pipeline.engine_hf import HFEngineConfig
@@ -39,7 +47,6 @@ from alm_pipeline.pipeline.ray_utils import RayConfig
 from alm_pipeline.pipeline.stage import finished_shards, run_shards
 
 STAGING = "_staging"
-BOUNDARY_DEFINITION = "next token starts with a space, newline or tab byte, or is a special token"
 
 
 # What the driver stages for the tokenize step (the validated corpus slice of one shard).
@@ -156,10 +163,8 @@ def build_teacher_cache(
         raise TeacherCacheError(str(err)) from None
     num_shards = staged.num_shards
     boundary_ids = view.boundary_token_ids()
-    store.atomic_write_json(
-        out / BOUNDARY_FILE, {"definition": BOUNDARY_DEFINITION, "ids": boundary_ids.tolist()}
-    )
-    manifest = _manifest(config, identity, view, teacher_path, staged, boundary_ids, state="in_progress")
+    boundary = write_boundary_tokens(out, boundary_ids)
+    manifest = _manifest(config, identity, view, teacher_path, staged, boundary, state="in_progress")
     if existing is None or existing.get("state") != "complete":
         TeacherCache.write_manifest(out, manifest)
 
@@ -173,7 +178,7 @@ def build_teacher_cache(
 
     infos = finished_shards(TeacherCache, out, num_shards, TeacherCacheError)
     manifest = _manifest(
-        config, identity, view, teacher_path, staged, boundary_ids, state="complete", shards=infos
+        config, identity, view, teacher_path, staged, boundary, state="complete", shards=infos
     )
     TeacherCache.write_manifest(out, manifest)
     shutil.rmtree(out / STAGING, ignore_errors=True)
@@ -288,7 +293,7 @@ def _manifest(
     view: ByteView,
     teacher_path: str,
     staged: StagedCorpus,
-    boundary_ids: np.ndarray,
+    boundary: dict,
     state: str,
     shards: list[store.ShardInfo] | None = None,
 ) -> dict:
@@ -308,12 +313,7 @@ def _manifest(
             "stats": staged.stats.to_json(),
         },
         settings={**config.identity_settings(), "batch_tokens": config.batch_tokens},
-        boundary_tokens={
-            "definition": BOUNDARY_DEFINITION,
-            "file": BOUNDARY_FILE,
-            "count": int(len(boundary_ids)),
-            "sha256": hashlib.sha256(np.asarray(boundary_ids, dtype=np.int32).tobytes()).hexdigest(),
-        },
+        boundary_tokens=boundary,
         totals=cache_totals(shards),
     )
 
@@ -479,7 +479,7 @@ class _ScoreShards:
     """Ray Data actor: one teacher engine, scores whole shards (length-sorted batches inside)."""
 
     def __init__(self, engine: str, engine_config, boundary_file: str, tokenizer_size: int):
-        boundary_ids = np.asarray(store.read_json(Path(boundary_file))["ids"], dtype=np.int64)
+        boundary_ids = read_boundary_tokens(Path(boundary_file)).astype(np.int64)
         if engine == "hf":
             from alm_pipeline.pipeline.engine_hf import HFTeacherEngine
 
