@@ -155,3 +155,9 @@ def make_model(arch: str, tokenizer_dir: Path, path: Path, seed: int = 0) -> Pat
     model.save_pretrained(str(path))
     tok.save_pretrained(str(path))
     return path
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    """A JSON-lines corpus file, one record per line."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path

@@ -22,7 +22,8 @@ from alm_pipeline.pipeline.align_stage import (
 from alm_pipeline.pipeline.corpus import CorpusConfig
 from alm_pipeline.pipeline.ray_utils import RayConfig
 from alm_pipeline.pipeline.teacher_cache import TeacherCacheConfig, build_teacher_cache
-from tests.test_teacher_cache import BAD_INPUT_DOCS, _write_jsonl
+from tests.factories import write_jsonl
+from tests.test_teacher_cache import BAD_INPUT_DOCS
 
 pytestmark = pytest.mark.ray
 
@@ -35,7 +36,7 @@ DOCS = [d for d in BAD_INPUT_DOCS if d["id"] != "huge"] + [
 @pytest.fixture(scope="module")
 def cache_dir(ray_local, tmp_path_factory, llama_sp_model):
     root = tmp_path_factory.mktemp("align_stage")
-    data = _write_jsonl(root / "corpus.jsonl", DOCS)
+    data = write_jsonl(root / "corpus.jsonl", DOCS)
     build_teacher_cache(
         TeacherCacheConfig(
             teacher=str(llama_sp_model),

@@ -20,6 +20,7 @@ from alm_pipeline.pipeline.byteview import load_byte_view
 from alm_pipeline.pipeline.corpus import CorpusConfig
 from alm_pipeline.pipeline.ray_utils import RayConfig
 from alm_pipeline.pipeline.teacher_cache import TeacherCacheConfig, TeacherCacheError, build_teacher_cache
+from tests.factories import write_jsonl
 from tests.test_engine_hf import reference
 
 pytestmark = pytest.mark.ray
@@ -36,11 +37,6 @@ BAD_INPUT_DOCS = [
     {"id": "specials", "text": "text with <|endoftext|> and <s> and </s> inside"},
     {"id": "huge", "text": "long document " * 75_000},  # ~1M characters
 ]
-
-
-def _write_jsonl(path: Path, records: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
 
 
 def _config(model_dir, data, out, **kw) -> TeacherCacheConfig:
@@ -66,7 +62,7 @@ def _rows(cache_dir: Path) -> list[dict]:
 @pytest.mark.parametrize("model_fixture", ["llama_sp_model", "gpt2_bl_model"])
 def test_cache_values_offsets_and_bad_input(request, ray_local, tmp_path, model_fixture):
     model_dir = request.getfixturevalue(model_fixture)
-    data = _write_jsonl(tmp_path / "bad.jsonl", BAD_INPUT_DOCS)
+    data = write_jsonl(tmp_path / "bad.jsonl", BAD_INPUT_DOCS)
     summary = build_teacher_cache(_config(model_dir, data, tmp_path / "cache"))
     view = load_byte_view(model_dir)
     rows = _rows(tmp_path / "cache")
@@ -101,11 +97,11 @@ def test_cache_values_offsets_and_bad_input(request, ray_local, tmp_path, model_
 
 
 def test_refusal_on_different_settings_and_overwrite(ray_local, tmp_path, gpt2_bl_model):
-    data = _write_jsonl(tmp_path / "c.jsonl", BAD_INPUT_DOCS[:4])
+    data = write_jsonl(tmp_path / "c.jsonl", BAD_INPUT_DOCS[:4])
     build_teacher_cache(_config(gpt2_bl_model, data, tmp_path / "cache"))
     with pytest.raises(TeacherCacheError, match=r"settings\.max_length: cache has 128, this run has 64"):
         build_teacher_cache(_config(gpt2_bl_model, data, tmp_path / "cache", max_length=64))
-    other = _write_jsonl(tmp_path / "other.jsonl", BAD_INPUT_DOCS[4:6])
+    other = write_jsonl(tmp_path / "other.jsonl", BAD_INPUT_DOCS[4:6])
     with pytest.raises(TeacherCacheError, match=r"corpus\.content_sha256"):
         build_teacher_cache(_config(gpt2_bl_model, other, tmp_path / "cache"))
     summary = build_teacher_cache(
@@ -119,7 +115,7 @@ def test_refusal_on_different_settings_and_overwrite(ray_local, tmp_path, gpt2_b
 
 
 def test_corrupted_shard_and_wrong_version_are_refused(ray_local, tmp_path, gpt2_bl_model):
-    data = _write_jsonl(tmp_path / "c.jsonl", BAD_INPUT_DOCS[:5])
+    data = write_jsonl(tmp_path / "c.jsonl", BAD_INPUT_DOCS[:5])
     build_teacher_cache(_config(gpt2_bl_model, data, tmp_path / "cache"))
     shard = tmp_path / "cache" / "shards" / "shard-00000.parquet"
     blob = bytearray(shard.read_bytes())
@@ -147,7 +143,7 @@ def test_untokenizable_document_is_named(ray_local, tmp_path, tokenizer_dirs, as
     from tests import factories
 
     model = factories.make_model("gpt2", tokenizer_dirs["char"], assets_dir / "gpt2_char")
-    data = _write_jsonl(
+    data = write_jsonl(
         tmp_path / "c.jsonl", [{"id": "ok", "text": "fine"}, {"id": "omega", "text": "Ω here"}]
     )
     with pytest.raises(TeacherCacheError, match=r"document omega at .*c\.jsonl:2"):
@@ -180,7 +176,7 @@ def test_resume_after_kill_gives_identical_cache(ray_local, tmp_path, assets_dir
         {"id": f"doc{i:02d}", "text": f"Document {i}: " + "several words of text here. " * 60}
         for i in range(16)
     ]
-    data = _write_jsonl(tmp_path / "c.jsonl", docs)
+    data = write_jsonl(tmp_path / "c.jsonl", docs)
     kw = {"max_length": 384, "shard_size": 2}
     build_teacher_cache(_config(model_dir, data, tmp_path / "reference", **kw))
     expected = _rows(tmp_path / "reference")
