@@ -18,7 +18,7 @@ def list_parts(column: pa.ChunkedArray | pa.ListArray, dtype) -> tuple[np.ndarra
     else:
         arr = column
     if arr.null_count:
-        raise ValueError(f"cache column of type {arr.type} has {arr.null_count} null rows")
+        raise ValueError(f"list column of type {arr.type} has {arr.null_count} null rows")
     offsets = arr.offsets.to_numpy().astype(np.int64)  # respects a sliced table; relative to arr.values
     lo, hi = (int(offsets[0]), int(offsets[-1])) if len(offsets) else (0, 0)
     values = arr.values.slice(lo, hi - lo).to_numpy(zero_copy_only=False)
