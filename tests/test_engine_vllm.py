@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from alm_pipeline.cache import open_cache
+from alm_pipeline.modeling import LogitRules
 from alm_pipeline.pipeline.byteview import load_byte_view
 from alm_pipeline.pipeline.corpus import CorpusConfig
 from alm_pipeline.pipeline.engine_hf import HFEngineConfig, HFTeacherEngine
@@ -87,7 +88,7 @@ def test_lm_head_is_read_from_the_checkpoint_alone(request, model_fixture):
     head = load_lm_head(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     torch.testing.assert_close(head.weight, model.get_output_embeddings().weight, rtol=0, atol=0)
-    assert head.scale is None and head.softcap is None
+    assert head.rules == LogitRules(scale=None, softcap=None)
 
 
 def test_unknown_logit_postprocessing_is_refused(tmp_path, llama_sp_model):
@@ -98,7 +99,7 @@ def test_unknown_logit_postprocessing_is_refused(tmp_path, llama_sp_model):
     cfg["logit_scale"] = 0.5
     (model_dir / "config.json").write_text(json.dumps(cfg))
     head = load_lm_head(str(model_dir))
-    assert head.softcap == 30.0 and head.scale == 0.5
+    assert head.rules == LogitRules(scale=0.5, softcap=30.0)
     cfg["output_logit_multiplier"] = 3.0
     (model_dir / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="output_logit_multiplier=3.0 may change the logits"):

@@ -16,17 +16,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from alm_pipeline.cli.evaluate_cmd import evaluate, plot
-from alm_pipeline.trainer.evaluate import (
-    EvalConfig,
-    EvalError,
-    cache_bits_per_byte,
-    chunk_agreement,
-    load_eval_model,
-    model_bits_per_byte,
-    resolve_model_dir,
-    run_evaluation,
-)
-from alm_pipeline.trainer.plots import PlotError, plot_run
+from alm_pipeline.evaluation.agreement import chunk_agreement
+from alm_pipeline.evaluation.bits_per_byte import cache_bits_per_byte, model_bits_per_byte
+from alm_pipeline.evaluation.models import EvalError, load_eval_model, resolve_model_dir
+from alm_pipeline.evaluation.plots import PlotError, plot_run
+from alm_pipeline.evaluation.run import EvalConfig, run_evaluation
 from tests import factories
 
 # No special-token strings (the byte view encodes them as plain text, HF's tokenizer would not). The first
@@ -92,8 +86,8 @@ def test_bits_per_byte_matches_a_plain_computation(request, model_fixture):
 
 
 def test_in_memory_model_and_full_logits_fallback(llama_sp_model):
+    from alm_pipeline.evaluation.models import EvalModel
     from alm_pipeline.pipeline.byteview import load_byte_view
-    from alm_pipeline.trainer.evaluate import EvalModel
 
     expected, _, _ = reference_bits_per_byte(llama_sp_model, TEXTS, MAX_LENGTH)
     view = load_byte_view(llama_sp_model)
@@ -139,8 +133,10 @@ def test_model_dir_resolution(tmp_path):
     ):
         (run / name).mkdir(parents=True)
         (run / name / "config.json").write_text("{}")
-    for name in ("checkpoint-000010", "checkpoint-000020"):
-        (run / "checkpoints" / name / "trainer_state.json").write_text("{}")
+    for step in (10, 20):
+        (run / "checkpoints" / f"checkpoint-{step:06d}" / "trainer_state.json").write_text(
+            f'{{"step": {step}}}'
+        )
     path, how = resolve_model_dir(run)
     assert path.endswith("checkpoint-000020") and "step 20" in how  # 30 is incomplete
     (run / "final").mkdir()
