@@ -32,6 +32,7 @@ from alm_pipeline.pipeline.engine_vllm import (
 )
 from alm_pipeline.pipeline.ray_utils import RayConfig
 from alm_pipeline.pipeline.teacher_cache import TeacherCacheConfig, TeacherCacheError, build_teacher_cache
+from tests.test_modeling import LOGITS_SCALING, make_granite_model
 from tests.test_teacher_cache import BAD_INPUT_DOCS
 
 HAVE_VLLM = vllm_distribution() is not None
@@ -41,6 +42,11 @@ needs_vllm = pytest.mark.skipif(
 )
 TOL = 1e-4  # vllm vs hf, fp32, same model (measured: ~2e-5)
 MAX_LENGTH = 128
+
+
+@pytest.fixture(scope="module")
+def granite_model(tmp_path_factory, tokenizer_dirs) -> Path:
+    return make_granite_model(tokenizer_dirs["sentencepiece"], tmp_path_factory.mktemp("granite"))
 
 
 def _bad_input_sequences(view) -> list[np.ndarray]:
@@ -167,6 +173,21 @@ def test_exact_engine_matches_hf_on_bad_input(gpt2_bl_model):
     assert info["settings"]["runner"] == "pooling" and "transformer.wte.weight" in info["logits"]
     _assert_close(got, want)
     _assert_close(again, got)
+
+
+@needs_vllm
+def test_exact_engine_applies_granite_logits_scaling(granite_model):
+    """Granite divides its logits by ``logits_scaling`` and has padded LM-head rows: the engine's own head
+    (read from the checkpoint, scaling folded in, padded rows dropped) equals hf, which equals the model's own
+    logits (tests/test_modeling.py)."""
+    view = load_byte_view(granite_model)
+    seqs = _bad_input_sequences(view)
+    head = load_lm_head(str(granite_model))
+    assert head.rules == LogitRules(scale=1 / LOGITS_SCALING) and head.weight.shape[0] > view.vocab_size
+    want = _hf_scores(granite_model, view, seqs)
+    with _vllm_engine(granite_model, view) as engine:
+        got = engine.score(seqs)
+    _assert_close(got, want)
 
 
 @needs_vllm
