@@ -21,12 +21,12 @@ import torch
 from alm_pipeline.cache import open_cache
 from alm_pipeline.modeling import LogitRules
 from alm_pipeline.pipeline.byteview import load_byte_view
+from alm_pipeline.pipeline.checkpoint_head import load_lm_head
 from alm_pipeline.pipeline.corpus import CorpusConfig
 from alm_pipeline.pipeline.engine_hf import HFEngineConfig, HFTeacherEngine
 from alm_pipeline.pipeline.engine_vllm import (
     VLLMEngineConfig,
     VLLMUnavailableError,
-    load_lm_head,
     require_vllm,
     vllm_distribution,
 )
