@@ -117,10 +117,10 @@ def evaluate(
 def plot(
     run_dir: Annotated[Path, typer.Argument(help="Training run directory (holding metrics.csv)")],
 ) -> None:
-    """PNG plots of a training run from its metrics.csv: training loss and bits per byte over steps, written
-    to RUN_DIR/plots/loss.png and RUN_DIR/plots/bits_per_byte.png (the latter when metrics.csv has a bits
-    per byte column, e.g. eval_bits_per_byte; the teacher's value from RUN_DIR/eval.json is drawn as a
-    dashed line)."""
+    """PNG plots of a training run, into RUN_DIR/plots: loss.png (loss, loss_alm, loss_ntp over steps, from
+    metrics.csv), chunk_agreement.png (mean_abs_chunk_logprob_diff over steps, ALM runs) and bits_per_byte.png
+    (the bits per byte that `evaluate --run-dir` wrote to eval.json in the run directory, its final/ folder or
+    its checkpoints, at the evaluated checkpoint's step; the teacher's from the cache as a dashed line)."""
     from alm_pipeline.evaluation.plots import PlotError, plot_run
 
     try:
