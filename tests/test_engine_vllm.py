@@ -19,18 +19,20 @@ import pytest
 import torch
 
 from alm_pipeline.cache import open_cache
+from alm_pipeline.modeling import LogitRules
 from alm_pipeline.pipeline.byteview import load_byte_view
+from alm_pipeline.pipeline.checkpoint_head import load_lm_head
 from alm_pipeline.pipeline.corpus import CorpusConfig
 from alm_pipeline.pipeline.engine_hf import HFEngineConfig, HFTeacherEngine
 from alm_pipeline.pipeline.engine_vllm import (
     VLLMEngineConfig,
     VLLMUnavailableError,
-    load_lm_head,
     require_vllm,
     vllm_distribution,
 )
 from alm_pipeline.pipeline.ray_utils import RayConfig
 from alm_pipeline.pipeline.teacher_cache import TeacherCacheConfig, TeacherCacheError, build_teacher_cache
+from tests.test_modeling import LOGITS_SCALING, make_granite_model
 from tests.test_teacher_cache import BAD_INPUT_DOCS
 
 HAVE_VLLM = vllm_distribution() is not None
@@ -40,6 +42,11 @@ needs_vllm = pytest.mark.skipif(
 )
 TOL = 1e-4  # vllm vs hf, fp32, same model (measured: ~2e-5)
 MAX_LENGTH = 128
+
+
+@pytest.fixture(scope="module")
+def granite_model(tmp_path_factory, tokenizer_dirs) -> Path:
+    return make_granite_model(tokenizer_dirs["sentencepiece"], tmp_path_factory.mktemp("granite"))
 
 
 def _bad_input_sequences(view) -> list[np.ndarray]:
@@ -87,7 +94,7 @@ def test_lm_head_is_read_from_the_checkpoint_alone(request, model_fixture):
     head = load_lm_head(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     torch.testing.assert_close(head.weight, model.get_output_embeddings().weight, rtol=0, atol=0)
-    assert head.scale is None and head.softcap is None
+    assert head.rules == LogitRules(scale=None, softcap=None)
 
 
 def test_unknown_logit_postprocessing_is_refused(tmp_path, llama_sp_model):
@@ -98,7 +105,7 @@ def test_unknown_logit_postprocessing_is_refused(tmp_path, llama_sp_model):
     cfg["logit_scale"] = 0.5
     (model_dir / "config.json").write_text(json.dumps(cfg))
     head = load_lm_head(str(model_dir))
-    assert head.softcap == 30.0 and head.scale == 0.5
+    assert head.rules == LogitRules(scale=0.5, softcap=30.0)
     cfg["output_logit_multiplier"] = 3.0
     (model_dir / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="output_logit_multiplier=3.0 may change the logits"):
@@ -166,6 +173,21 @@ def test_exact_engine_matches_hf_on_bad_input(gpt2_bl_model):
     assert info["settings"]["runner"] == "pooling" and "transformer.wte.weight" in info["logits"]
     _assert_close(got, want)
     _assert_close(again, got)
+
+
+@needs_vllm
+def test_exact_engine_applies_granite_logits_scaling(granite_model):
+    """Granite divides its logits by ``logits_scaling`` and has padded LM-head rows: the engine's own head
+    (read from the checkpoint, scaling folded in, padded rows dropped) equals hf, which equals the model's own
+    logits (tests/test_modeling.py)."""
+    view = load_byte_view(granite_model)
+    seqs = _bad_input_sequences(view)
+    head = load_lm_head(str(granite_model))
+    assert head.rules == LogitRules(scale=1 / LOGITS_SCALING) and head.weight.shape[0] > view.vocab_size
+    want = _hf_scores(granite_model, view, seqs)
+    with _vllm_engine(granite_model, view) as engine:
+        got = engine.score(seqs)
+    _assert_close(got, want)
 
 
 @needs_vllm

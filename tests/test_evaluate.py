@@ -16,17 +16,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from alm_pipeline.cli.evaluate_cmd import evaluate, plot
-from alm_pipeline.trainer.evaluate import (
-    EvalConfig,
-    EvalError,
-    cache_bits_per_byte,
-    chunk_agreement,
-    load_eval_model,
-    model_bits_per_byte,
-    resolve_model_dir,
-    run_evaluation,
-)
-from alm_pipeline.trainer.plots import PlotError, plot_run
+from alm_pipeline.evaluation.agreement import chunk_agreement
+from alm_pipeline.evaluation.bits_per_byte import cache_bits_per_byte, model_bits_per_byte
+from alm_pipeline.evaluation.models import EvalError, load_eval_model, resolve_model_dir
+from alm_pipeline.evaluation.plots import PlotError, plot_run
+from alm_pipeline.evaluation.run import EvalConfig, run_evaluation
 from tests import factories
 
 # No special-token strings (the byte view encodes them as plain text, HF's tokenizer would not). The first
@@ -92,8 +86,8 @@ def test_bits_per_byte_matches_a_plain_computation(request, model_fixture):
 
 
 def test_in_memory_model_and_full_logits_fallback(llama_sp_model):
+    from alm_pipeline.evaluation.models import EvalModel
     from alm_pipeline.pipeline.byteview import load_byte_view
-    from alm_pipeline.trainer.evaluate import EvalModel
 
     expected, _, _ = reference_bits_per_byte(llama_sp_model, TEXTS, MAX_LENGTH)
     view = load_byte_view(llama_sp_model)
@@ -139,8 +133,10 @@ def test_model_dir_resolution(tmp_path):
     ):
         (run / name).mkdir(parents=True)
         (run / name / "config.json").write_text("{}")
-    for name in ("checkpoint-000010", "checkpoint-000020"):
-        (run / "checkpoints" / name / "trainer_state.json").write_text("{}")
+    for step in (10, 20):
+        (run / "checkpoints" / f"checkpoint-{step:06d}" / "trainer_state.json").write_text(
+            f'{{"step": {step}}}'
+        )
     path, how = resolve_model_dir(run)
     assert path.endswith("checkpoint-000020") and "step 20" in how  # 30 is incomplete
     (run / "final").mkdir()
@@ -290,31 +286,119 @@ def test_chunk_agreement_is_zero_for_self_distillation(
 
 
 def _write_metrics(run: Path) -> None:
+    """A metrics.csv with some of the trainer's columns (``metric_columns``)."""
     run.mkdir(parents=True, exist_ok=True)
-    lines = ["step,loss,alm_loss,lr,eval_bits_per_byte"]
+    lines = ["step,loss,loss_alm,valid_chunks,lr,mean_abs_chunk_logprob_diff"]
     for step in range(1, 41):
-        bpb = f"{3.0 - step / 40:.4f}" if step % 10 == 0 else ""
-        lines.append(f"{step},{2.0 / step:.5f},{1.5 / step:.5f},0.001,{bpb}")
+        lines.append(f"{step},{2.0 / step:.5f},{1.5 / step:.5f},30,0.001,{1.0 / step:.5f}")
     (run / "metrics.csv").write_text("\n".join(lines) + "\n")
 
 
-def test_plot_writes_png_files(tmp_path):
-    run = tmp_path / "run"
-    _write_metrics(run)
-    (run / "eval.json").write_text(json.dumps({"cache": {"bits_per_byte": 1.9}}))
-    result = plot_run(run)
-    assert [p.name for p in result.files] == ["loss.png", "bits_per_byte.png"] and result.rows == 40
-    for path in result.files:
-        assert path.parent == run / "plots" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+def train_tiny_run(aligned: Path, student: Path, output: Path, steps: int):
+    """A real training run (the trainer, in this process): a checkpoint after every step, all kept. The one
+    place in this file that builds a TrainConfig."""
+    from alm_pipeline.trainer.train import TrainConfig, train_local
 
-    # no bits-per-byte column: only the loss plot, and the reason
+    config = TrainConfig(
+        aligned=str(aligned),
+        student=str(student),
+        output=str(output),
+        steps=steps,
+        batch_size=4,
+        micro_batch_tokens=128,
+        lr=3e-3,
+        warmup_steps=1,
+        checkpoint_every=1,
+        keep_checkpoints=None,
+        progress=False,
+        tensorboard=False,
+        torch_threads=1,
+    )
+    return train_local(config)
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    """(width, height) of a PNG file, from its IHDR chunk (after checking the signature)."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+@pytest.mark.ray
+def test_plots_of_a_real_training_run(teacher_cache, llama_sp_model, tmp_path):
+    """Train 3 steps, evaluate every checkpoint against the teacher cache (eval.json in each checkpoint), plot:
+    the loss curves come from the real metrics.csv, bits per byte from the eval.json files at the checkpoints'
+    steps, the teacher's as a dashed line."""
+    from alm_pipeline.evaluation.plots import run_figures
+    from alm_pipeline.trainer.checkpoint import list_checkpoints
+    from alm_pipeline.trainer.metrics import read_metrics_csv
+
+    cache_dir, aligned_dir = teacher_cache
+    run = tmp_path / "run"
+    train_tiny_run(aligned_dir, llama_sp_model, run, steps=3)
+    rows = read_metrics_csv(run / "metrics.csv")
+    checkpoints = list_checkpoints(run)
+    assert [step for step, _ in checkpoints] == [1, 2, 3]
+    student_bpb = []
+    for _, ckpt in checkpoints:
+        result = run_evaluation(
+            EvalConfig(
+                model=str(ckpt),
+                cache=str(cache_dir),
+                cache_texts=True,
+                max_length=MAX_LENGTH,
+                max_docs=4,
+                run_dir=str(ckpt),
+            )
+        )
+        student_bpb.append(result["cache_texts"]["bits_per_byte"])
+    teacher_bpb = result["cache"]["bits_per_byte"]
+
+    figures, skipped, n_rows = run_figures(run)
+    assert set(figures) == {"loss", "chunk_agreement", "bits_per_byte"} and not skipped and n_rows == 3
+    steps = [r["step"] for r in rows]
+    (ax,) = figures["loss"].axes
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert set(lines) == {"loss", "loss_alm"}
+    for name, line in lines.items():
+        np.testing.assert_array_equal(line.get_xdata(), steps)
+        np.testing.assert_array_equal(line.get_ydata(), [r[name] for r in rows])
+    (ax,) = figures["chunk_agreement"].axes
+    (line,) = ax.get_lines()
+    np.testing.assert_array_equal(line.get_ydata(), [r["mean_abs_chunk_logprob_diff"] for r in rows])
+    (ax,) = figures["bits_per_byte"].axes
+    student, teacher = ax.get_lines()
+    assert student.get_label() == f"student on the texts of {cache_dir}"
+    np.testing.assert_array_equal(student.get_xdata(), [1, 2, 3])
+    np.testing.assert_allclose(student.get_ydata(), student_bpb, rtol=0, atol=0)
+    assert teacher.get_linestyle() == "--" and teacher.get_label().startswith(f"teacher on {cache_dir}")
+    np.testing.assert_allclose(teacher.get_ydata(), [teacher_bpb, teacher_bpb], rtol=0, atol=0)
+
+    app = typer.Typer()
+    app.command("evaluate")(evaluate)
+    app.command("plot")(plot)
+    res = CliRunner().invoke(app, ["plot", str(run)])
+    assert res.exit_code == 0, res.output
+    names = ["loss.png", "chunk_agreement.png", "bits_per_byte.png"]
+    assert res.stdout.split() == [str(run / "plots" / name) for name in names]
+    assert sorted(p.name for p in (run / "plots").iterdir()) == sorted(names)
+    for name in names:
+        assert _png_size(run / "plots" / name) == (900, 540)  # 7.5 x 4.5 inches at 120 dpi
+
+
+def test_plot_without_evaluations(tmp_path):
+    # metrics.csv of a next-token-only run and no eval.json: only the loss plot, and the reasons
     bare = tmp_path / "bare"
     bare.mkdir()
-    (bare / "metrics.csv").write_text("step,loss\n1,2.5\n2,2.0\n")
+    (bare / "metrics.csv").write_text("step,loss,loss_ntp\n1,2.5,2.5\n2,2.0,2.0\n")
     result = plot_run(bare)
-    assert [p.name for p in result.files] == ["loss.png"] and "bits_per_byte" in result.skipped
-
+    assert [p.name for p in result.files] == ["loss.png"] and result.rows == 2
+    assert set(result.skipped) == {"chunk_agreement", "bits_per_byte"}
+    assert _png_size(result.files[0]) == (900, 540)
     with pytest.raises(PlotError, match="no metrics.csv"):
+        plot_run(tmp_path)
+    (tmp_path / "metrics.csv").write_text("step,loss\n")
+    with pytest.raises(PlotError, match="no rows yet"):
         plot_run(tmp_path)
 
 
@@ -340,7 +424,8 @@ def test_cli_evaluate_and_plot(gpt2_bl_model, tmp_path):
     _write_metrics(run)
     res = runner.invoke(app, ["plot", str(run)])
     assert res.exit_code == 0, res.output
-    assert (run / "plots" / "loss.png").is_file() and (run / "plots" / "bits_per_byte.png").is_file()
+    assert sorted(p.name for p in (run / "plots").iterdir()) == ["chunk_agreement.png", "loss.png"]
+    assert "skipped bits_per_byte.png" in res.stderr
     res = runner.invoke(app, ["plot", str(tmp_path / "nowhere")])
     assert res.exit_code == 2 and "no such run directory" in res.stderr
     assert np.isfinite(result["data"]["bits_per_byte"])

@@ -1,5 +1,5 @@
 """``alm-pipeline evaluate`` and ``alm-pipeline plot``: thin typer commands over
-:mod:`alm_pipeline.trainer.evaluate` and :mod:`alm_pipeline.trainer.plots`.
+:mod:`alm_pipeline.evaluation.run` and :mod:`alm_pipeline.evaluation.plots`.
 
 Registered in :mod:`alm_pipeline.cli.main` with ``app.command("evaluate")(evaluate)`` and
 ``app.command("plot")(plot)``.
@@ -86,7 +86,8 @@ def evaluate(
     bytes of the kept tokens count. The cache's number uses the same convention (logprob at positions >= 1
     over the bytes covered by tokens >= 1), so it equals `evaluate --model TEACHER` on the cached texts.
     """
-    from alm_pipeline.trainer.evaluate import EvalConfig, EvalError, run_evaluation, write_json
+    from alm_pipeline.evaluation.models import EvalError
+    from alm_pipeline.evaluation.run import EvalConfig, run_evaluation, write_json
 
     try:
         config = EvalConfig(
@@ -116,11 +117,11 @@ def evaluate(
 def plot(
     run_dir: Annotated[Path, typer.Argument(help="Training run directory (holding metrics.csv)")],
 ) -> None:
-    """PNG plots of a training run from its metrics.csv: training loss and bits per byte over steps, written
-    to RUN_DIR/plots/loss.png and RUN_DIR/plots/bits_per_byte.png (the latter when metrics.csv has a bits
-    per byte column, e.g. eval_bits_per_byte; the teacher's value from RUN_DIR/eval.json is drawn as a
-    dashed line)."""
-    from alm_pipeline.trainer.plots import PlotError, plot_run
+    """PNG plots of a training run, into RUN_DIR/plots: loss.png (loss, loss_alm, loss_ntp over steps, from
+    metrics.csv), chunk_agreement.png (mean_abs_chunk_logprob_diff over steps, ALM runs) and bits_per_byte.png
+    (the bits per byte that `evaluate --run-dir` wrote to eval.json in the run directory, its final/ folder or
+    its checkpoints, at the evaluated checkpoint's step; the teacher's from the cache as a dashed line)."""
+    from alm_pipeline.evaluation.plots import PlotError, plot_run
 
     try:
         result = plot_run(run_dir)

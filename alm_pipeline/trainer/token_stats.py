@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from alm_pipeline.modeling import apply_softcap, head_rows, postprocess_logits
+
 __all__ = ["StudentTokenStats", "fused_token_stats", "student_token_stats"]
 
 
@@ -94,16 +96,6 @@ class _Layout:
         )
 
 
-def _head_rows(weight: Tensor, bias: Tensor | None, hidden: int, vocab: int) -> tuple[Tensor, Tensor | None]:
-    """The LM head's rows for the tokenizer's ``vocab`` ids (padded rows beyond it dropped), checked against the
-    hidden size."""
-    if weight.shape[0] < vocab or weight.shape[1] != hidden:
-        raise ValueError(
-            f"lm_head_weight {tuple(weight.shape)} does not fit hidden size {hidden} and vocabulary {vocab}"
-        )
-    return weight[:vocab], (bias[:vocab] if bias is not None else None)
-
-
 def _as_bool_mask(boundary_mask: Tensor | np.ndarray | Sequence[bool], device: torch.device) -> Tensor:
     mask = torch.as_tensor(
         np.asarray(boundary_mask) if not isinstance(boundary_mask, Tensor) else boundary_mask
@@ -121,9 +113,7 @@ def _rows_stats(
     logits: Tensor, next_ids: Tensor, boundary_ids: Tensor, softcap: float | None
 ) -> tuple[Tensor, Tensor]:
     """For rows of logits ``[n, V]``: ``(log p(next_ids), log p(B))`` in fp32 (fp64 stays fp64), unclipped."""
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
+    logits = postprocess_logits(logits, softcap)
     lse = torch.logsumexp(logits, dim=-1)
     target = logits.gather(-1, next_ids.unsqueeze(-1)).squeeze(-1) - lse
     boundary = torch.logsumexp(logits.index_select(-1, boundary_ids), dim=-1) - lse
@@ -187,7 +177,7 @@ def student_token_stats(
     if hidden_states is not None:
         if lm_head_weight is None:
             raise ValueError("hidden_states= needs lm_head_weight=")
-        weight, bias = _head_rows(lm_head_weight, lm_head_bias, hidden_states.shape[-1], vocab)
+        weight, bias = head_rows(lm_head_weight, lm_head_bias, vocab, hidden=hidden_states.shape[-1])
         rows = hidden_states.reshape(bsz * seq, -1)
     else:
         assert logits is not None
@@ -267,7 +257,7 @@ class _LMHeadStats(torch.autograd.Function):
             weight.to(compute_dtype),
             bias.to(compute_dtype) if bias is not None else None,
         ).float()
-        return softcap * torch.tanh(z / softcap) if softcap else z
+        return apply_softcap(z, softcap)
 
     @staticmethod
     def backward(ctx, g_target, g_sigma):
@@ -339,7 +329,7 @@ def fused_token_stats(
     device = hidden_states.device
     bmask = _as_bool_mask(boundary_mask, device)
     vocab = bmask.shape[0]
-    weight, bias = _head_rows(lm_head_weight, lm_head_bias, hidden_states.shape[-1], vocab)
+    weight, bias = head_rows(lm_head_weight, lm_head_bias, vocab, hidden=hidden_states.shape[-1])
     lay = _Layout.of(input_ids, attention_mask, vocab, device)
     rows = hidden_states.reshape(bsz * seq, -1).index_select(0, lay.flat_pos)
     nxt = lay.next_ids.reshape(-1).index_select(0, lay.flat_pos)

@@ -1,0 +1,250 @@
+"""Tokenizer-independent bits per byte: of any causal LM on any text (:func:`model_bits_per_byte`), and of the
+teacher read from a teacher cache (:func:`cache_bits_per_byte`).
+
+Bits per byte (the convention used everywhere in alm-pipeline, for models and for caches alike)::
+
+    bits per byte = Σ_{predicted tokens u} −log2 p(t_u | t_<u)  /  Σ_{predicted tokens u} UTF-8 bytes of t_u
+
+pooled over the whole corpus (not averaged per document). Each document is encoded with the model's own
+tokenizer and its own special tokens (:meth:`ByteView.encode`: BOS if the tokenizer adds one, EOS if it appends
+one). Every token after the first is predicted. A document's first token is therefore predicted only when a
+BOS precedes it: with a BOS every byte of the text counts; without one (GPT-2 style) the first token and the
+bytes it covers are left out of both sums. Special tokens cover no bytes, but their log-probabilities count
+(an appended EOS is predicted like any token). Byte counts are exact (byte views, never decoded strings), on
+the text as the tokenizer sees it (after its unicode normalization, if it has one). Documents longer than
+``max_length`` tokens (special tokens included) are truncated to their first ``max_length`` tokens and only the
+bytes those tokens cover are counted. Log-probabilities are log-softmaxes in fp32 over the tokenizer's ids
+(padded LM-head rows excluded), computed from the final hidden states and the LM head in slices of positions
+so that no ``[batch, length, vocabulary]`` tensor is materialised.
+
+A teacher cache stores exactly these per-token log-probabilities (NaN at position 0) and byte end offsets, so
+:func:`cache_bits_per_byte` reads the teacher's number straight from it: ``Σ_{u≥1} logprob`` over
+``offsets[-1] − offsets[0]`` per document. It equals :func:`model_bits_per_byte` of the teacher on the cached
+texts (up to fp32 rounding).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from alm_pipeline.evaluation.models import EvalError, EvalModel, length_batches, pad_batch
+from alm_pipeline.pipeline.byteview import TokenizerMismatchError
+
+__all__ = [
+    "BITS_PER_BYTE_CONVENTION",
+    "HELDOUT",
+    "BitsPerByte",
+    "cache_bits_per_byte",
+    "iter_cache_texts",
+    "iter_data_texts",
+    "model_bits_per_byte",
+]
+
+BITS_PER_BYTE_CONVENTION = (
+    "bits per byte = sum over every predicted token of -log2 p(token | previous tokens) / sum of the UTF-8 "
+    "bytes those tokens cover, pooled over the corpus; the tokenizer's own special tokens; a document's first "
+    "token is predicted only when a BOS precedes it (without a BOS the first token and its bytes are left out "
+    "of both sums); documents truncated to max_length tokens count only the bytes of the kept tokens"
+)
+HELDOUT = "heldout"  # --data short name: the bundled held-out documents
+_LN2 = math.log(2.0)
+
+
+@dataclass(frozen=True)
+class BitsPerByte:
+    """Bits per byte over a corpus, with the sums it is made of."""
+
+    bits_per_byte: float
+    bits: float  # Σ −log2 p over the predicted tokens
+    bytes: int  # Σ UTF-8 bytes covered by the predicted tokens
+    predicted_tokens: int
+    docs: int
+    truncated_docs: int
+    tokens_per_byte: float  # predicted tokens / bytes (the tokenizer's compression)
+    nats_per_token: float  # mean −ln p per predicted token
+
+    @classmethod
+    def from_sums(
+        cls, nats: float, nbytes: int, tokens: int, docs: int, truncated: int, what: str
+    ) -> BitsPerByte:
+        if nbytes <= 0:
+            raise EvalError(
+                f"{what}: no predicted byte in {docs} document(s) (every document is a single token without a "
+                "BOS before it, or the source is empty); bits per byte is undefined"
+            )
+        bits = nats / _LN2
+        return cls(
+            bits_per_byte=bits / nbytes,
+            bits=bits,
+            bytes=int(nbytes),
+            predicted_tokens=int(tokens),
+            docs=int(docs),
+            truncated_docs=int(truncated),
+            tokens_per_byte=tokens / nbytes,
+            nats_per_token=nats / max(tokens, 1),
+        )
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _windows(items: Iterable, size: int) -> Iterator[list]:
+    window: list = []
+    for item in items:
+        window.append(item)
+        if len(window) == size:
+            yield window
+            window = []
+    if window:
+        yield window
+
+
+def iter_data_texts(
+    data: str, text_field: str = "text", id_field: str | None = None, max_docs: int | None = None
+) -> Iterator[tuple[str, str]]:
+    """``(document reference, text)`` of a corpus (validated by :func:`iter_documents`: empty and
+    whitespace-only texts and repeated texts are skipped). ``"heldout"`` is the bundled held-out set."""
+    from alm_pipeline.pipeline.corpus import CorpusConfig, CorpusError, iter_documents
+
+    path = data
+    if data == HELDOUT:
+        from alm_pipeline.assets import bundled_heldout_path
+
+        path = bundled_heldout_path()
+    config = CorpusConfig(path=path, text_field=text_field, id_field=id_field, limit=max_docs)
+    try:
+        for doc in iter_documents(config):
+            yield f"{doc.doc_id} at {doc.source}", doc.text
+    except CorpusError as err:
+        raise EvalError(str(err)) from None
+
+
+def iter_cache_texts(cache_path: str, max_docs: int | None = None) -> Iterator[tuple[str, str]]:
+    """``(document reference, text)`` of a teacher cache: the exact texts the teacher scored."""
+    cache = _open_cache(cache_path)
+    n = 0
+    for k, table in enumerate(cache.iter_tables(columns=["doc_id", "text"])):
+        for doc_id, text in zip(table["doc_id"].to_pylist(), table["text"].to_pylist(), strict=True):
+            if max_docs is not None and n >= max_docs:
+                return
+            n += 1
+            yield f"{doc_id} in cache shard {k}", text
+
+
+@torch.inference_mode()
+def model_bits_per_byte(
+    model: EvalModel,
+    texts: Iterable[tuple[str, str]] | Iterable[str],
+    *,
+    max_length: int = 1024,
+    batch_tokens: int = 8192,
+    window_docs: int = 2048,
+    progress: Callable[[str], None] | None = None,
+) -> BitsPerByte:
+    """Bits per byte of ``model`` on ``texts`` (strings, or ``(reference, text)`` pairs whose reference
+    appears in error messages), under the module's convention. Documents are read ``window_docs`` at a time,
+    sorted by length and packed into batches of at most ``batch_tokens`` padded tokens; sums are float64.
+    ``max_length`` is lowered to the model's position limit when that is smaller."""
+    if max_length < 2:
+        raise EvalError(f"max_length must be >= 2, got {max_length}")
+    if model.max_positions is not None:
+        max_length = min(max_length, model.max_positions)
+    view = model.view
+    pad_id = view.pad_id if view.pad_id is not None and 0 <= view.pad_id < view.vocab_size else 0
+    nats, nbytes, tokens, docs, truncated = 0.0, 0, 0, 0, 0
+    t0 = time.time()
+    for window in _windows(texts, window_docs):
+        seqs: list[np.ndarray] = []
+        for i, item in enumerate(window):
+            ref, text = item if isinstance(item, tuple) else (f"#{docs + i}", item)
+            if not isinstance(text, str):
+                raise EvalError(f"document {ref}: text is {type(text).__name__}, expected a string")
+            try:
+                enc = view.encode(view.normalize_text(text), max_length=max_length, doc_ref=ref)
+            except (TokenizerMismatchError, UnicodeEncodeError) as err:
+                raise EvalError(
+                    f"{err}; the model's tokenizer cannot represent this document exactly"
+                ) from None
+            if len(enc.token_ids) == 0:
+                raise EvalError(f"document {ref}: encodes to no token (empty text?)")
+            seqs.append(enc.token_ids)
+            nbytes += int(enc.offsets[-1]) - int(enc.offsets[0])
+            tokens += len(enc.token_ids) - 1
+            truncated += int(enc.truncated)
+        docs += len(window)
+        for batch in length_batches([len(s) for s in seqs], batch_tokens):
+            ids, mask = pad_batch([seqs[i] for i in batch], pad_id)
+            stats = model.token_stats(ids, mask)
+            nats -= float(stats.token_logprob.double().sum())
+        if progress:
+            progress(f"bits per byte: {docs} documents, {tokens} tokens ({time.time() - t0:.1f}s)")
+    return BitsPerByte.from_sums(nats, nbytes, tokens, docs, truncated, what=f"model {model.path}")
+
+
+def _open_cache(path: str):
+    from alm_pipeline.cache.reader import open_cache
+    from alm_pipeline.cache.store import CacheIntegrityError
+
+    try:
+        return open_cache(path, verify=True)
+    except (CacheIntegrityError, ValueError, OSError) as err:
+        raise EvalError(str(err)) from None
+
+
+def _list_values(column: pa.ChunkedArray, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Flat values and per-row start offsets (length rows + 1) of a list column (slices handled)."""
+    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
+    starts = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=starts[1:])
+    values = pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(dtype)
+    return values, starts
+
+
+def cache_bits_per_byte(cache_path: str, max_docs: int | None = None) -> tuple[BitsPerByte, dict]:
+    """The teacher's bits per byte read from a teacher cache (module convention: ``logprob`` at positions
+    ``≥ 1`` over the bytes covered by tokens ``≥ 1``, i.e. ``offsets[-1] − offsets[0]``), float64 sums.
+    Returns it with a short description of the cache (path, teacher, tokenizer)."""
+    cache = _open_cache(cache_path)
+    nats, nbytes, tokens, docs, truncated = 0.0, 0, 0, 0, 0
+    for k, table in enumerate(cache.iter_tables(columns=["doc_id", "logprob", "offsets", "truncated"])):
+        if max_docs is not None:
+            if docs >= max_docs:
+                break
+            table = table.slice(0, max_docs - docs)
+        lp, lp_starts = _list_values(table["logprob"], np.float64)
+        off, off_starts = _list_values(table["offsets"], np.int64)
+        lengths = np.diff(lp_starts)
+        if (np.diff(off_starts) != lengths).any() or (lengths < 1).any():
+            raise EvalError(f"{cache.shard_files()[k]}: logprob/offsets lengths disagree or a row is empty")
+        predicted = np.ones(len(lp), dtype=bool)
+        predicted[lp_starts[:-1]] = False  # position 0 of every document: nothing predicts it
+        values = lp[predicted]
+        if not np.isfinite(values).all():
+            bad = int(
+                np.searchsorted(lp_starts, np.flatnonzero(predicted)[~np.isfinite(values)][0], "right") - 1
+            )
+            raise EvalError(
+                f"{cache.shard_files()[k]}: document {table['doc_id'][bad].as_py()!r} has a non-finite logprob "
+                "at a position >= 1"
+            )
+        nats -= float(values.sum())
+        nbytes += int((off[off_starts[1:] - 1] - off[off_starts[:-1]]).sum())
+        tokens += int(predicted.sum())
+        docs += table.num_rows
+        truncated += int(pc.sum(table["truncated"]).as_py() or 0)
+    info = {
+        "path": str(cache.root),
+        "teacher": cache.manifest["teacher"]["name"],
+        "teacher_path": cache.manifest["teacher"]["path"],
+        "tokenizer_fingerprint": cache.tokenizer_fingerprint,
+        "max_length": cache.manifest["settings"]["max_length"],
+    }
+    return BitsPerByte.from_sums(nats, nbytes, tokens, docs, truncated, what=f"cache {cache.root}"), info
