@@ -198,7 +198,7 @@ def teacher_cache(ray_local, tmp_path_factory, llama_sp_model):
 
 @pytest.mark.ray
 def test_cache_bits_per_byte_equals_the_teacher_on_the_cached_texts(teacher_cache, llama_sp_model, tmp_path):
-    from alm_pipeline.cache.reader import open_cache
+    from alm_pipeline.cache import open_cache
 
     cache_dir, _ = teacher_cache
     cache = open_cache(cache_dir)

@@ -31,10 +31,10 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from alm_pipeline.cache.arrow import list_parts
 from alm_pipeline.evaluation.models import EvalError, EvalModel, length_batches, pad_batch
 from alm_pipeline.pipeline.byteview import TokenizerMismatchError
 
@@ -190,22 +190,13 @@ def model_bits_per_byte(
 
 
 def _open_cache(path: str):
-    from alm_pipeline.cache.reader import open_cache
+    from alm_pipeline.cache import open_cache
     from alm_pipeline.cache.store import CacheIntegrityError
 
     try:
         return open_cache(path, verify=True)
     except (CacheIntegrityError, ValueError, OSError) as err:
         raise EvalError(str(err)) from None
-
-
-def _list_values(column: pa.ChunkedArray, dtype) -> tuple[np.ndarray, np.ndarray]:
-    """Flat values and per-row start offsets (length rows + 1) of a list column (slices handled)."""
-    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
-    starts = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=starts[1:])
-    values = pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(dtype)
-    return values, starts
 
 
 def cache_bits_per_byte(cache_path: str, max_docs: int | None = None) -> tuple[BitsPerByte, dict]:
@@ -219,8 +210,8 @@ def cache_bits_per_byte(cache_path: str, max_docs: int | None = None) -> tuple[B
             if docs >= max_docs:
                 break
             table = table.slice(0, max_docs - docs)
-        lp, lp_starts = _list_values(table["logprob"], np.float64)
-        off, off_starts = _list_values(table["offsets"], np.int64)
+        lp, lp_starts = list_parts(table["logprob"], np.float64)
+        off, off_starts = list_parts(table["offsets"], np.int64)
         lengths = np.diff(lp_starts)
         if (np.diff(off_starts) != lengths).any() or (lengths < 1).any():
             raise EvalError(f"{cache.shard_files()[k]}: logprob/offsets lengths disagree or a row is empty")
