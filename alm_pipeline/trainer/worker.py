@@ -222,7 +222,7 @@ class Worker:
             method=cfg.combine.method, weights={"alm": cfg.combine.alm_weight, "ntp": cfg.combine.ntp_weight}
         )
         if cfg.gradmag:
-            from alm_pipeline.trainer.student import last_layer_parameters
+            from alm_pipeline.trainer.model_surgery import last_layer_parameters
 
             self.gradmag_params = last_layer_parameters(model)
         else:
@@ -299,7 +299,7 @@ class Worker:
             )
         from torch.distributed.fsdp import fully_shard
 
-        from alm_pipeline.trainer.student import transformer_layers
+        from alm_pipeline.trainer.model_surgery import transformer_layers
 
         for layer in transformer_layers(wrapper.model):
             fully_shard(layer)
