@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
+from typing import Annotated, Literal
 
 import pytest
 import typer
@@ -101,6 +104,35 @@ def test_generated_options_build_what_the_python_api_builds():
     assert bad.exit_code == 2 and "l2" in bad.output
     with pytest.raises(ValueError, match="unknown TrainConfig option"):
         build_config(TrainConfig, {"aligned": "a", "student": "x", "learning_rate": 1.0})
+
+
+@dataclasses.dataclass(frozen=True)
+class _Toy:
+    run_dir: str = dataclasses.field(metadata={"help": "A folder", "argument": True})
+    mode: Literal["a", "b"] = dataclasses.field(default="a", metadata={"help": "The mode"})
+    names: tuple[str, ...] = dataclasses.field(default=(), metadata={"help": "Names", "cli": "name"})
+
+
+def test_config_command_arguments_choices_repeats_and_extra_options():
+    got = []
+    extra = inspect.Parameter(
+        "output_json",
+        inspect.Parameter.KEYWORD_ONLY,
+        annotation=Annotated[str | None, typer.Option(help="Also write JSON here")],
+        default=None,
+    )
+    toy_app = typer.Typer()
+    toy_app.command("run")(
+        config_command(_Toy, extras=[extra])(lambda config, output_json: got.append((config, output_json)))
+    )
+    toy_app.command("other")(lambda: None)
+    result = runner.invoke(
+        toy_app, ["run", "d", "--mode", "b", "--name", "x", "--name", "y", "--output-json", "o"]
+    )
+    assert result.exit_code == 0, result.output
+    assert got == [(_Toy(run_dir="d", mode="b", names=("x", "y")), "o")]
+    assert runner.invoke(toy_app, ["run", "d", "--mode", "c"]).exit_code == 2
+    assert runner.invoke(toy_app, ["run"]).exit_code == 2  # the argument is required
 
 
 def test_bad_corpus_error_names_file_and_line(tmp_path, gpt2_bl_model):

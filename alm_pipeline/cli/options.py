@@ -9,7 +9,8 @@ default and ``metadata["help"]`` its help text, so both are written once, on the
 * ``str``, ``int``, ``float``, ``Path`` and ``X | None`` of those → a typed option (``None``: unset);
 * ``Literal[...]`` → a choice (``click.Choice``);
 * ``tuple[X, ...]`` → a repeatable option (``--student a --student b``);
-* a field without a default → a required option.
+* a field without a default → a required option;
+* ``metadata={"argument": True}`` → a positional argument instead of an option.
 
 :func:`config_command` turns a function ``body(config, **extras)`` into a typer command whose options are the
 tree's; the config is built back with :func:`build_config` (nested sections from the flat values; the
@@ -49,6 +50,7 @@ class ConfigOption:
     annotation: Any  # the field's type
     default: Any  # dataclasses.MISSING: a required option
     help: str
+    argument: bool = False  # metadata={"argument": True}: a positional argument instead of an option
 
 
 def _nested(annotation: Any) -> type | None:
@@ -82,7 +84,12 @@ def config_options(cls: type, exclude: Sequence[str] = ()) -> list[ConfigOption]
                 continue
             out.append(
                 ConfigOption(
-                    name, (*prefix, f.name), hints[f.name], _field_default(f), f.metadata.get("help", "")
+                    name,
+                    (*prefix, f.name),
+                    hints[f.name],
+                    _field_default(f),
+                    f.metadata.get("help", ""),
+                    bool(f.metadata.get("argument", False)),
                 )
             )
 
@@ -157,12 +164,13 @@ def _parameter(opt: ConfigOption) -> inspect.Parameter:
             default = list(default)
     elif base in _SCALARS:
         py_type = base
-        if base is bool:
+        if base is bool and not opt.argument:
             dashed = opt.name.replace("_", "-")
             decls = [f"--{dashed}/--no-{dashed}"]
     else:
         raise TypeError(f"option --{opt.name}: unsupported type {opt.annotation!r}")
-    annotation = Annotated[py_type | None if optional else py_type, typer.Option(*decls, **kw)]
+    info = typer.Argument(**kw) if opt.argument else typer.Option(*decls, **kw)
+    annotation = Annotated[py_type | None if optional else py_type, info]
     return inspect.Parameter(
         opt.name,
         inspect.Parameter.KEYWORD_ONLY,
@@ -181,9 +189,7 @@ def config_command(
     options = config_options(cls, exclude)
     params = [_parameter(opt) for opt in options]
     extra_names = {p.name for p in extras}
-    # required options first (Python's signature rules), then the rest in the tree's order
-    ordered = sorted(params, key=lambda p: p.default is not inspect.Parameter.empty)
-    signature = inspect.Signature([*ordered, *extras])
+    signature = inspect.Signature([*params, *extras])  # all keyword-only: the tree's order
 
     def decorate(body: Callable[..., None]) -> Callable[..., None]:
         @functools.wraps(body)
