@@ -109,16 +109,9 @@ def _prepare_output(config: TrainConfig) -> Path | None:
             return None
         latest = ckpts[-1][1]
         theirs = ckpt_io.read_trainer_state(latest).get("data_identity", {})
-        diffs = [
-            f"{k}: checkpoint {theirs.get(k)!r}, this run {v!r}"
-            for k, v in config.data_identity().items()
-            if k in theirs and theirs[k] != v
-        ]
+        diffs = ckpt_io.identity_diffs(theirs, config.data_identity(), recorded_only=True)
         if diffs:
-            raise TrainingError(
-                f"cannot continue from {latest}: the run settings differ ({'; '.join(diffs)}); use the same "
-                "settings, or start a new run (--overwrite or another --output)"
-            )
+            raise TrainingError(ckpt_io.settings_differ(latest, diffs))
         return latest
     if ckpts:
         raise TrainingError(

@@ -131,11 +131,7 @@ class Worker:
         state = ckpt_io.read_trainer_state(best[1])
         mine = self.config.data_identity()
         theirs = state.get("data_identity", {})
-        diffs = [
-            f"{k}: checkpoint {theirs.get(k)!r}, this run {v!r}"
-            for k, v in mine.items()
-            if theirs.get(k) != v
-        ]
+        diffs = ckpt_io.identity_diffs(theirs, mine)
         if state.get("num_docs") is not None and state["num_docs"] != self.rows.num_docs:
             diffs.append(f"usable documents: checkpoint {state['num_docs']}, this run {self.rows.num_docs}")
         elif state.get("rows_digest") not in (None, self.rows_digest):
@@ -143,10 +139,7 @@ class Worker:
                 "training documents: not the ones the checkpoint was trained on (another aligned set?)"
             )
         if diffs:
-            raise ckpt_io.CheckpointError(
-                f"cannot continue from {best[1]}: the run settings differ ({'; '.join(diffs)}); use the same "
-                "settings, or start a new run (--overwrite or another --output)"
-            )
+            raise ckpt_io.CheckpointError(ckpt_io.settings_differ(best[1], diffs))
         return best[1], state
 
     def setup(self) -> None:
