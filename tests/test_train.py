@@ -204,7 +204,7 @@ def test_batch_plan_is_deterministic_and_covers_epochs():
     # worker slices partition the global batch whatever the number of workers
     b = plan.global_batch(2)
     for w in (1, 2, 3):
-        assert np.array_equal(np.concatenate([BatchPlan.worker_slice(b, r, w) for r in range(w)]), b)
+        assert np.array_equal(np.concatenate(BatchPlan.worker_slices(b, w)), b)
     assert not np.array_equal(BatchPlan(10, 4, seed=4).global_batch(0), plan.global_batch(0))
 
 

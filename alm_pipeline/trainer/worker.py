@@ -350,7 +350,7 @@ class Worker:
         cfg, rt, rows = self.config, self.rt, self.rows
         t0 = time.perf_counter()
         batch = self.plan.global_batch(step)
-        slices = np.array_split(batch, rt.world_size)
+        slices = BatchPlan.worker_slices(batch, rt.world_size)
         plan_kw = {
             "max_tokens": cfg.compute.micro_batch_tokens,
             "packing": self.packing,
