@@ -25,27 +25,48 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from alm_pipeline.pipeline.ray_utils import RayConfig
+from alm_pipeline.trainer.config import (
+    CheckpointConfig,
+    ComputeConfig,
+    DataConfig,
+    DistributedConfig,
+    LoggingConfig,
+    OptimConfig,
+    StudentSpec,
+    TrainConfig,
+)
+
+
+def _opt(default, help: str, cli: str | None = None):  # noqa: A002
+    return field(default=default, metadata={"help": help, **({"cli": cli} if cli else {})})
 
 
 @dataclass(frozen=True)
 class QuickstartConfig:
-    output: str = "runs/quickstart"
-    teacher: str = "smollm2-135m"
-    data: str | None = None  # None: the bundled corpus
-    max_docs: int = 64
-    max_length: int = 256
-    students: tuple[str, ...] = ("bytes", "gpt2-tokenizer")
-    gamma: float = 0.1
-    num_cpus_per_actor: float = 1.5  # on a 2-core machine: 2 torch threads, CPU left for the other tasks
-    # training (stage 3): which of ``students`` to train; None: the first subword one, else the first one
-    train_student: str | None = None
-    train: bool = True
-    steps: int = 30
-    batch_size: int = 4
-    lr: float = 5e-5
-    # evaluation (stage 4): bundled held-out documents
-    eval_docs: int = 16
-    eval_max_bytes: int = 1024  # each held-out document cut (at a line end) to this many UTF-8 bytes
+    """The quickstart's settings (``alm-pipeline quickstart`` options, generated from these fields)."""
+
+    output: str = _opt("runs/quickstart", "Folder for every artefact of the run")
+    teacher: str = _opt("smollm2-135m", "Teacher model (short name, path or hub name)")
+    data: str | None = _opt(None, "Corpus (default: the bundled Shakespeare corpus)")
+    max_docs: int = _opt(64, "Documents of the corpus to use")
+    max_length: int = _opt(256, "Teacher tokens per document")
+    students: tuple[str, ...] = _opt(
+        ("bytes", "gpt2-tokenizer"), "Student tokenizers to align to (repeat for several)", cli="student"
+    )
+    gamma: float = _opt(0.1, "γ for chunk merging")
+    # on a 2-core machine: 2 torch threads, CPU left for the other tasks
+    num_cpus_per_actor: float = _opt(1.5, "CPUs of the teacher actor")
+    train_student: str | None = _opt(
+        None, "Which aligned student tokenizer to train (default: the first subword one, else bytes)"
+    )
+    train: bool = _opt(
+        True, "Stages 3-4: train a student and compare bits per byte (--no-train: stop after align)"
+    )
+    steps: int = _opt(30, "Training steps (tokenizer transfer from the teacher, ALM loss)")
+    batch_size: int = _opt(4, "Documents per training step")
+    lr: float = _opt(5e-5, "Peak learning rate (10% warm-up, linear decay)")
+    eval_docs: int = _opt(16, "Bundled held-out documents for bits per byte")
+    eval_max_bytes: int = _opt(1024, "Held-out documents are cut at a line end to this many UTF-8 bytes")
     ray: RayConfig = field(default_factory=RayConfig)
 
     def __post_init__(self) -> None:
@@ -123,30 +144,26 @@ def _train_student(config: QuickstartConfig, aligned: list[dict]) -> dict | None
     return (subword or aligned)[0]
 
 
-def _train_config(config: QuickstartConfig, aligned_set: str, run_dir: Path):
+def _train_config(config: QuickstartConfig, aligned_set: str, run_dir: Path) -> TrainConfig:
     from alm_pipeline.assets import resolve_model
-    from alm_pipeline.trainer.train import TrainConfig
 
     return TrainConfig(
-        aligned=aligned_set,
-        init_from=resolve_model(config.teacher),
+        data=DataConfig(aligned=aligned_set),
+        student=StudentSpec(init_from=resolve_model(config.teacher)),
         output=str(run_dir),
-        steps=config.steps,
-        batch_size=config.batch_size,
-        micro_batch_tokens=2048,
-        lr=config.lr,
-        checkpoint_every=config.steps,
-        keep_checkpoints=1,
-        tensorboard=True,
-        ray=config.ray,
+        optim=OptimConfig(steps=config.steps, batch_size=config.batch_size, lr=config.lr),
+        compute=ComputeConfig(micro_batch_tokens=2048),
+        checkpoint=CheckpointConfig(every=config.steps, keep=1),
+        logging=LoggingConfig(tensorboard=True),
+        distributed=DistributedConfig(ray=config.ray),
     ).resolved()
 
 
-def _initial_student(train_config, dest: Path, say) -> Path:
+def _initial_student(train_config: TrainConfig, dest: Path, say) -> Path:
     """The student before training: exactly what the run starts from (for a tokenizer transfer, the teacher's
     blocks with the student tokenizer and FVT-initialised embeddings)."""
     from alm_pipeline.trainer.student import load_student, save_student
-    from alm_pipeline.trainer.train import student_config
+    from alm_pipeline.trainer.worker import student_config
 
     if (dest / "config.json").exists():
         return dest
@@ -159,25 +176,37 @@ def _initial_student(train_config, dest: Path, say) -> Path:
     return dest
 
 
-def _train(train_config, say) -> dict:
+# settings that change how a run is started or shown, not what it computes
+_RUNTIME_SETTINGS = (
+    ("checkpoint", "overwrite"),
+    ("checkpoint", "resume"),
+    ("distributed", "ray"),
+    ("logging", "progress"),
+)
+
+
+def _result_settings(config: dict) -> dict:
+    out = json.loads(json.dumps(config, default=str))
+    for section, key in _RUNTIME_SETTINGS:
+        out.get(section, {}).pop(key, None)
+    return out
+
+
+def _train(train_config: TrainConfig, say) -> dict:
     """Run the training (or reuse a finished run with the same settings); returns its ``run.json``."""
-    from alm_pipeline.trainer.train import run_training
+    from alm_pipeline.trainer.driver import RUN_FILE, run_training
 
     run_dir = Path(train_config.output)
-    done = run_dir / "run.json"
+    done = run_dir / RUN_FILE
     if done.exists():
         previous = json.loads(done.read_text())
-
-        def settings(d: dict) -> dict:
-            return {k: v for k, v in d.items() if k not in ("overwrite", "resume", "ray", "progress")}
-
-        wanted = json.loads(json.dumps(train_config.to_dict(), default=str))
-        same = settings(previous.get("config", {})) == settings(wanted)
-        if same and previous.get("steps") == train_config.steps and previous.get("final_checkpoint"):
+        same = _result_settings(previous.get("config", {})) == _result_settings(train_config.to_dict())
+        if same and previous.get("steps") == train_config.optim.steps and previous.get("final_checkpoint"):
             say(f"training run {run_dir} already finished with these settings: reused")
             return previous
-    result = run_training(dataclasses.replace(train_config, overwrite=True), say=say)
-    return json.loads((result.output / "run.json").read_text())
+    overwrite = dataclasses.replace(train_config.checkpoint, overwrite=True)
+    result = run_training(dataclasses.replace(train_config, checkpoint=overwrite), say=say)
+    return json.loads((result.output / RUN_FILE).read_text())
 
 
 def _first_last_loss(run_dir: Path) -> tuple[float, float]:
@@ -218,7 +247,7 @@ def _bits_per_byte(models: dict[str, str], config: QuickstartConfig, say) -> dic
 def run_quickstart(
     config: QuickstartConfig, progress: Callable[[str], None] | None = None
 ) -> QuickstartResult:
-    from alm_pipeline.assets import bundled_corpus_path, is_installed, resolve_model
+    from alm_pipeline.assets import is_installed, resolve_model
     from alm_pipeline.cache.aligned import open_aligned_set
     from alm_pipeline.cache.reader import open_cache
     from alm_pipeline.pipeline.align_stage import AlignConfig, AlignSettings, build_aligned_sets
@@ -235,7 +264,7 @@ def run_quickstart(
     build_teacher_cache(
         TeacherCacheConfig(
             teacher=config.teacher,
-            corpus=CorpusConfig(path=config.data or bundled_corpus_path(), limit=config.max_docs),
+            corpus=CorpusConfig(path=config.data, limit=config.max_docs),  # None: the bundled corpus
             output=str(out / "cache"),
             max_length=config.max_length,
             shard_size=16,

@@ -120,35 +120,33 @@ def build_cache_and_aligned(args, work: Path, say) -> tuple[Path, Path]:
 
 
 def arm_config(arm: Arm, args, aligned: Path, work: Path):
-    from alm_pipeline.trainer.train import TrainConfig
+    from alm_pipeline.trainer.config import (
+        CheckpointConfig,
+        ComputeConfig,
+        DataConfig,
+        LoggingConfig,
+        LossConfig,
+        OptimConfig,
+        StudentSpec,
+        TrainConfig,
+    )
 
     return TrainConfig(
-        aligned=str(aligned),
-        init_from=resolve_model(args.teacher),
-        num_layers=args.num_layers,
+        data=DataConfig(aligned=str(aligned)),
+        student=StudentSpec(init_from=resolve_model(args.teacher), num_layers=args.num_layers),
         output=str(work / "arms" / arm.name),
-        steps=args.steps,
-        batch_size=args.batch_size,
-        micro_batch_tokens=args.micro_batch_tokens,
-        lr=args.lr,
-        alm=arm.alm,
-        next_token_loss=arm.next_token_loss,
-        debias=arm.debias,
-        tau=arm.tau,
-        checkpoint_every=args.steps,
-        keep_checkpoints=1,
-        overwrite=True,
-        seed=args.seed,
-        tensorboard=False,
-        progress=False,
-        log_every=max(1, args.steps // 10),
+        optim=OptimConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed),
+        compute=ComputeConfig(micro_batch_tokens=args.micro_batch_tokens),
+        loss=LossConfig(alm=arm.alm, next_token_loss=arm.next_token_loss, debias=arm.debias, tau=arm.tau),
+        checkpoint=CheckpointConfig(every=args.steps, keep=1, overwrite=True),
+        logging=LoggingConfig(tensorboard=False, progress=False, log_every=max(1, args.steps // 10)),
     )
 
 
 def save_initial_student(args, aligned: Path, work: Path, say) -> Path:
     """The model every arm starts from (``student_config`` of the arms' shared settings), saved for scoring."""
     from alm_pipeline.trainer.student import load_student, save_student
-    from alm_pipeline.trainer.train import student_config
+    from alm_pipeline.trainer.worker import student_config
 
     out = work / "student-init"
     if (out / "config.json").exists():
@@ -159,7 +157,7 @@ def save_initial_student(args, aligned: Path, work: Path, say) -> Path:
 
 
 def train_arm(arm: Arm, args, aligned: Path, work: Path, say) -> dict:
-    from alm_pipeline.trainer.train import run_training
+    from alm_pipeline.trainer.driver import run_training
 
     config = arm_config(arm, args, aligned, work)
     done = Path(config.output) / "arm.json"

@@ -14,16 +14,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from alm_pipeline.pipeline.byteview import load_byte_view
-from alm_pipeline.trainer.student import (
-    FvtPlan,
-    StudentConfig,
-    apply_fvt,
-    fvt_plan,
-    last_layer_parameters,
-    load_student,
-    save_student,
-    transformer_layers,
-)
+from alm_pipeline.trainer.fvt import FvtPlan, apply_fvt, fvt_plan
+from alm_pipeline.trainer.model_surgery import last_layer_parameters, transformer_layers
+from alm_pipeline.trainer.student import StudentConfig, load_student, save_student
 from tests import factories
 
 TEXT = "The quick brown fox, naïve café 中文 👍"

@@ -4,6 +4,7 @@ FailureConfig restart with on-the-fly alignment)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -20,21 +21,27 @@ import torch
 
 from alm_pipeline.cache import store
 from alm_pipeline.cache.aligned import ALIGNED_FORMAT_VERSION, ALIGNED_KIND, TOKENIZER_DIR, open_aligned_set
+from alm_pipeline.cli.options import build_config
 from alm_pipeline.pipeline.align import CoverageStats
 from alm_pipeline.pipeline.align_stage import AlignSettings, align_table
 from alm_pipeline.pipeline.byteview import load_byte_view
 from alm_pipeline.pipeline.engine_hf import HFEngineConfig, HFTeacherEngine
 from alm_pipeline.trainer.checkpoint import find_latest_checkpoint, list_checkpoints, read_trainer_state
-from alm_pipeline.trainer.data import AlignedRows, BatchPlan, build_micro_batch, plan_micro_batches
-from alm_pipeline.trainer.metrics import read_metrics_csv
-from alm_pipeline.trainer.train import (
-    StudentForward,
+from alm_pipeline.trainer.config import (
+    CheckpointConfig,
+    DataConfig,
+    DistributedConfig,
+    OptimConfig,
+    StudentSpec,
     TrainConfig,
-    TrainingError,
-    lr_factor,
-    read_aligned_rows,
-    train_local,
 )
+from alm_pipeline.trainer.data import AlignedRows, BatchPlan, build_micro_batch, plan_micro_batches
+from alm_pipeline.trainer.driver import run_training, train_local
+from alm_pipeline.trainer.errors import TrainingError
+from alm_pipeline.trainer.forward import StudentForward, micro_batch_token_stats
+from alm_pipeline.trainer.metrics import read_metrics_csv
+from alm_pipeline.trainer.optim import lr_factor
+from alm_pipeline.trainer.runtime import read_aligned_rows
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -147,7 +154,20 @@ def small_aligned(tmp_path_factory, gpt2_bl_model, teacher_table, tokenizer_dirs
     )
 
 
+@pytest.fixture(scope="module")
+def mixed_aligned(tmp_path_factory, gpt2_bl_model, tokenizer_dirs) -> Path:
+    """Tokenizer transfer on documents of mixed lengths (two of three cut short): packed rows hold several."""
+    texts = [t if i % 3 == 0 else t[:20] for i, t in enumerate(corpus_texts(24))]
+    return write_aligned_set(
+        tmp_path_factory.mktemp("aligned_mixed"),
+        gpt2_bl_model,
+        str(tokenizer_dirs["byte_level_small"]),
+        cache_table(gpt2_bl_model, texts),
+    )
+
+
 def config(aligned: Path, output: Path, **kw) -> TrainConfig:
+    """A small run's config; ``kw`` by option name (``alm-pipeline train --help``), as on the command line."""
     base = {
         "aligned": str(aligned),
         "output": str(output),
@@ -162,7 +182,7 @@ def config(aligned: Path, output: Path, **kw) -> TrainConfig:
         "torch_threads": 1,
     }
     base.update(kw)
-    return TrainConfig(**base)
+    return build_config(TrainConfig, base)
 
 
 def losses(rows: list[dict], key: str = "loss") -> np.ndarray:
@@ -184,14 +204,19 @@ def test_batch_plan_is_deterministic_and_covers_epochs():
     # worker slices partition the global batch whatever the number of workers
     b = plan.global_batch(2)
     for w in (1, 2, 3):
-        assert np.array_equal(np.concatenate([BatchPlan.worker_slice(b, r, w) for r in range(w)]), b)
+        assert np.array_equal(np.concatenate(BatchPlan.worker_slices(b, w)), b)
     assert not np.array_equal(BatchPlan(10, 4, seed=4).global_batch(0), plan.global_batch(0))
+
+
+def _chunks(lengths: list[int]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    starts = [np.array([1, 3], dtype=np.int32) if n > 3 else np.array([1], dtype=np.int32) for n in lengths]
+    ends = [np.minimum(s + 1, n - 1).astype(np.int32) for s, n in zip(starts, lengths, strict=True)]
+    return starts, ends
 
 
 def _rows(lengths: list[int]) -> AlignedRows:
     ids = [np.arange(n, dtype=np.int32) + 10 * i for i, n in enumerate(lengths)]
-    starts = [np.array([1, 3], dtype=np.int32) if n > 3 else np.array([1], dtype=np.int32) for n in lengths]
-    ends = [np.minimum(s + 1, n - 1).astype(np.int32) for s, n in zip(starts, lengths, strict=True)]
+    starts, ends = _chunks(lengths)
     table = pa.table(
         {
             "doc_id": [f"d{i}" for i in range(len(lengths))],
@@ -210,15 +235,19 @@ def _rows(lengths: list[int]) -> AlignedRows:
 
 
 def test_micro_batches_pack_without_crossing_and_respect_budget():
-    rows = _rows([9, 3, 5, 2, 7, 4])
+    lengths = [9, 3, 5, 2, 7, 4]
+    rows = _rows(lengths)
+    starts, ends = _chunks(lengths)
     docs = np.arange(6)
     packed = plan_micro_batches(rows.lengths, max_tokens=20, packing=True)
     flat = sorted(p for mb in packed for row in mb for p in row)
     assert flat == list(range(6))  # every document exactly once
+    assert any(len(row) >= 2 for mb in packed for row in mb)  # rows really hold several documents
     for mb_layout in packed:
         mb = build_micro_batch(rows, docs, mb_layout)
         assert mb.padded_tokens <= 20 or len(mb_layout) == 1
         # every document's tokens, positions restarting at 0, groups shifted to the packed columns
+        expected_groups = []
         for r, row in enumerate(mb_layout):
             col = 0
             for p in row:
@@ -226,12 +255,12 @@ def test_micro_batches_pack_without_crossing_and_respect_budget():
                 assert mb.input_ids[r, col : col + n].tolist() == rows.input_ids(p).tolist()
                 assert mb.position_ids[r, col : col + n].tolist() == list(range(n))
                 assert bool(mb.doc_start[r, col]) and not mb.doc_start[r, col + 1 : col + n].any()
+                expected_groups += [(r, col + a, col + b) for a, b in zip(starts[p], ends[p], strict=True)]
                 col += n
             assert not mb.attention_mask[r, col:].any()
         g = mb.groups
-        assert torch.equal(
-            mb.input_ids[g.batch_index, g.start] >= 0, torch.ones(g.num_groups, dtype=torch.bool)
-        )
+        got = zip(g.batch_index.tolist(), g.start.tolist(), g.end.tolist(), strict=True)
+        assert sorted(got) == sorted(expected_groups)
     # packing needs fewer padded tokens than one document per row
     bucketed = plan_micro_batches(rows.lengths, max_tokens=20, packing=False)
     pad = lambda plan: sum(build_micro_batch(rows, docs, mb).padded_tokens for mb in plan)  # noqa: E731
@@ -268,15 +297,46 @@ def test_lr_schedule_warmup_then_linear_decay():
 
 def test_config_validation_messages(self_aligned, tmp_path):
     with pytest.raises(ValueError, match="exactly one data source"):
-        TrainConfig(student="x", output=str(tmp_path))
+        build_config(TrainConfig, {"student": "x", "output": str(tmp_path)})
     with pytest.raises(ValueError, match="exactly one student"):
-        TrainConfig(aligned=str(self_aligned), output=str(tmp_path))
+        build_config(TrainConfig, {"aligned": str(self_aligned), "output": str(tmp_path)})
     with pytest.raises(ValueError, match="--cache needs --student-tokenizer"):
-        TrainConfig(cache="c", student="x")
+        DataConfig(cache="c")
     with pytest.raises(ValueError, match="embedding-init"):
-        TrainConfig(aligned="a", init_from="x", embedding_init="random")
+        StudentSpec(init_from="x", embedding_init="random")
     with pytest.raises(ValueError, match="batch_size"):
-        TrainConfig(aligned="a", student="x", batch_size=1, num_workers=2)
+        TrainConfig(
+            data=DataConfig(aligned="a"),
+            student=StudentSpec(student="x"),
+            optim=OptimConfig(batch_size=1),
+            distributed=DistributedConfig(num_workers=2),
+        )
+    with pytest.raises(ValueError, match="--resume and --overwrite"):
+        CheckpointConfig(resume=True, overwrite=True)
+
+
+def test_config_tree_round_trips_through_json_and_zero_means_off(tmp_path):
+    from alm_pipeline.pipeline.ray_utils import RayConfig
+
+    cfg = config(
+        tmp_path / "aligned",
+        tmp_path / "run",
+        init_from="m",
+        num_layers=2,
+        tau=5.0,
+        debias=False,
+        loss_combination="fixed",
+        address="auto",
+        keep_checkpoints=0,
+        max_grad_norm=0,
+        fail_at_step=2,
+    )
+    assert cfg.checkpoint.keep is None and cfg.optim.max_grad_norm is None  # 0 = keep all / no clipping
+    assert cfg.combine.method == "fixed" and cfg.distributed.ray == RayConfig(address="auto")
+    again = TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg and isinstance(again.distributed.ray, RayConfig)
+    with pytest.raises(ValueError, match="unknown LossConfig setting"):
+        TrainConfig.from_dict({**cfg.to_dict(), "loss": {"temperature": 1.0}})
 
 
 def test_metrics_logger_rewinds_and_backfills(tmp_path):
@@ -329,6 +389,8 @@ def test_cli_help_documents_defaults():
         assert needle in text, needle
     bad = CliRunner().invoke(app, ["train", "--student", "x"])
     assert bad.exit_code == 2 and "exactly one data source" in " ".join(bad.output.split())
+    bad = CliRunner().invoke(app, ["train", "--aligned", "a", "--student", "x", "--strategy", "zero3"])
+    assert bad.exit_code == 2 and "zero3" in bad.output
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -434,17 +496,73 @@ def test_tiny_student_learns_and_checkpoint_is_plain_transformers(small_aligned,
     assert state["step"] == 30 and state["data_position"]["epoch"] >= 1
 
 
-def test_packing_equals_bucketing_and_micro_batching(small_aligned, gpt2_bl_model, tmp_path):
-    """The loss of a step does not depend on how the global batch is cut into micro-batches or packed."""
+def test_packed_rows_keep_attention_inside_each_document(self_aligned, gpt2_bl_model):
+    """Rows packed with several documents (position ids restarting, no padding mask, as the worker runs them)
+    give every document the log-probs and boundary log-probs it gets when run alone."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(gpt2_bl_model).eval()
+    fwd = StudentForward(model, load_byte_view(gpt2_bl_model).boundary_mask, slice_size=16)
+    rows = read_aligned_rows(open_aligned_set(self_aligned).shard_files())
+    docs = np.arange(8)
+    width = 3 * int(rows.lengths[docs].max())
+    (layout,) = plan_micro_batches(rows.lengths[docs], max_tokens=10**6, packing=True, pack_length=width)
+    assert max(len(row) for row in layout) >= 3  # the case under test: several documents per row
+    mb = build_micro_batch(rows, docs, layout)
+    assert mb.packed
+    with torch.no_grad():
+        lp, sigma = fwd(mb.input_ids, mb.attention_mask, position_ids=mb.position_ids)
+        stats = micro_batch_token_stats(lp, sigma, mb)
+        # the same rows under plain causal attention (documents see their predecessors in the row): must differ
+        crossed, _ = fwd(mb.input_ids, mb.attention_mask, attention_mask=mb.attention_mask.long())
+    later_docs = 0
+    for r, row in enumerate(layout):
+        col = 0
+        for k, p in enumerate(row):
+            n = int(rows.lengths[docs[p]])
+            ids = torch.as_tensor(rows.input_ids(int(docs[p])), dtype=torch.long)[None]
+            with torch.no_grad():
+                alone_lp, alone_sigma = fwd(ids, torch.ones_like(ids, dtype=torch.bool))
+            assert not stats.token_mask[r, col] and stats.token_mask[r, col + 1 : col + n].all()
+            torch.testing.assert_close(
+                stats.token_logprob[r, col + 1 : col + n], alone_lp[0, 1:], atol=1e-4, rtol=1e-4
+            )
+            torch.testing.assert_close(sigma[r, col : col + n], alone_sigma[0], atol=1e-4, rtol=1e-4)
+            if k > 0:
+                later_docs += 1
+                assert (crossed[r, col + 1 : col + n] - alone_lp[0, 1:]).abs().max() > 1e-3
+            col += n
+    assert later_docs >= 2
+
+
+def test_packing_equals_bucketing_and_micro_batching(mixed_aligned, gpt2_bl_model, tmp_path):
+    """The loss of a step does not depend on how the global batch is cut into micro-batches or packed (the
+    packed run's rows hold several documents)."""
+    rows, _ = read_aligned_rows(open_aligned_set(mixed_aligned).shard_files()).select_trainable(
+        need_groups=True
+    )
+    plan = BatchPlan(rows.num_docs, batch_size=6, seed=0)  # config()'s batch size and seed
+    packed_rows = [
+        row
+        for step in range(3)
+        for mb in plan_micro_batches(
+            rows.lengths[plan.global_batch(step)],
+            max_tokens=96,
+            packing=True,
+            pack_length=int(rows.lengths.max()),  # the worker packs up to the longest document
+        )
+        for row in mb
+    ]
+    assert any(len(row) >= 2 for row in packed_rows)
     runs = {}
     for name, kw in {
         "packed": {"packing": True, "micro_batch_tokens": 96},
         "bucketed": {"packing": False, "micro_batch_tokens": 96},
         "one_pass": {"packing": False, "micro_batch_tokens": 100000},
     }.items():
-        res = train_local(config(small_aligned, tmp_path / name, init_from=str(gpt2_bl_model), steps=3, **kw))
+        res = train_local(config(mixed_aligned, tmp_path / name, init_from=str(gpt2_bl_model), steps=3, **kw))
         runs[name] = losses(res.history)
-        assert res.history[0]["padding"] >= 0
+        assert res.info["packing"] == (name == "packed")
     np.testing.assert_allclose(runs["packed"], runs["one_pass"], rtol=2e-5, atol=1e-7)
     np.testing.assert_allclose(runs["bucketed"], runs["one_pass"], rtol=2e-5, atol=1e-7)
 
@@ -561,8 +679,6 @@ def test_ray_train_two_workers_match_one_worker(ray_local, small_aligned, gpt2_b
     metrics.csv, TensorBoard files and a final Hugging Face folder that loads and generates."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from alm_pipeline.trainer.train import run_training
-
     kw = {"init_from": str(gpt2_bl_model), "steps": 4, "checkpoint_every": 2}
     one = train_local(config(small_aligned, tmp_path / "one", **kw))
     out = tmp_path / "two"
@@ -646,7 +762,6 @@ def test_stream_from_cache_bytes_student_restarts_after_failure(ray_local, gpt2_
     from alm_pipeline.pipeline.corpus import CorpusConfig
     from alm_pipeline.pipeline.ray_utils import RayConfig
     from alm_pipeline.pipeline.teacher_cache import TeacherCacheConfig, build_teacher_cache
-    from alm_pipeline.trainer.train import run_training
 
     data = tmp_path / "corpus.jsonl"
     data.write_text(
@@ -667,14 +782,10 @@ def test_stream_from_cache_bytes_student_restarts_after_failure(ray_local, gpt2_
     kw = {"init_from": str(gpt2_bl_model), "steps": 5, "checkpoint_every": 2, "batch_size": 4}
     ref = train_local(config(aligned, tmp_path / "ref", **kw))
     cfg = config(aligned, tmp_path / "stream", **kw, fail_at_step=3, max_failures=1)
-    cfg = TrainConfig(
-        **{
-            **cfg.to_dict(),
-            "aligned": None,
-            "cache": str(tmp_path / "cache"),
-            "student_tokenizer": "bytes",
-            "ray": RayConfig(),
-        }
+    cfg = dataclasses.replace(
+        cfg,
+        data=DataConfig(cache=str(tmp_path / "cache"), student_tokenizer="bytes"),
+        distributed=dataclasses.replace(cfg.distributed, ray=RayConfig()),
     )
     res = run_training(cfg)
     assert res.steps == 5 and (tmp_path / "stream" / ".injected_failure").exists()

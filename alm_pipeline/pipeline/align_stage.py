@@ -40,10 +40,19 @@ class AlignError(RuntimeError):
 
 @dataclass(frozen=True)
 class AlignSettings:
-    gamma: float = 0.1  # merge chunks until the teacher's boundary probability exceeds γ (0: no merging)
-    debias: bool = True  # the trainer adds σ to both chunk log-likelihoods (outcome debiasing)
-    max_student_length: int | None = None  # student tokens per document (None: cover the cached text)
-    min_coverage: float = 0.8  # warn when chunks cover less of the text than this
+    gamma: float = field(
+        default=0.1,
+        metadata={"help": "γ: merge chunks until the teacher's boundary probability > γ (0 = no merging)"},
+    )
+    debias: bool = field(
+        default=True, metadata={"help": "Outcome debiasing (add σ to chunk log-likelihoods)"}
+    )
+    max_student_length: int | None = field(
+        default=None, metadata={"help": "Student tokens per document (default: cover the cached text)"}
+    )
+    min_coverage: float = field(
+        default=0.8, metadata={"help": "Warn when chunks cover less of the text than this"}
+    )
 
     def identity(self) -> dict:
         return {"gamma": self.gamma, "debias": self.debias, "max_student_length": self.max_student_length}
@@ -51,11 +60,20 @@ class AlignSettings:
 
 @dataclass(frozen=True)
 class AlignConfig:
-    cache: str
-    student_tokenizers: tuple[str, ...]
-    output: str  # parent folder: one aligned set per student tokenizer inside it
+    cache: str = field(metadata={"help": "Teacher cache directory (from `alm-pipeline teacher-cache`)"})
+    student_tokenizers: tuple[str, ...] = field(
+        metadata={
+            "help": "Student tokenizer: `bytes`, a tokenizer folder, or a short name (repeat for several)",
+            "cli": "student_tokenizer",
+        }
+    )
+    output: str = field(
+        default="aligned", metadata={"help": "Parent folder; one aligned set per student tokenizer inside"}
+    )
     settings: AlignSettings = field(default_factory=AlignSettings)
-    overwrite: bool = False
+    overwrite: bool = field(
+        default=False, metadata={"help": "Replace existing aligned sets made with other settings"}
+    )
     ray: RayConfig = field(default_factory=RayConfig)
 
 

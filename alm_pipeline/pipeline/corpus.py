@@ -22,11 +22,28 @@ class CorpusError(ValueError):
 
 @dataclass(frozen=True)
 class CorpusConfig:
-    path: str  # a file, a directory of files, a save_to_disk directory, or a hub dataset name
-    text_field: str = "text"
-    id_field: str | None = None
-    split: str = "train"  # for hub datasets and DatasetDict directories
-    limit: int | None = None  # stop after this many usable documents
+    path: str | None = field(
+        default=None,  # None: the bundled Shakespeare corpus (set in __post_init__)
+        metadata={
+            "help": "Corpus: .jsonl/.json/.parquet file or folder, save_to_disk folder, or hub dataset "
+            "(default: the bundled Shakespeare corpus)",
+            "cli": "data",
+        },
+    )
+    text_field: str = field(default="text", metadata={"help": "Field holding the document text"})
+    id_field: str | None = field(
+        default=None, metadata={"help": "Field holding a unique document id (default: hash of text)"}
+    )
+    split: str = field(default="train", metadata={"help": "Split, for hub datasets and DatasetDict folders"})
+    limit: int | None = field(
+        default=None, metadata={"help": "Use only the first N usable documents", "cli": "max_docs"}
+    )
+
+    def __post_init__(self) -> None:
+        if self.path is None:
+            from alm_pipeline.assets import bundled_corpus_path
+
+            object.__setattr__(self, "path", bundled_corpus_path())
 
     def describe(self) -> dict:
         return {

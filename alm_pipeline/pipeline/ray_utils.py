@@ -4,15 +4,25 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
 class RayConfig:
-    address: str | None = None  # "auto", "ray://host:10001", ...; None: $RAY_ADDRESS, else start locally
-    num_cpus: int | None = None  # local instance only (None: all cores)
-    object_store_memory: int | None = None  # local instance only, bytes
-    log_to_driver: bool = False  # forward worker logs to this console
+    address: str | None = field(
+        default=None,
+        metadata={
+            "help": "Ray cluster address, e.g. auto or ray://host:10001 (default: $RAY_ADDRESS, else a local Ray "
+            "started for the run)"
+        },
+    )
+    num_cpus: int | None = field(
+        default=None, metadata={"help": "CPUs of the local Ray instance (default: all cores)"}
+    )
+    object_store_memory: int | None = field(
+        default=None, metadata={"help": "Object store bytes of the local Ray instance (default: Ray's)"}
+    )
+    log_to_driver: bool = field(default=False, metadata={"help": "Show Ray worker logs", "cli": "verbose"})
 
 
 def ensure_ray(config: RayConfig = RayConfig()) -> None:

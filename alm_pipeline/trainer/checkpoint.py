@@ -60,6 +60,24 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete, or does not fit the run that wants to continue from it."""
 
 
+def identity_diffs(saved: dict, current: dict, recorded_only: bool = False) -> list[str]:
+    """One ``"key: checkpoint X, this run Y"`` per setting of ``current`` that differs from the checkpoint's
+    ``saved`` one (``recorded_only``: ignore settings the checkpoint did not record)."""
+    return [
+        f"{k}: checkpoint {saved.get(k)!r}, this run {v!r}"
+        for k, v in current.items()
+        if (k in saved or not recorded_only) and saved.get(k) != v
+    ]
+
+
+def settings_differ(path: str | os.PathLike[str], diffs: list[str]) -> str:
+    """The refusal to continue from the checkpoint ``path`` of a run with other settings (``diffs``)."""
+    return (
+        f"cannot continue from {path}: the run settings differ ({'; '.join(diffs)}); use the same settings, or "
+        "start a new run (--overwrite or another --output)"
+    )
+
+
 def checkpoint_name(step: int) -> str:
     return f"checkpoint-{step:06d}"
 

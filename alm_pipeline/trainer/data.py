@@ -22,7 +22,6 @@ Three layers, each independent of Ray and of the model:
 from __future__ import annotations
 
 import functools
-import math
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -302,8 +301,9 @@ class BatchPlan:
         return step * self.batch_size / self.num_docs
 
     @staticmethod
-    def worker_slice(batch: np.ndarray, rank: int, world_size: int) -> np.ndarray:
-        return np.array_split(batch, world_size)[rank]
+    def worker_slices(batch: np.ndarray, world_size: int) -> list[np.ndarray]:
+        """The parts of a global batch the workers take (slice ``r`` for rank ``r``)."""
+        return np.array_split(batch, world_size)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -478,34 +478,3 @@ def dummy_micro_batch(pad_id: int = 0) -> MicroBatch:
     of forward/backward passes (FSDP's collectives and GradMag's all-reduce need that)."""
     mb = build_micro_batch(AlignedRows.empty(), [], [], pad_id=pad_id)
     return mb
-
-
-def micro_batch_counts(
-    rows: AlignedRows,
-    batch: np.ndarray,
-    world_size: int,
-    *,
-    max_tokens: int,
-    packing: bool,
-    pack_length: int | None,
-) -> list[int]:
-    """Number of micro-batches each worker needs for global batch ``batch`` (every worker can compute this for
-    all workers: the rows and the plan are the same everywhere)."""
-    return [
-        len(
-            plan_micro_batches(
-                rows.lengths[s], max_tokens=max_tokens, packing=packing, pack_length=pack_length
-            )
-        )
-        for s in np.array_split(batch, world_size)
-    ]
-
-
-def padding_fraction(micro_batches: Sequence[MicroBatch]) -> float:
-    padded = sum(mb.padded_tokens for mb in micro_batches)
-    real = sum(mb.num_tokens for mb in micro_batches)
-    return 0.0 if padded == 0 else 1.0 - real / padded
-
-
-def ceil_div(a: int, b: int) -> int:
-    return int(math.ceil(a / b))

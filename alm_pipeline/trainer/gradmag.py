@@ -68,16 +68,17 @@ class CombinedLoss:
     grad_norms: dict[str, Tensor]
 
 
-def _squared_grad_norm(loss: Tensor, params: list[Tensor]) -> Tensor:
-    device = params[0].device
+def _flat_grad(loss: Tensor, params: list[Tensor]) -> Tensor:
+    """``∂loss/∂params`` as one fp32 vector (zeros where ``loss`` does not depend on a parameter)."""
     if not loss.requires_grad:
-        return torch.zeros((), dtype=torch.float32, device=device)
+        return torch.zeros(sum(p.numel() for p in params), device=loss.device)
     grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-    total = torch.zeros((), dtype=torch.float32, device=device)
-    for g in grads:
-        if g is not None:
-            total = total + g.detach().float().pow(2).sum()
-    return total
+    return torch.cat(
+        [
+            (g if g is not None else torch.zeros_like(p)).reshape(-1).float()
+            for g, p in zip(grads, params, strict=True)
+        ]
+    )
 
 
 def gradmag_weights(
@@ -85,14 +86,15 @@ def gradmag_weights(
     params: Iterable[Tensor],
     *,
     eps: float = 1e-12,
-    reduce_squared_norms: Callable[[Tensor], Tensor] | None = None,
+    reduce_gradients: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Normalised GradMag weights ``w̃`` and gradient norms ``‖g_i‖`` (both ``[n]``, fp32, detached), in the
     order of ``losses``.
 
     ``params`` are the parameters the gradients are restricted to (those that do not require grad are
-    ignored). ``reduce_squared_norms``, if given, maps the ``[n]`` vector of local squared norms to the
-    values to use (e.g. a DDP all-reduce average, so that every worker uses the same weights).
+    ignored). ``reduce_gradients``, if given, maps the ``[n, P]`` matrix of local flattened gradients to the
+    ones to take the norms of (the trainer sums them over its workers with an all-reduce, so that every worker
+    uses the same weights: the norms are those of the gradients of the whole global batch).
     """
     names = list(losses)
     plist = [p for p in params if p.requires_grad]
@@ -100,10 +102,10 @@ def gradmag_weights(
         raise ValueError("no losses to combine")
     if not plist:
         raise ValueError("GradMag needs at least one parameter that requires grad")
-    sq = torch.stack([_squared_grad_norm(losses[n], plist) for n in names])
-    if reduce_squared_norms is not None:
-        sq = reduce_squared_norms(sq)
-    norms = sq.clamp(min=0.0).sqrt()
+    stacked = torch.stack([_flat_grad(losses[n], plist) for n in names])
+    if reduce_gradients is not None:
+        stacked = reduce_gradients(stacked)
+    norms = stacked.pow(2).sum(1).sqrt()
     usable = torch.isfinite(norms) & (norms > eps)
     inv = torch.where(
         usable, 1.0 / torch.where(usable, norms, torch.ones_like(norms)), torch.zeros_like(norms)
@@ -120,7 +122,7 @@ def gradmag_combine(
     params: Iterable[Tensor],
     *,
     eps: float = 1e-12,
-    reduce_squared_norms: Callable[[Tensor], Tensor] | None = None,
+    reduce_gradients: Callable[[Tensor], Tensor] | None = None,
 ) -> CombinedLoss:
     """``Σ_i w̃_i · L_i`` with the weights of :func:`gradmag_weights`. A single loss gets weight 1 (no extra
     backward)."""
@@ -128,7 +130,7 @@ def gradmag_combine(
     if len(names) == 1:
         one = torch.ones((), dtype=torch.float32, device=losses[names[0]].device)
         return CombinedLoss(loss=losses[names[0]], weights={names[0]: one}, grad_norms={})
-    weights, norms = gradmag_weights(losses, params, eps=eps, reduce_squared_norms=reduce_squared_norms)
+    weights, norms = gradmag_weights(losses, params, eps=eps, reduce_gradients=reduce_gradients)
     total = weights[0].to(losses[names[0]].dtype) * losses[names[0]]
     for w, n in zip(weights[1:], names[1:], strict=True):
         total = total + w.to(losses[n].dtype) * losses[n]
@@ -151,7 +153,7 @@ def fixed_combine(losses: Mapping[str, Tensor], weights: Mapping[str, float] | N
     used: dict[str, Tensor] = {}
     for name, loss in losses.items():
         beta = float(weights.get(name, 1.0))
-        used[name] = torch.tensor(beta, dtype=torch.float32, device=loss.device)
+        used[name] = torch.tensor(beta, dtype=torch.float64, device=loss.device)  # float(·) gives β back
         total = beta * loss if total is None else total + beta * loss
     assert total is not None
     return CombinedLoss(loss=total, weights=used, grad_norms={})
@@ -162,7 +164,7 @@ def combine_losses(
     config: LossCombinationConfig,
     params: Iterable[Tensor] | None = None,
     *,
-    reduce_squared_norms: Callable[[Tensor], Tensor] | None = None,
+    reduce_gradients: Callable[[Tensor], Tensor] | None = None,
 ) -> CombinedLoss:
     """Dispatch on ``config.method``; ``params`` (the last layer's trainable parameters) is needed for
     ``gradmag``."""
@@ -170,4 +172,4 @@ def combine_losses(
         return fixed_combine(losses, config.weights)
     if params is None:
         raise ValueError("GradMag needs params= (the trainable parameters of the last transformer layer)")
-    return gradmag_combine(losses, params, eps=config.eps, reduce_squared_norms=reduce_squared_norms)
+    return gradmag_combine(losses, params, eps=config.eps, reduce_gradients=reduce_gradients)

@@ -44,27 +44,33 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from alm_pipeline.pipeline.byteview import ByteView, byte_view_from_hf
+from alm_pipeline.trainer.fvt import FvtPlan
+from alm_pipeline.trainer.model_surgery import (
+    embeddings_tied,
+    find_layers,
+    is_peft_model,
+    last_layer_parameters,
+    set_special_ids,
+    transfer_embeddings,
+    transformer_layers,
+    truncate_layers,
+)
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "FVT_KINDS",
-    "FvtPlan",
     "StudentBundle",
     "StudentConfig",
     "StudentInfo",
-    "apply_fvt",
-    "fvt_plan",
     "last_layer_parameters",
     "load_student",
     "save_student",
@@ -76,17 +82,6 @@ BYTES_TOKENIZER = "bytes"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _ADAPTER_CONFIG = "adapter_config.json"
 _ADAPTER_FILES = (_ADAPTER_CONFIG, "adapter_model.safetensors", "adapter_model.bin")
-_BYTE_FALLBACK_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
-# Where decoder-only models keep their list of transformer blocks (tried in order before a generic search).
-_LAYER_PATHS = (
-    "model.layers",
-    "transformer.h",
-    "gpt_neox.layers",
-    "model.decoder.layers",
-    "transformer.blocks",
-    "model.language_model.layers",
-    "language_model.model.layers",
-)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -169,38 +164,6 @@ class StudentConfig:
         return self.init_from is not None
 
 
-@dataclass(frozen=True)
-class FvtPlan:
-    """Per new token id: the source ids whose rows are averaged, and how they were found.
-
-    ``sources[j]`` is a tuple of source token ids (repeats count: the pieces of ``aa`` may be ``a, a``); an
-    empty tuple means the mean of the source's non-special rows. ``kinds[j]`` is one of :data:`FVT_KINDS`:
-    ``exact`` (same bytes as one source token: the row is copied), ``special`` (special token matched by role
-    or content: copied), ``multi_token`` (mean of >= 2 pieces covering exactly the token's bytes),
-    ``special_mean`` (special token without counterpart: mean row) and ``fallback`` (bytes no source token
-    covers, or a token without bytes: mean row).
-    """
-
-    sources: list[tuple[int, ...]]
-    kinds: list[str]
-
-    def __post_init__(self) -> None:
-        if len(self.sources) != len(self.kinds):
-            raise ValueError("sources and kinds must have one entry per new token")
-
-    def __len__(self) -> int:
-        return len(self.sources)
-
-    def counts(self) -> dict[str, int]:
-        out = dict.fromkeys(FVT_KINDS, 0)
-        for k in self.kinds:
-            out[k] += 1
-        return out
-
-
-FVT_KINDS = ("exact", "special", "multi_token", "special_mean", "fallback")
-
-
 @dataclass
 class StudentInfo:
     """How the student was built (for logs and run metadata: ``dataclasses.asdict`` is JSON-ready)."""
@@ -236,365 +199,7 @@ class StudentBundle:
 
     @property
     def is_lora(self) -> bool:
-        return _is_peft_model(self.model)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# FVT
-
-
-def _source_lookup(source: ByteView) -> dict[bytes, int]:
-    """Byte string -> source token id, over non-special tokens; a normal piece wins over a byte-fallback piece
-    with the same bytes, otherwise the lowest id wins."""
-    lookup: dict[bytes, int] = {}
-    fallback_ids: set[int] = set()
-    for i, b in enumerate(source.token_bytes):
-        if not b or source.is_special[i]:
-            continue
-        is_fallback = False
-        if source.kind == "sentencepiece":
-            piece = source.tokenizer.id_to_token(i)
-            is_fallback = piece is not None and bool(_BYTE_FALLBACK_PIECE.match(piece))
-        if is_fallback:
-            fallback_ids.add(i)
-        current = lookup.get(b)
-        if current is None or (current in fallback_ids and not is_fallback):
-            lookup[b] = i
-    return lookup
-
-
-def _greedy_segment(data: bytes, lookup: dict[bytes, int], max_len: int) -> list[int] | None:
-    """Longest-match-first segmentation of ``data`` into source tokens; ``None`` if some byte is not covered."""
-    ids: list[int] = []
-    pos = 0
-    while pos < len(data):
-        for n in range(min(max_len, len(data) - pos), 0, -1):
-            tid = lookup.get(data[pos : pos + n])
-            if tid is not None:
-                ids.append(tid)
-                pos += n
-                break
-        else:
-            return None
-    return ids
-
-
-def _special_roles(view: ByteView) -> dict[str, int]:
-    return {
-        role: tid
-        for role, tid in (("bos", view.bos_id), ("eos", view.eos_id), ("pad", view.pad_id))
-        if tid is not None
-    }
-
-
-def _special_source(
-    new_id: int, target: ByteView, source: ByteView, src_specials: dict[str, int]
-) -> int | None:
-    """The source token a special target token maps to, or ``None``."""
-    src_roles = _special_roles(source)
-    # a token may hold several roles (GPT-2's <|endoftext|> is BOS and EOS): take the first that maps
-    for role, tid in (("bos", target.bos_id), ("eos", target.eos_id), ("pad", target.pad_id)):
-        if tid != new_id:
-            continue
-        if role in src_roles:
-            return src_roles[role]
-        if role == "pad" and "eos" in src_roles:
-            return src_roles["eos"]
-    content = target.tokenizer.id_to_token(new_id)
-    if content is not None and content in src_specials:
-        return src_specials[content]
-    return None
-
-
-def fvt_plan(source: ByteView, target: ByteView) -> FvtPlan:
-    """Map every token of ``target`` to source tokens covering exactly its bytes (see the module docstring).
-
-    The invariant (checked by the tests): for ``exact`` and ``multi_token`` entries, the concatenated
-    ``source.token_bytes`` of ``sources[j]`` equal ``target.token_bytes[j]``.
-    """
-    lookup = _source_lookup(source)
-    max_len = max((len(b) for b in lookup), default=1)
-    src_specials = {}
-    for i in np.flatnonzero(source.is_special).tolist():
-        content = source.tokenizer.id_to_token(i)
-        if content is not None:
-            src_specials.setdefault(content, i)
-
-    n = target.vocab_size
-    sources: list[tuple[int, ...]] = [()] * n
-    kinds: list[str] = [""] * n
-    to_tokenize: list[tuple[int, str]] = []
-    for j in range(n):
-        b = target.token_bytes[j]
-        if target.is_special[j] or not b:
-            if not target.is_special[j]:  # a hole in the vocabulary: covers no bytes
-                kinds[j] = "fallback"
-                continue
-            src = _special_source(j, target, source, src_specials)
-            sources[j], kinds[j] = ((src,), "special") if src is not None else ((), "special_mean")
-            continue
-        if b in lookup:
-            sources[j], kinds[j] = (lookup[b],), "exact"
-            continue
-        try:
-            to_tokenize.append((j, b.decode("utf-8")))
-        except UnicodeDecodeError:
-            pieces = _greedy_segment(b, lookup, max_len)
-            sources[j], kinds[j] = _pieces_kind(pieces)
-
-    if to_tokenize:
-        encodings = source.tokenizer.encode_batch([text for _, text in to_tokenize], add_special_tokens=False)
-        for (j, _text), enc in zip(to_tokenize, encodings, strict=True):
-            pieces = _exact_pieces(target.token_bytes[j], list(enc.ids), source, lookup, max_len)
-            sources[j], kinds[j] = _pieces_kind(pieces)
-    return FvtPlan(sources=sources, kinds=kinds)
-
-
-def _pieces_kind(pieces: list[int] | None) -> tuple[tuple[int, ...], str]:
-    if not pieces:
-        return (), "fallback"
-    return tuple(pieces), ("exact" if len(pieces) == 1 else "multi_token")
-
-
-def _exact_pieces(
-    data: bytes, ids: list[int], source: ByteView, lookup: dict[bytes, int], max_len: int
-) -> list[int] | None:
-    """Source pieces covering exactly ``data``, from the source tokenizer's ``ids`` for its text."""
-    tb = source.token_bytes
-    joined = b"".join(tb[i] for i in ids)
-    if joined == data and all(not source.is_special[i] for i in ids):
-        return ids
-    if ids and joined == b" " + data and tb[ids[0]][:1] == b" " and not source.is_special[ids[0]]:
-        # SentencePiece dummy prefix: the first piece carries a space that is not in the bytes
-        rest = tb[ids[0]][1:]
-        if not rest:
-            return ids[1:]
-        head = [lookup[rest]] if rest in lookup else _greedy_segment(rest, lookup, max_len)
-        if head is not None:
-            return head + ids[1:]
-    # the tokenizer cannot reproduce the bytes (unknown characters, text-rewriting pre-tokenizers): go by bytes
-    return _greedy_segment(data, lookup, max_len)
-
-
-def _mean_row(matrix: torch.Tensor, ids: np.ndarray, chunk: int = 16384) -> torch.Tensor:
-    """float32 mean of ``matrix[ids]`` (in chunks: no float32 copy of a whole large matrix)."""
-    if len(ids) == 0:
-        ids = np.arange(matrix.shape[0])
-    total = torch.zeros(matrix.shape[1:], dtype=torch.float32, device=matrix.device)
-    index = torch.as_tensor(ids, dtype=torch.long, device=matrix.device)
-    for start in range(0, len(index), chunk):
-        total += matrix[index[start : start + chunk]].float().sum(0)
-    return total / len(index)
-
-
-def apply_fvt(plan: FvtPlan, matrix: torch.Tensor, mean_ids: Sequence[int] | np.ndarray) -> torch.Tensor:
-    """The new matrix (``len(plan)`` rows, same dtype/device as ``matrix``): single-source rows copied exactly,
-    multi-piece rows averaged in float32, empty ones set to the float32 mean of ``matrix[mean_ids]``.
-
-    ``matrix`` may be 1-D (an LM-head bias)."""
-    squeeze = matrix.dim() == 1
-    mat = matrix.detach().unsqueeze(1) if squeeze else matrix.detach()
-    out = torch.empty((len(plan), *mat.shape[1:]), dtype=mat.dtype, device=mat.device)
-    single = [(j, s[0]) for j, s in enumerate(plan.sources) if len(s) == 1]
-    multi = [j for j, s in enumerate(plan.sources) if len(s) > 1]
-    empty = [j for j, s in enumerate(plan.sources) if not s]
-    dev = mat.device
-    if single:
-        dst = torch.tensor([j for j, _ in single], dtype=torch.long, device=dev)
-        src = torch.tensor([i for _, i in single], dtype=torch.long, device=dev)
-        out[dst] = mat[src]
-    if empty:
-        out[torch.tensor(empty, dtype=torch.long, device=dev)] = _mean_row(mat, np.asarray(mean_ids)).to(
-            mat.dtype
-        )
-    chunk = 8192
-    for start in range(0, len(multi), chunk):
-        rows = multi[start : start + chunk]
-        flat = [i for j in rows for i in plan.sources[j]]
-        seg = [k for k, j in enumerate(rows) for _ in plan.sources[j]]
-        counts = torch.tensor([len(plan.sources[j]) for j in rows], dtype=torch.float32, device=dev)
-        gathered = mat[torch.tensor(flat, dtype=torch.long, device=dev)].float()
-        sums = torch.zeros((len(rows), *mat.shape[1:]), dtype=torch.float32, device=dev)
-        sums.index_add_(0, torch.tensor(seg, dtype=torch.long, device=dev), gathered)
-        means = sums / counts.view(-1, *([1] * (mat.dim() - 1)))
-        out[torch.tensor(rows, dtype=torch.long, device=dev)] = means.to(mat.dtype)
-    return out.squeeze(1) if squeeze else out
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Model surgery helpers
-
-
-def _is_peft_model(model: nn.Module) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The transformers model inside a ``peft`` model (with the LoRA layers injected), else ``model``."""
-    return model.get_base_model() if _is_peft_model(model) else model
-
-
-def _num_layers_from_config(model: nn.Module) -> int | None:
-    config = getattr(model, "config", None)
-    if config is None:
-        return None
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    value = getattr(text, "num_hidden_layers", None)
-    return int(value) if isinstance(value, int) else None
-
-
-def _find_layers(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
-    """(parent module, attribute name, ModuleList) of the transformer blocks."""
-    for dotted in _LAYER_PATHS:
-        parent_path, _, attr = dotted.rpartition(".")
-        try:
-            parent = model.get_submodule(parent_path)
-        except AttributeError:
-            continue
-        layers = getattr(parent, attr, None)
-        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
-            return parent, attr, layers
-    # generic: the ModuleList of config.num_hidden_layers entries holding the most parameters
-    expected = _num_layers_from_config(model)
-    best: tuple[int, str] | None = None
-    for name, module in model.named_modules():
-        if (
-            isinstance(module, nn.ModuleList)
-            and len(module) > 0
-            and (expected is None or len(module) == expected)
-        ):
-            size = sum(p.numel() for p in module.parameters())
-            if best is None or size > best[0]:
-                best = (size, name)
-    if best is None:
-        raise ValueError(f"cannot find the transformer blocks of {type(model).__name__}")
-    parent_path, _, attr = best[1].rpartition(".")
-    parent = model.get_submodule(parent_path)
-    return parent, attr, getattr(parent, attr)
-
-
-def transformer_layers(model: nn.Module) -> nn.ModuleList:
-    """The list of transformer blocks (``model.model.layers`` for Llama-like models, ``transformer.h`` for
-    GPT-2, ...), looking through a ``peft`` wrapper."""
-    return _find_layers(_unwrap(model))[2]
-
-
-def truncate_layers(model: nn.Module, num_layers: int) -> int:
-    """Keep only the first ``num_layers`` transformer blocks (in place); returns the former number of blocks.
-
-    Updates ``num_hidden_layers`` (``n_layer`` for GPT-2, through its attribute map) and per-layer config lists
-    such as ``layer_types`` so that caches and saved configs agree with the blocks."""
-    if _is_peft_model(model):
-        raise ValueError("truncate the model before wrapping it with LoRA")
-    parent, attr, layers = _find_layers(model)
-    before = len(layers)
-    if not 1 <= num_layers <= before:
-        raise ValueError(f"num_layers={num_layers} is not in [1, {before}] (the model has {before} blocks)")
-    if num_layers == before:
-        return before
-    setattr(parent, attr, nn.ModuleList(list(layers)[:num_layers]))
-    configs = [model.config]
-    if hasattr(model.config, "get_text_config") and model.config.get_text_config() is not model.config:
-        configs.append(model.config.get_text_config())
-    for config in configs:
-        if hasattr(config, "num_hidden_layers"):
-            config.num_hidden_layers = num_layers
-        for key in ("layer_types", "block_types"):
-            value = getattr(config, key, None)
-            if isinstance(value, list | tuple) and len(value) == before:
-                setattr(config, key, list(value)[:num_layers])
-    return before
-
-
-def _embeddings_tied(model: nn.Module) -> bool:
-    out = model.get_output_embeddings()
-    return out is not None and out.weight is model.get_input_embeddings().weight
-
-
-def _set_tying_config(model: nn.Module, tied: bool) -> None:
-    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
-        config.tie_word_embeddings = tied
-    # what save_pretrained / tie_weights consult: recompute after the config change
-    model.all_tied_weights_keys = model.get_expanded_tied_weights_keys(all_submodels=True)
-
-
-def _untie(model: nn.Module) -> None:
-    if _embeddings_tied(model):
-        head = model.get_output_embeddings()
-        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=head.weight.requires_grad)
-    _set_tying_config(model, False)
-
-
-def _output_linear(model: nn.Module) -> nn.Module:
-    head = model.get_output_embeddings()
-    if head is None or not hasattr(head, "weight") or head.weight.dim() != 2:
-        raise ValueError(f"{type(model).__name__} has no output embedding matrix (LM head) to transfer")
-    return head
-
-
-def _set_vocab_size(model: nn.Module, vocab_size: int) -> None:
-    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
-        config.vocab_size = vocab_size
-    for module in (model, getattr(model, "base_model", None)):
-        if module is not None and hasattr(module, "vocab_size"):
-            module.vocab_size = vocab_size
-
-
-def _set_special_ids(model: nn.Module, view: ByteView) -> None:
-    ids = {"bos_token_id": view.bos_id, "eos_token_id": view.eos_id, "pad_token_id": view.pad_id}
-    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
-        for key, value in ids.items():
-            setattr(config, key, value)
-    gen = getattr(model, "generation_config", None)
-    if gen is not None:
-        gen.bos_token_id = view.bos_id
-        gen.eos_token_id = view.eos_id
-        gen.pad_token_id = view.pad_id if view.pad_id is not None else view.eos_id
-
-
-def _transfer_embeddings(
-    model: nn.Module, source_view: ByteView, target_view: ByteView, untie: bool
-) -> FvtPlan:
-    """Rebuild the input/output embeddings of ``model`` (in place) for ``target_view``'s vocabulary."""
-    emb = model.get_input_embeddings()
-    if not isinstance(emb, nn.Embedding):
-        raise ValueError(
-            f"{type(model).__name__}'s input embeddings are {type(emb).__name__}, not nn.Embedding"
-        )
-    head = _output_linear(model)
-    src_tied = _embeddings_tied(model)
-    rows = emb.weight.shape[0]
-    if source_view.vocab_size > rows:
-        raise ValueError(
-            f"the source tokenizer has {source_view.vocab_size} tokens but the source model only "
-            f"{rows} embedding rows: they do not belong together"
-        )
-    mean_ids = np.flatnonzero(~source_view.is_special[:rows])
-    plan = fvt_plan(source_view, target_view)
-    tied = src_tied and not untie
-    with torch.no_grad():
-        new_in = apply_fvt(plan, emb.weight, mean_ids)
-        new_out = None if tied else apply_fvt(plan, head.weight, mean_ids)
-        bias = getattr(head, "bias", None)
-        new_bias = apply_fvt(plan, bias, mean_ids) if isinstance(bias, torch.Tensor) else None
-    vocab = target_view.vocab_size
-    emb.weight = nn.Parameter(new_in, requires_grad=emb.weight.requires_grad)
-    emb.num_embeddings = vocab
-    if emb.padding_idx is not None:
-        emb.padding_idx = target_view.pad_id
-    if tied:
-        head.weight = emb.weight
-    else:
-        head.weight = nn.Parameter(new_out, requires_grad=head.weight.requires_grad)
-    if new_bias is not None:
-        head.bias = nn.Parameter(new_bias, requires_grad=head.bias.requires_grad)
-    if hasattr(head, "out_features"):
-        head.out_features = vocab
-    _set_vocab_size(model, vocab)
-    _set_tying_config(model, tied)
-    if tied:
-        model.tie_weights()
-    return plan
+        return is_peft_model(self.model)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -625,7 +230,7 @@ def _linear_types() -> tuple[type, ...]:
 
 def _default_lora_targets(model: nn.Module) -> str:
     """A regex (peft ``fullmatch``) naming every linear layer inside the transformer blocks."""
-    _, _, layers = _find_layers(model)
+    _, _, layers = find_layers(model)
     prefix = next(name for name, module in model.named_modules() if module is layers)
     linear = _linear_types()
     suffixes: set[str] = set()
@@ -647,7 +252,7 @@ def _apply_lora(model: nn.Module, config: StudentConfig, train_embeddings: bool)
         list(config.lora_target_modules) if config.lora_target_modules else _default_lora_targets(model)
     )
     modules_to_save = None
-    tied = _embeddings_tied(model)
+    tied = embeddings_tied(model)
     if train_embeddings:
         names = [_module_name(model, model.get_input_embeddings())]
         head = model.get_output_embeddings()
@@ -750,7 +355,7 @@ def load_student(config: StudentConfig) -> StudentBundle:
         untie = config.untie_embeddings
         if untie is None:
             untie = tok_name == BYTES_TOKENIZER
-        plan = _transfer_embeddings(model, source_view, view, untie=untie)
+        plan = transfer_embeddings(model, source_view, view, untie=untie)
         train_embeddings = True if config.lora_train_embeddings is None else config.lora_train_embeddings
         mode = "transfer"
     else:
@@ -767,16 +372,16 @@ def load_student(config: StudentConfig) -> StudentBundle:
                 "embedding rows"
             )
         if config.untie_embeddings:
-            _untie(model)
+            untie(model)
         train_embeddings = bool(config.lora_train_embeddings)
         mode = "model"
 
     if config.num_layers is not None:
         before = truncate_layers(model, config.num_layers)
         truncated_from = before if before != config.num_layers else None
-    _set_special_ids(model, view)
-    tied = _embeddings_tied(model)
-    num_layers = len(_find_layers(model)[2])
+    set_special_ids(model, view)
+    tied = embeddings_tied(model)
+    num_layers = len(find_layers(model)[2])
     dtype = _dtype_name(model)
 
     lora_info = None
@@ -789,7 +394,7 @@ def load_student(config: StudentConfig) -> StudentBundle:
         model = peft.PeftModel.from_pretrained(model, source_path, is_trainable=True)
     elif config.lora_rank is not None:
         model = _apply_lora(model, config, train_embeddings)
-    if _is_peft_model(model):
+    if is_peft_model(model):
         lcfg = model.peft_config["default"]
         lora_info = {
             "rank": int(lcfg.r),
@@ -903,7 +508,7 @@ def save_student(bundle: StudentBundle, path: str | os.PathLike[str], merge_lora
     for stale in _ADAPTER_FILES:  # an earlier unmerged save into the same folder
         (out / stale).unlink(missing_ok=True)
     model = bundle.model
-    if _is_peft_model(model):
+    if is_peft_model(model):
         base = model.get_base_model()
         base.save_pretrained(out, state_dict=_lora_state_dict(model, merge=merge_lora))
         if not merge_lora:
@@ -932,21 +537,3 @@ def save_student(bundle: StudentBundle, path: str | os.PathLike[str], merge_lora
         json.dumps(bundle.info.to_dict(), indent=2) + "\n", encoding="utf-8"
     )
     return out
-
-
-# ----------------------------------------------------------------------------------------------------------
-# GradMag support
-
-
-def last_layer_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Trainable parameters of the last transformer block (its LoRA adapters under LoRA), for GradMag.
-
-    Raises ``ValueError`` if that block has none (e.g. LoRA targets that skip it)."""
-    layers = transformer_layers(model)
-    params = [p for p in layers[-1].parameters() if p.requires_grad]
-    if not params:
-        raise ValueError(
-            "the last transformer block has no trainable parameters (GradMag needs some): check the LoRA "
-            "target modules"
-        )
-    return params

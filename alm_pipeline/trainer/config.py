@@ -1,0 +1,442 @@
+"""The configuration of a training run (``alm-pipeline train``): one tree of typed dataclasses.
+
+Every field carries its default and its help text (``metadata={"help": ...}``) once; the CLI is generated from
+this tree (:mod:`alm_pipeline.cli.options`: one flat option per field, e.g. ``--lr``, ``--tau``,
+``--num-workers``; ``metadata={"cli": ...}`` where the option name differs from the field name). Each section
+validates itself in ``__post_init__``; :class:`TrainConfig` checks the rules that span sections.
+:meth:`TrainConfig.to_dict` / :meth:`TrainConfig.from_dict` round-trip the tree through JSON (``run.json``, the
+Ray Train loop config).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from alm_pipeline.pipeline.ray_utils import RayConfig
+from alm_pipeline.trainer.loss import DISTANCES, ALMLossConfig, Distance
+
+__all__ = [
+    "CheckpointConfig",
+    "CombineConfig",
+    "ComputeConfig",
+    "DataConfig",
+    "DebugConfig",
+    "DistributedConfig",
+    "LoggingConfig",
+    "LossConfig",
+    "OptimConfig",
+    "StudentSpec",
+    "TrainConfig",
+    "from_dict",
+]
+
+T = TypeVar("T")
+
+
+def _opt(default: Any = dataclasses.MISSING, help: str = "", cli: str | None = None, **kw: Any) -> Any:  # noqa: A002
+    """A dataclass field with its help text (and CLI option name, when it differs from the field name)."""
+    metadata: dict[str, Any] = {"help": help}
+    if cli is not None:
+        metadata["cli"] = cli
+    return field(default=default, metadata=metadata, **kw)
+
+
+def _positive_int(name: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _absolute(p: str | None) -> str | None:
+    if p is None or p == "bytes" or not os.path.exists(p):
+        return p
+    return str(Path(p).resolve())
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the training documents come from: exactly one of an aligned set, or a teacher cache aligned on the
+    fly."""
+
+    aligned: str | None = _opt(
+        None, "Aligned set directory (from `alm-pipeline align`); fixes the student tokenizer"
+    )
+    cache: str | None = _opt(
+        None, "Teacher cache to align on the fly (instead of --aligned); needs --student-tokenizer"
+    )
+    student_tokenizer: str | None = _opt(
+        None, "With --cache: the student tokenizer (folder, short name, or 'bytes')"
+    )
+    gamma: float | None = _opt(None, "With --cache: γ merging threshold (default 0.1, as in align)")
+    max_student_length: int | None = _opt(
+        None, "With --cache: student tokens per document (default: whole cached text)"
+    )
+
+    def __post_init__(self) -> None:
+        if (self.aligned is None) == (self.cache is None):
+            raise ValueError(
+                "give exactly one data source: --aligned DIR, or --cache DIR with --student-tokenizer"
+            )
+        if self.cache is not None and not self.student_tokenizer:
+            raise ValueError("--cache needs --student-tokenizer (a tokenizer folder, or 'bytes')")
+        if self.aligned is not None and (
+            self.student_tokenizer or self.gamma is not None or self.max_student_length
+        ):
+            raise ValueError(
+                "--student-tokenizer / --gamma / --max-student-length are alignment settings for --cache; an aligned "
+                "set already fixes them"
+            )
+
+
+@dataclass(frozen=True)
+class StudentSpec:
+    """Which student to train: exactly one of an existing model or a tokenizer transfer. The trainer turns it
+    into a :class:`~alm_pipeline.trainer.student.StudentConfig` (with the data's student tokenizer, fp32) via
+    :func:`alm_pipeline.trainer.worker.student_config`."""
+
+    student: str | None = _opt(
+        None, "Existing student model (folder, short name or hub name) that uses the student tokenizer"
+    )
+    init_from: str | None = _opt(
+        None, "Tokenizer transfer: start from this model (usually the teacher) with new embeddings"
+    )
+    embedding_init: str = _opt(
+        "fvt", "Embedding initialisation for --init-from: fvt (mean of source-token embeddings)"
+    )
+    num_layers: int | None = _opt(None, "Keep only the first N transformer blocks")
+    lora_rank: int | None = _opt(None, "Train LoRA adapters of this rank (default: full)")
+    lora_alpha: float | None = _opt(None, "LoRA alpha (default: the rank)")
+    disable_dropout: bool = _opt(True, "Set every dropout probability of the student to 0")
+
+    def __post_init__(self) -> None:
+        if (self.student is None) == (self.init_from is None):
+            raise ValueError(
+                "give exactly one student: --student PATH (an existing model with the student tokenizer) or "
+                "--init-from PATH (tokenizer transfer from that model)"
+            )
+        if self.embedding_init != "fvt":
+            raise ValueError(f"unknown --embedding-init {self.embedding_init!r}; supported: fvt")
+        for name in ("num_layers", "lora_rank"):
+            _positive_int(name, getattr(self, name), allow_none=True)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimisation (defaults after the paper, reference §11.1): Adam without weight decay (AdamW when
+    ``weight_decay > 0``), linear warm-up then linear decay, gradient clipping."""
+
+    steps: int = _opt(1000, "Optimizer steps")
+    batch_size: int = _opt(32, "Documents per optimizer step (global, over all workers)")
+    seed: int = _opt(0, "Seed of the data order")
+    lr: float = _opt(1e-5, "Peak learning rate")
+    warmup_steps: int | None = _opt(
+        None, "Linear warm-up steps, then linear decay to 0 (default: 10% of --steps)"
+    )
+    weight_decay: float = _opt(0.0, "Weight decay (default 0: Adam without weight decay; > 0 uses AdamW)")
+    adam_beta1: float = _opt(0.9, "Adam β1")
+    adam_beta2: float = _opt(0.95, "Adam β2")
+    adam_eps: float = _opt(1e-8, "Adam ε")
+    max_grad_norm: float | None = _opt(
+        1.0, "Clip the gradient norm to this (0: no clipping; the norm is always logged)"
+    )
+
+    def __post_init__(self) -> None:
+        if self.max_grad_norm == 0:  # 0 = no clipping, as None
+            object.__setattr__(self, "max_grad_norm", None)
+        for name in ("steps", "batch_size"):
+            _positive_int(name, getattr(self, name))
+        if self.warmup_steps is not None and (
+            not isinstance(self.warmup_steps, int) or self.warmup_steps < 0
+        ):
+            raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+        for name in ("lr", "adam_eps"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
+            raise ValueError("Adam betas must be in [0, 1)")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.max_grad_norm is not None and not (self.max_grad_norm > 0):
+            raise ValueError(
+                f"max_grad_norm must be > 0 (or None to disable clipping), got {self.max_grad_norm!r}"
+            )
+
+    @property
+    def warmup(self) -> int:
+        """Warm-up steps actually used (default 10 % of ``steps``, never more than ``steps``)."""
+        return (
+            int(round(0.1 * self.steps)) if self.warmup_steps is None else min(self.warmup_steps, self.steps)
+        )
+
+
+@dataclass(frozen=True)
+class ComputeConfig:
+    """How each worker runs its forward/backward passes: micro-batches, precision and memory trade-offs."""
+
+    micro_batch_tokens: int = _opt(
+        8192, "Padded tokens per forward pass per worker; the rest of the batch is gradient-accumulated"
+    )
+    packing: bool = _opt(
+        True,
+        "Pack several documents per row (attention never crosses documents); --no-packing: length buckets",
+    )
+    bf16: bool = _opt(False, "bfloat16 autocast (default fp32; loss statistics stay fp32)")
+    gradient_checkpointing: bool = _opt(False, "Recompute activations in the backward")
+    slice_size: int = _opt(1024, "Positions per LM-head slice of the student statistics")
+    recompute_logits: bool | None = _opt(
+        None,
+        "Recompute the LM head's logits slice by slice in the backward (memory O(slice x vocab), one more "
+        "LM-head matmul) instead of keeping the fp32 probabilities of a micro-batch (micro-batch tokens x "
+        "vocab x 4 bytes). Default: recompute only when those would exceed --logits-memory-mib",
+    )
+    logits_memory_mib: int = _opt(
+        2048, "Budget for kept fp32 probabilities per micro-batch (see --recompute-logits)"
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("micro_batch_tokens", "logits_memory_mib"):
+            _positive_int(name, getattr(self, name))
+        if self.slice_size < 1:
+            raise ValueError("slice_size must be >= 1")
+
+    def recompute(self, vocab_size: int) -> bool:
+        """Whether the LM head's logits are recomputed in the backward for a student of this vocabulary."""
+        if self.recompute_logits is not None:
+            return self.recompute_logits
+        return self.micro_batch_tokens * vocab_size * 4 > self.logits_memory_mib * 2**20
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The objective (reference §5, §6, §9): ALM and/or the student's next-token loss."""
+
+    alm: bool = _opt(True, "The ALM loss (turn off only for a next-token-only baseline)")
+    distance: Distance = _opt(
+        "binary_kl",
+        "ALM distance: binary_kl (default), binary_ce, binary_tvd, binary_kl_tau_limit, abs_tau_limit",
+    )
+    tau: float = _opt(100.0, "ALM temperature τ")
+    debias: bool | None = _opt(None, "Outcome-chunk debiasing (default: as stored in the aligned set)")
+    next_token_loss: bool = _opt(
+        False, "Add the student's next-token loss (hybrid distillation; default off)"
+    )
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.tau) and self.tau > 0):
+            raise ValueError(f"tau must be a finite number > 0, got {self.tau!r}")
+        if self.distance not in DISTANCES:
+            raise ValueError(f"unknown distance {self.distance!r}; choose one of {', '.join(DISTANCES)}")
+        if not self.alm and not self.next_token_loss:
+            raise ValueError("nothing to train: enable the ALM loss and/or the next-token loss")
+
+    def alm_config(self, aligned_debias: bool) -> ALMLossConfig:
+        return ALMLossConfig(
+            distance=self.distance,
+            tau=self.tau,
+            debias=aligned_debias if self.debias is None else self.debias,
+        )
+
+
+@dataclass(frozen=True)
+class CombineConfig:
+    """How the ALM and next-token losses are combined when both are on (:mod:`alm_pipeline.trainer.gradmag`)."""
+
+    method: Literal["gradmag", "fixed"] = _opt(
+        "gradmag",
+        "With --next-token-loss: gradmag (default) or fixed (--alm-weight/--ntp-weight)",
+        cli="loss_combination",
+    )
+    alm_weight: float = _opt(1.0, "Fixed weight of the ALM loss")
+    ntp_weight: float = _opt(1.0, "Fixed weight of the next-token loss")
+
+    def __post_init__(self) -> None:
+        if self.method not in ("gradmag", "fixed"):
+            raise ValueError(f"unknown loss combination {self.method!r}; choose gradmag or fixed")
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    """Ray Train workers and the Ray instance."""
+
+    num_workers: int = _opt(1, "Ray Train workers (data-parallel)")
+    use_gpu: bool = _opt(False, "One GPU per worker")
+    strategy: Literal["ddp", "fsdp"] = _opt(
+        "ddp", "ddp (default) or fsdp (shard a student that does not fit one device)"
+    )
+    cpus_per_worker: float | None = _opt(
+        None, "Ray CPUs per worker (default: leave one CPU to Ray Data, at most 1)"
+    )
+    torch_threads: int | None = _opt(None, "torch threads per worker (default: cores/workers)")
+    max_failures: int = _opt(
+        0, "Restart failed workers from the latest checkpoint up to N times (Ray FailureConfig)"
+    )
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def __post_init__(self) -> None:
+        _positive_int("num_workers", self.num_workers)
+        _positive_int("torch_threads", self.torch_threads, allow_none=True)
+        if self.strategy not in ("ddp", "fsdp"):
+            raise ValueError(f"unknown strategy {self.strategy!r}; choose ddp or fsdp")
+        if self.cpus_per_worker is not None and not (self.cpus_per_worker > 0):
+            raise ValueError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker!r}")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Checkpoints under ``<output>/checkpoints`` and what to do with an earlier run in ``output``."""
+
+    every: int = _opt(500, "Save a checkpoint every N steps (and at the end)", cli="checkpoint_every")
+    keep: int | None = _opt(3, "Keep the N newest checkpoints (0: all)", cli="keep_checkpoints")
+    resume: bool = _opt(False, "Continue from the latest checkpoint under --output")
+    overwrite: bool = _opt(False, "Delete an earlier run's checkpoints and metrics in --output")
+
+    def __post_init__(self) -> None:
+        if self.keep == 0:  # 0 = keep all, as None
+            object.__setattr__(self, "keep", None)
+        _positive_int("checkpoint_every", self.every)
+        _positive_int("keep_checkpoints", self.keep, allow_none=True)
+        if self.resume and self.overwrite:
+            raise ValueError("--resume and --overwrite exclude each other")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """Metrics: ``metrics.csv`` always; TensorBoard, W&B and the console progress line on request."""
+
+    log_every: int = _opt(10, "Console line every N steps when stderr is not a terminal")
+    tensorboard: bool = _opt(True, "Write TensorBoard event files")
+    wandb_project: str | None = _opt(None, "Also log to this W&B project (needs wandb)")
+    wandb_run_name: str | None = _opt(None, "W&B run name")
+    progress: bool = _opt(
+        True, "Show progress (a bar with an ETA on a terminal, else a line every --log-every)"
+    )
+
+    def __post_init__(self) -> None:
+        _positive_int("log_every", self.log_every)
+
+    @property
+    def wandb(self) -> bool:
+        return self.wandb_project is not None
+
+
+@dataclass(frozen=True)
+class DebugConfig:
+    """Test hooks."""
+
+    fail_at_step: int | None = _opt(
+        None, "Testing: raise once, right after this step (first attempt only; Ray restarts it)"
+    )
+
+    def __post_init__(self) -> None:
+        _positive_int("fail_at_step", self.fail_at_step, allow_none=True)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run needs (``alm-pipeline train`` fills it from its options)."""
+
+    data: DataConfig
+    student: StudentSpec
+    output: str = _opt("runs/exp", "Run directory: checkpoints/, final/, metrics.csv, tensorboard/")
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    combine: CombineConfig = field(default_factory=CombineConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+    def __post_init__(self) -> None:
+        dist_cfg = self.distributed
+        if self.optim.batch_size < dist_cfg.num_workers:
+            raise ValueError(
+                f"batch_size ({self.optim.batch_size}) must be >= num_workers ({dist_cfg.num_workers})"
+            )
+        if dist_cfg.strategy == "fsdp" and self.student.lora_rank is not None:
+            raise ValueError("FSDP with LoRA is not supported; LoRA students train with DDP (--strategy ddp)")
+        if dist_cfg.strategy == "fsdp" and self.gradmag and dist_cfg.num_workers > 1:
+            raise ValueError(
+                "GradMag with FSDP is not supported; use --loss-combination fixed with --strategy fsdp"
+            )
+
+    @property
+    def gradmag(self) -> bool:
+        """Both losses are on and combined with GradMag."""
+        return self.loss.alm and self.loss.next_token_loss and self.combine.method == "gradmag"
+
+    def resolved(self) -> TrainConfig:
+        """Local paths made absolute (Ray Train needs an absolute storage path; workers may run elsewhere)."""
+        return dataclasses.replace(
+            self,
+            data=dataclasses.replace(
+                self.data,
+                aligned=_absolute(self.data.aligned),
+                cache=_absolute(self.data.cache),
+                student_tokenizer=_absolute(self.data.student_tokenizer),
+            ),
+            student=dataclasses.replace(
+                self.student,
+                student=_absolute(self.student.student),
+                init_from=_absolute(self.student.init_from),
+            ),
+            output=str(Path(self.output).resolve()),
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        return from_dict(cls, d)
+
+    def data_identity(self) -> dict:
+        """Settings that fix the data order and the objective: a resumed run must use the same ones."""
+        return {
+            "batch_size": self.optim.batch_size,
+            "seed": self.optim.seed,
+            "alm": self.loss.alm,
+            "next_token_loss": self.loss.next_token_loss,
+            "distance": self.loss.distance,
+            "tau": self.loss.tau,
+            "debias": self.loss.debias,
+        }
+
+
+def _dataclass_in(annotation: Any) -> type | None:
+    """The dataclass in ``annotation`` (``X`` or ``X | None``), else None."""
+    if dataclasses.is_dataclass(annotation):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        found = [a for a in typing.get_args(annotation) if dataclasses.is_dataclass(a)]
+        return found[0] if len(found) == 1 else None
+    return None
+
+
+def from_dict(cls: type[T], data: dict) -> T:
+    """Build the dataclass ``cls`` from ``data`` (as :func:`dataclasses.asdict` or JSON gives it): nested
+    dataclass fields from nested dicts, tuple fields from lists; unknown keys are an error."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} setting(s): {', '.join(unknown)}")
+    kwargs = {}
+    for name, value in data.items():
+        annotation = hints[name]
+        sub = _dataclass_in(annotation)
+        if sub is not None and isinstance(value, dict):
+            value = from_dict(sub, value)
+        elif isinstance(value, list) and typing.get_origin(annotation) is tuple:
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)

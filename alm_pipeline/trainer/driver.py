@@ -1,0 +1,441 @@
+"""Launching a training run: :func:`run_training` (Ray Train) and :func:`train_local` (this process).
+
+The teacher is never loaded: its per-group log-likelihoods come from an aligned set (``data.aligned``; or a teacher
+cache aligned on the fly, ``data.cache`` + ``data.student_tokenizer``).
+
+* :func:`run_training` validates the configuration and the aligned set, starts/joins Ray, reads the aligned set
+  through Ray Data (``read_parquet`` of its shards) and launches a ``TorchTrainer`` with ``num_workers`` workers
+  (DDP, or FSDP2 ``fully_shard`` with ``strategy="fsdp"``) running :func:`~alm_pipeline.trainer.worker.ray_train_loop`.
+  Rank 0 sends one metrics row per optimizer step back through a Ray queue; the driver writes ``metrics.csv``,
+  TensorBoard event files (and W&B) and shows progress with an ETA. At the end the latest checkpoint is published
+  as ``<output>/final`` (a plain Hugging Face folder; LoRA merged).
+* **Checkpoints** (every ``checkpoint.every`` steps and at the end): a Hugging Face folder (model + tokenizer) +
+  optimizer + scheduler + ``trainer_state.json`` (step, data position), reported to Ray Train
+  (``<output>/checkpoints/checkpoint-NNNNNN``). ``checkpoint.resume`` continues from the latest one, and Ray
+  Train's ``FailureConfig(max_failures)`` restarts failed workers from it; since the data order is a function of
+  the step, a resumed run repeats an uninterrupted run's loss curve.
+* :func:`train_local` runs the same worker loop in this process without Ray (one worker, or inside an existing
+  ``torch.distributed`` process group): for notebooks, debugging and tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from alm_pipeline.cache.aligned import TRAINER_COLUMNS
+from alm_pipeline.optional import check
+from alm_pipeline.trainer import checkpoint as ckpt_io
+from alm_pipeline.trainer.config import TrainConfig
+from alm_pipeline.trainer.errors import TrainingError
+from alm_pipeline.trainer.runtime import LocalRuntime
+from alm_pipeline.trainer.worker import FAIL_MARKER, Worker, ray_train_loop
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["RUN_FILE", "TrainResult", "metric_columns", "run_training", "train_local"]
+
+RUN_FILE = "run.json"
+
+
+@dataclass
+class TrainResult:
+    """What :func:`run_training` / :func:`train_local` return."""
+
+    output: Path
+    final_checkpoint: Path | None  # <output>/final: Hugging Face folder (model + tokenizer)
+    last_checkpoint: Path | None  # <output>/checkpoints/checkpoint-NNNNNN (with optimizer state)
+    steps: int  # optimizer steps completed in total
+    start_step: int  # step the run started (resumed) from
+    final_loss: float | None
+    history: list[dict]  # the metric rows of this run (also in <output>/metrics.csv)
+    seconds: float
+    metrics_csv: Path | None = None
+    info: dict = field(default_factory=dict)
+
+
+def metric_columns(config: TrainConfig) -> list[str]:
+    """The columns of ``metrics.csv`` for this run's losses."""
+    alm, ntp = config.loss.alm, config.loss.next_token_loss
+    cols = ["step", "loss"]
+    if alm:
+        cols.append("loss_alm")
+    if ntp:
+        cols.append("loss_ntp")
+    if alm and ntp:
+        cols += ["weight_alm", "weight_ntp"]
+    cols += [
+        "valid_chunks",
+        "docs",
+        "student_tokens",
+        "padding",
+        "tokens_per_s",
+        "lr",
+        "grad_norm",
+        "step_time_s",
+        "epoch",
+        "elapsed_s",
+    ]
+    if alm:
+        cols.append("mean_abs_chunk_logprob_diff")
+    return cols
+
+
+def _prepare_output(config: TrainConfig) -> Path | None:
+    """Check the run directory against resume/overwrite; returns the checkpoint to continue from (or None)."""
+    out = Path(config.output)
+    ckpts = ckpt_io.list_checkpoints(out)
+    if config.checkpoint.overwrite:
+        for name in (ckpt_io.CHECKPOINTS_DIR, ckpt_io.FINAL_DIR, "tensorboard"):
+            shutil.rmtree(out / name, ignore_errors=True)
+        for name in ("metrics.csv", RUN_FILE, FAIL_MARKER):
+            (out / name).unlink(missing_ok=True)
+        ckpts = []
+    if config.checkpoint.resume:
+        if not ckpts:
+            logger.warning("--resume: %s holds no checkpoint yet; starting from step 0", out)
+            shutil.rmtree(out / ckpt_io.CHECKPOINTS_DIR, ignore_errors=True)
+            return None
+        latest = ckpts[-1][1]
+        theirs = ckpt_io.read_trainer_state(latest).get("data_identity", {})
+        diffs = ckpt_io.identity_diffs(theirs, config.data_identity(), recorded_only=True)
+        if diffs:
+            raise TrainingError(ckpt_io.settings_differ(latest, diffs))
+        return latest
+    if ckpts:
+        raise TrainingError(
+            f"{out} already holds checkpoints of a run (latest: step {ckpts[-1][0]}); pass --resume to continue it, "
+            "--overwrite to start over, or choose another --output"
+        )
+    # leftovers without a complete checkpoint (a run killed before its first one): Ray Train would restore its
+    # bookkeeping from them
+    shutil.rmtree(out / ckpt_io.CHECKPOINTS_DIR, ignore_errors=True)
+    (out / FAIL_MARKER).unlink(missing_ok=True)
+    return None
+
+
+def _check_source(config: TrainConfig) -> dict:
+    if config.data.aligned is not None:
+        from alm_pipeline.cache.aligned import open_aligned_set
+        from alm_pipeline.cache.store import CacheIntegrityError
+
+        try:
+            aligned = open_aligned_set(config.data.aligned, verify=True)
+        except (CacheIntegrityError, FileNotFoundError) as err:
+            raise TrainingError(str(err)) from None
+        try:
+            aligned.check_cache()
+        except CacheIntegrityError as err:
+            # training never reads the teacher cache: a moved or deleted one is fine, a changed one is not
+            if "fingerprint" in str(err):
+                raise TrainingError(str(err)) from None
+        except (FileNotFoundError, OSError, KeyError, ValueError):
+            pass
+        return {
+            "kind": "aligned",
+            "files": [str(f) for f in aligned.shard_files()],
+            "summary": aligned.summary(),
+        }
+    return {"kind": "stream"}
+
+
+def _stream_dataset(config: TrainConfig):
+    try:
+        from alm_pipeline.pipeline.align_stage import AlignSettings, stream_aligned
+    except ImportError as err:
+        raise NotImplementedError(
+            "training from a teacher cache with on-the-fly alignment (--cache + --student-tokenizer) needs "
+            "alm_pipeline.pipeline.align_stage.stream_aligned, which this installation lacks; run "
+            "`alm-pipeline align` first and pass --aligned"
+        ) from err
+    data = config.data
+    kwargs: dict[str, Any] = {}
+    if data.gamma is not None:
+        kwargs["gamma"] = data.gamma
+    if data.max_student_length is not None:
+        kwargs["max_student_length"] = data.max_student_length
+    dataset, _view, _cache = stream_aligned(
+        data.cache, data.student_tokenizer, AlignSettings(**kwargs), config.distributed.ray
+    )
+    return dataset.select_columns(list(TRAINER_COLUMNS))
+
+
+def _cpus_per_worker(config: TrainConfig) -> float:
+    if config.distributed.cpus_per_worker is not None:
+        return config.distributed.cpus_per_worker
+    from alm_pipeline.pipeline.ray_utils import cluster_cpus
+
+    total = cluster_cpus()
+    # leave one CPU to Ray Data's read tasks (with every CPU taken by workers, fit() waits forever on 2 cores)
+    return float(max(0.1, min(1.0, (total - 1.0) / config.distributed.num_workers)))
+
+
+def _export_final(last: Path, dest: Path) -> Path:
+    if (last / "adapter_config.json").exists():
+        from alm_pipeline.trainer.student import StudentConfig, load_student, save_student
+
+        tmp = dest.with_name(f".{dest.name}.merging")
+        shutil.rmtree(tmp, ignore_errors=True)
+        bundle = load_student(StudentConfig(model=str(last)))
+        save_student(bundle, tmp, merge_lora=True)
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(tmp, dest)
+        return dest
+    return ckpt_io.export_final(last, dest)
+
+
+class _MetricsSink:
+    """Receives rank 0's messages (metrics rows, setup info) and writes them."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        resume_step: int,
+        say: Callable[[str], None],
+        backfill: list[dict] | None = None,
+    ):
+        from alm_pipeline.trainer.metrics import MetricsLogger
+
+        log = config.logging
+        wandb = None
+        if log.wandb:
+            wandb = {"project": log.wandb_project, "name": log.wandb_run_name, "config": config.to_dict()}
+        self.say = say
+        self.info: dict = {}
+        self.logger = MetricsLogger(
+            config.output,
+            metric_columns(config),
+            total_steps=config.optim.steps,
+            resume_step=resume_step,
+            backfill=backfill,
+            tensorboard=log.tensorboard,
+            wandb=wandb,
+            console=log.progress,
+            log_every=log.log_every,
+        )
+
+    def __call__(self, kind: str, payload: dict) -> None:
+        if kind == "row":
+            self.logger.log(payload)
+        elif kind == "info":
+            self.info.update(payload)
+            if "message" in payload:
+                self.say(payload["message"])
+            elif "documents" in payload:
+                st = payload["student"]
+                self.say(
+                    f"{payload['documents']} documents ({payload['student_tokens']} student tokens, "
+                    f"{payload['groups']} chunks, {payload['rows_mib']} MiB per worker); student "
+                    f"{st.get('mode')} {st.get('source')} ({st.get('trainable_parameters', 0) / 1e6:.1f}M trainable); "
+                    f"{payload['world_size']} worker(s) on {payload['device']}; "
+                    f"{'packed' if payload['packing'] else 'length-bucketed'} micro-batches"
+                    + (f"; resuming at step {payload['start_step']}" if payload.get("resumed_from") else "")
+                )
+
+    def close(self) -> None:
+        self.logger.close()
+
+
+def _recent_metrics(checkpoint: Path | None) -> list[dict]:
+    if checkpoint is None:
+        return []
+    return list(ckpt_io.read_trainer_state(checkpoint).get("recent_metrics") or [])
+
+
+def _default_say(message: str) -> None:
+    import sys
+
+    print(f"[alm-pipeline] {message}", file=sys.stderr, flush=True)
+
+
+def _finish(config: TrainConfig, driver: _MetricsSink, start_step: int, t0: float) -> TrainResult:
+    out = Path(config.output)
+    last = ckpt_io.find_latest_checkpoint(out)
+    final = _export_final(last, out / ckpt_io.FINAL_DIR) if last is not None else None
+    rows = driver.logger.rows
+    result = TrainResult(
+        output=out,
+        final_checkpoint=final,
+        last_checkpoint=last,
+        steps=ckpt_io.checkpoint_step(last) if last is not None else 0,
+        start_step=start_step,
+        final_loss=float(rows[-1]["loss"]) if rows else None,
+        history=rows,
+        seconds=time.monotonic() - t0,
+        metrics_csv=driver.logger.path,
+        info=driver.info,
+    )
+    run = {
+        "config": config.to_dict(),
+        "steps": result.steps,
+        "start_step": start_step,
+        "final_loss": result.final_loss,
+        "final_checkpoint": str(final) if final else None,
+        "last_checkpoint": str(last) if last else None,
+        "seconds": round(result.seconds, 2),
+        "info": driver.info,
+    }
+    (out / RUN_FILE).write_text(json.dumps(run, indent=2, default=str) + "\n")
+    return result
+
+
+def _check_extras(config: TrainConfig) -> None:
+    if config.logging.wandb:
+        check("wandb", "W&B logging (--wandb-project)")
+
+
+def train_local(config: TrainConfig, say: Callable[[str], None] | None = None) -> TrainResult:
+    """Run the training loop in this process, without Ray (rank/world size from an initialised
+    ``torch.distributed`` group if there is one; then every rank must call this)."""
+    config = config.resolved()
+    _check_extras(config)
+    say = say or _default_say
+    t0 = time.monotonic()
+    distributed = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank() if distributed else 0
+    resume_from = _prepare_output(config) if rank == 0 else None
+    if distributed:
+        holder = [str(resume_from) if resume_from else None]
+        dist.broadcast_object_list(holder, src=0)
+        resume_from = Path(holder[0]) if holder[0] else None
+    resume_step = ckpt_io.checkpoint_step(resume_from) if resume_from else 0
+    driver = _MetricsSink(config, resume_step, say, _recent_metrics(resume_from)) if rank == 0 else None
+    worker = Worker(config, LocalRuntime(config, driver, str(resume_from) if resume_from else None))
+    try:
+        summary = worker.run()
+    finally:
+        if driver is not None:
+            driver.close()
+    if rank != 0:
+        return TrainResult(
+            Path(config.output), None, None, config.optim.steps, summary["start_step"], None, [], 0.0
+        )
+    return _finish(config, driver, summary["start_step"], t0)
+
+
+def run_training(config: TrainConfig, say: Callable[[str], None] | None = None) -> TrainResult:
+    """Train with Ray Train (see the module docstring). Raises :class:`TrainingError` with the cause."""
+    import ray
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.util.queue import Empty, Queue
+
+    from alm_pipeline.pipeline.ray_utils import ensure_ray
+
+    config = config.resolved()
+    _check_extras(config)
+    say = say or _default_say
+    t0 = time.monotonic()
+    source = _check_source(config)
+    Path(config.output).mkdir(parents=True, exist_ok=True)
+    resume_from = _prepare_output(config)
+    resume_step = ckpt_io.checkpoint_step(resume_from) if resume_from else 0
+    ensure_ray(config.distributed.ray)
+    cpus = _cpus_per_worker(config)
+    resources: dict[str, float] = {"CPU": cpus}
+    workers = config.distributed.num_workers
+    if config.distributed.use_gpu:
+        resources["GPU"] = 1.0
+    # Ray would wait forever for workers that cannot be placed: say so instead (on a cluster, an autoscaler may
+    # still add nodes, so only warn there)
+    have = ray.cluster_resources()
+    for name, per_worker in resources.items():
+        if have.get(name, 0.0) + 1e-9 < per_worker * workers:
+            message = (
+                f"{workers} workers need {per_worker * workers:g} {name} but the Ray cluster "
+                f"has {have.get(name, 0.0):g}; use fewer --num-workers"
+                + (" or a smaller --cpus-per-worker" if name == "CPU" else "")
+            )
+            if not (config.distributed.ray.address or os.environ.get("RAY_ADDRESS")):
+                raise TrainingError(message)
+            say(f"warning: {message} (waiting for the cluster to grow)")
+    if source["kind"] == "aligned":
+        # materialised once here (small: ~4 bytes per student token), so that the workers' iterators read
+        # blocks from the object store instead of each starting its own read tasks
+        dataset = ray.data.read_parquet(source["files"]).select_columns(list(TRAINER_COLUMNS)).materialize()
+    else:
+        dataset = _stream_dataset(config)
+    queue = Queue(actor_options={"num_cpus": 0})
+    driver = _MetricsSink(config, resume_step, say, _recent_metrics(resume_from))
+    if resume_from is not None:
+        say(f"resuming from {resume_from} (step {resume_step})")
+    stop = threading.Event()
+
+    def pump() -> None:
+        while True:
+            try:
+                kind, payload = queue.get(block=True, timeout=0.25)
+            except Empty:
+                if stop.is_set():
+                    return
+                continue
+            except Exception:  # noqa: BLE001 - the queue actor is gone (shutdown)
+                return
+            try:
+                driver(kind, payload)
+            except Exception as err:  # noqa: BLE001 - a logging problem must not kill the run
+                logger.warning("could not log %s: %s", kind, err)
+
+    thread = threading.Thread(target=pump, name="alm-train-metrics", daemon=True)
+    thread.start()
+    trainer = TorchTrainer(
+        ray_train_loop,
+        train_loop_config={
+            "config": config.to_dict(),
+            "queue": queue,
+            "resume_from": str(resume_from) if resume_from else None,
+            "rows_from_rank0": source["kind"] == "stream",
+        },
+        scaling_config=ScalingConfig(
+            num_workers=workers, use_gpu=config.distributed.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=ckpt_io.CHECKPOINTS_DIR,
+            storage_path=config.output,
+            checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoint.keep),
+            failure_config=FailureConfig(max_failures=config.distributed.max_failures),
+        ),
+        datasets={"train": dataset},
+        dataset_config=DataConfig(datasets_to_split=[]),
+    )
+    error: BaseException | None = None
+    try:
+        result = trainer.fit()
+        error = getattr(result, "error", None)
+    except Exception as err:  # noqa: BLE001 - re-raised below with the root cause
+        error = err
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+        driver.close()
+        with contextlib.suppress(Exception):
+            ray.kill(queue.actor)
+    if error is not None:
+        raise TrainingError(f"training failed: {_root_cause(error)}") from error
+    return _finish(config, driver, resume_step if resume_from else 0, t0)
+
+
+def _root_cause(err: BaseException) -> str:
+    seen = set()
+    while True:
+        nxt = err.__cause__ or getattr(err, "cause", None)
+        if nxt is None or id(nxt) in seen or not isinstance(nxt, BaseException):
+            break
+        seen.add(id(nxt))
+        err = nxt
+    text = str(err).strip()
+    # Ray wraps worker errors in long tracebacks: keep the last line that names the error
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    tail = lines[-1] if lines else type(err).__name__
+    return tail if len(tail) < 2000 else tail[:2000]

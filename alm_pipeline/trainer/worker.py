@@ -1,0 +1,537 @@
+"""The per-worker training loop: setup, one optimizer step, checkpoints (the same loop under Ray Train and in this
+process; :mod:`alm_pipeline.trainer.runtime` says which).
+
+Every worker holds the whole (small) training set as flat numpy arrays in a canonical order. The global batch of
+step ``s`` is a deterministic function of ``(seed, s)`` (:class:`~alm_pipeline.trainer.data.BatchPlan`); worker
+``r`` takes slice ``r`` of it, packs its documents into micro-batches under a token budget (or length-buckets
+them) and accumulates gradients over them. The ALM loss of a micro-batch is ``Σ d / (groups of the whole global
+batch)`` — the count is known to every worker from the plan, so no collective is needed before the backward —
+times the world size (DDP averages gradients), so the gradient is exactly that of the mean over the global batch
+whatever the number of workers or micro-batches. Workers with fewer micro-batches run empty ones so that all make
+the same number of passes. Two losses are combined with :func:`~alm_pipeline.trainer.gradmag.combine_losses`
+(GradMag's per-loss last-block gradients summed over the workers).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from alm_pipeline.trainer import checkpoint as ckpt_io
+from alm_pipeline.trainer.config import TrainConfig
+from alm_pipeline.trainer.data import (
+    AlignedRows,
+    BatchPlan,
+    build_micro_batch,
+    dummy_micro_batch,
+    plan_micro_batches,
+)
+from alm_pipeline.trainer.errors import TrainingError
+from alm_pipeline.trainer.forward import StudentForward, disable_dropout, micro_batch_token_stats
+from alm_pipeline.trainer.gradmag import LossCombinationConfig, combine_losses
+from alm_pipeline.trainer.loss import alm_loss, next_token_loss
+from alm_pipeline.trainer.optim import build_optimizer, build_scheduler, set_schedule
+from alm_pipeline.trainer.runtime import RayRuntime, Runtime, aligned_info
+
+if TYPE_CHECKING:
+    from alm_pipeline.trainer.student import StudentConfig
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FAIL_MARKER", "Worker", "ray_train_loop", "student_config"]
+
+FAIL_MARKER = ".injected_failure"
+
+
+def student_config(config: TrainConfig, tokenizer: str | None = None) -> StudentConfig:
+    """The student a run starts from (before any step), as a :class:`StudentConfig`: ``load_student`` of it
+    gives exactly the initial model (``tokenizer``: the student tokenizer spec, default: the data source's)."""
+    from alm_pipeline.trainer.student import StudentConfig
+
+    spec = config.student
+    shape = {
+        "dtype": "float32",
+        "num_layers": spec.num_layers,
+        "lora_rank": spec.lora_rank,
+        "lora_alpha": spec.lora_alpha,
+    }
+    if spec.student is not None:
+        return StudentConfig(model=spec.student, **shape)
+    return StudentConfig(
+        init_from=spec.init_from, tokenizer=tokenizer or aligned_info(config)["tokenizer"], **shape
+    )
+
+
+def _rows_digest(rows: AlignedRows) -> str:
+    """A fingerprint of the training documents (ids, token counts, group counts, a sample of tokens)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    h.update("\x00".join(map(str, rows.doc_ids.tolist())).encode())
+    for arr in (rows.ids_offsets, rows.grp_offsets, rows.ids[:: max(1, len(rows.ids) // 65536)]):
+        h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()[:32]
+
+
+def _same_tokenizer(a, b) -> bool:
+    """Two byte views tokenize identically: same token bytes, special flags and added prefix/suffix tokens."""
+    return (
+        a.vocab_size == b.vocab_size
+        and list(a.token_bytes) == list(b.token_bytes)
+        and np.array_equal(a.is_special, b.is_special)
+        and list(a.prefix_ids) == list(b.prefix_ids)
+        and list(a.suffix_ids) == list(b.suffix_ids)
+    )
+
+
+class Worker:
+    """One worker's training loop (:meth:`run`)."""
+
+    def __init__(self, config: TrainConfig, runtime: Runtime):
+        self.config = config
+        self.rt = runtime
+
+    # ------------------------------------------------------------------ setup
+    def _load_student(self, resume: Path | None):
+        from alm_pipeline.trainer.student import StudentConfig, StudentInfo, load_student
+
+        cfg = self.config
+        if resume is not None:
+            bundle = load_student(StudentConfig(model=str(resume), dtype="float32"))
+            info_file = resume / "student_info.json"
+            if info_file.exists():  # keep how the student was originally built (FVT counts, source, ...)
+                with contextlib.suppress(TypeError, ValueError):
+                    bundle.info = StudentInfo(**json.loads(info_file.read_text()))
+            return bundle
+        sc = student_config(cfg, self.info["tokenizer"])
+        return load_student(sc)
+
+    def _pick_resume(self) -> tuple[Path | None, dict | None]:
+        best: tuple[int, Path] | None = None
+        for cand in self.rt.resume_candidates():
+            if not ckpt_io.is_complete(cand):
+                continue
+            step = ckpt_io.checkpoint_step(cand)
+            if best is None or step > best[0]:
+                best = (step, cand)
+        if best is None:
+            return None, None
+        state = ckpt_io.read_trainer_state(best[1])
+        mine = self.config.data_identity()
+        theirs = state.get("data_identity", {})
+        diffs = ckpt_io.identity_diffs(theirs, mine)
+        if state.get("num_docs") is not None and state["num_docs"] != self.rows.num_docs:
+            diffs.append(f"usable documents: checkpoint {state['num_docs']}, this run {self.rows.num_docs}")
+        elif state.get("rows_digest") not in (None, self.rows_digest):
+            diffs.append(
+                "training documents: not the ones the checkpoint was trained on (another aligned set?)"
+            )
+        if diffs:
+            raise ckpt_io.CheckpointError(ckpt_io.settings_differ(best[1], diffs))
+        return best[1], state
+
+    def setup(self) -> None:
+        cfg = self.config
+        rt = self.rt
+        with contextlib.suppress(
+            Exception
+        ):  # "Loading weights" / "Writing model shards" bars of every worker
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        threads = cfg.distributed.torch_threads or max(
+            1, (os.cpu_count() or 1) // max(1, cfg.distributed.num_workers)
+        )
+        torch.set_num_threads(threads)
+        torch.manual_seed(cfg.optim.seed)
+        self.device = rt.device()
+        self.info = aligned_info(cfg)
+        timings: dict[str, float] = {}
+        t = time.monotonic()
+        timings["before_setup"] = round(t - self.t_start, 2)
+
+        rows = rt.rows()
+        timings["read_rows"] = round(time.monotonic() - t, 2)
+        total_docs = rows.num_docs
+        rows, dropped = rows.select_trainable(need_groups=cfg.loss.alm and not cfg.loss.next_token_loss)
+        if rows.num_docs == 0:
+            raise TrainingError(
+                f"the training data has no usable document ({total_docs} read; dropped: {dropped}); check the "
+                "aligned set's coverage"
+            )
+        self.rows = rows
+        self.rows_digest = _rows_digest(rows)
+        self.plan = BatchPlan(rows.num_docs, cfg.optim.batch_size, cfg.optim.seed)
+        self.pack_length = int(rows.lengths.max())
+
+        self.resume_path, self.resume_state = self._pick_resume()
+        t = time.monotonic()
+        bundle = self._load_student(self.resume_path)
+        timings["load_student"] = round(time.monotonic() - t, 2)
+        from alm_pipeline.pipeline.byteview import load_byte_view
+
+        expected = load_byte_view(self.info["tokenizer"])
+        if not _same_tokenizer(bundle.view, expected):
+            raise TrainingError(
+                f"the student's tokenizer ({bundle.info.tokenizer}) is not the aligned set's student tokenizer "
+                f"({self.info['tokenizer']}): the chunk indices would point at other tokens. Use the student the set "
+                "was aligned for, or --init-from for a tokenizer transfer"
+            )
+        if int(rows.ids.max(initial=0)) >= bundle.view.vocab_size:
+            raise TrainingError("the aligned set holds token ids outside the student vocabulary")
+        self.bundle = bundle
+        model = bundle.model
+        if cfg.student.disable_dropout:
+            disable_dropout(model)
+        if cfg.compute.gradient_checkpointing:
+            hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        model.to(self.device)
+        self.pad_id = next((i for i in (bundle.view.pad_id, bundle.view.eos_id) if i is not None), 0)
+        self.recompute_logits = cfg.compute.recompute(bundle.view.vocab_size)
+        wrapper = StudentForward(
+            model, bundle.view.boundary_mask, cfg.compute.slice_size, self.recompute_logits
+        ).to(self.device)
+        self.wrapper = wrapper
+        sample = torch.as_tensor(rows.input_ids(0)[:64], dtype=torch.long, device=self.device)[None]
+        wrapper.self_check(sample, tol=1e-3 if not cfg.compute.bf16 else 5e-2)
+        self.packing = cfg.compute.packing and self._packing_works()
+
+        self.alm_cfg = cfg.loss.alm_config(self.info["debias"])
+        self.combination = LossCombinationConfig(
+            method=cfg.combine.method, weights={"alm": cfg.combine.alm_weight, "ntp": cfg.combine.ntp_weight}
+        )
+        if cfg.gradmag:
+            from alm_pipeline.trainer.model_surgery import last_layer_parameters
+
+            self.gradmag_params = last_layer_parameters(model)
+        else:
+            self.gradmag_params = None
+
+        self.model = self._wrap(wrapper)
+        self.optimizer = build_optimizer([p for p in self.model.parameters() if p.requires_grad], cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim)
+        self.start_step = 0
+        if self.resume_path is not None:
+            self._load_training_state(self.resume_path)
+        timings["setup_total"] = round(time.monotonic() - self.t_start, 2)
+        if rt.rank == 0:
+            rt.emit(
+                "info",
+                {
+                    "documents": rows.num_docs,
+                    "documents_read": total_docs,
+                    "dropped": dropped,
+                    "groups": int(rows.num_groups.sum()),
+                    "student_tokens": int(rows.lengths.sum()),
+                    "rows_mib": round(rows.nbytes / 2**20, 1),
+                    "student": bundle.info.to_dict(),
+                    "packing": self.packing,
+                    "world_size": rt.world_size,
+                    "device": str(self.device),
+                    "start_step": self.start_step,
+                    "resumed_from": str(self.resume_path) if self.resume_path else None,
+                    "debias": self.alm_cfg.debias,
+                    "warmup_steps": cfg.optim.warmup,
+                    "recompute_logits": self.recompute_logits,
+                    "setup_s": timings,
+                },
+            )
+
+    def _packing_works(self) -> bool:
+        """Packed rows (position ids restarting per document) must give each document the logits it gets alone;
+        otherwise this model's attention crosses documents and we fall back to length bucketing."""
+        lengths = self.rows.lengths
+        docs = [int(i) for i in np.argsort(lengths)[:2]] if self.rows.num_docs >= 2 else [0, 0]
+        a, b = (torch.as_tensor(self.rows.input_ids(d)[:32], dtype=torch.long) for d in docs)
+        packed = torch.cat([a, b])[None].to(self.device)
+        pos = torch.cat([torch.arange(len(a)), torch.arange(len(b))])[None].to(self.device)
+        with torch.no_grad():
+            self.wrapper.eval()
+            try:
+                mask = torch.ones_like(packed, dtype=torch.bool)
+                _, sig_packed = self.wrapper(packed, mask, position_ids=pos)
+                _, sig_a = self.wrapper(a[None].to(self.device), mask[:, : len(a)])
+                _, sig_b = self.wrapper(b[None].to(self.device), mask[:, : len(b)])
+            finally:
+                self.wrapper.train()
+        ref = torch.cat([sig_a[0], sig_b[0]])
+        diff = float((sig_packed[0] - ref).abs().max())
+        ok = diff <= (1e-3 if not self.config.compute.bf16 else 5e-2)
+        if not ok and self.rt.rank == 0:
+            logger.warning(
+                "packing disabled: %s does not keep attention inside packed documents (max diff %.2e); "
+                "using length bucketing",
+                type(self.wrapper.hf_model()).__name__,
+                diff,
+            )
+        return ok
+
+    def _wrap(self, wrapper: StudentForward) -> nn.Module:
+        cfg = self.config
+        if self.rt.world_size == 1 or not self.rt.distributed:
+            return wrapper
+        if cfg.distributed.strategy == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+
+            return DistributedDataParallel(
+                wrapper, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        from torch.distributed.fsdp import fully_shard
+
+        from alm_pipeline.trainer.model_surgery import transformer_layers
+
+        for layer in transformer_layers(wrapper.model):
+            fully_shard(layer)
+        fully_shard(wrapper)
+        return wrapper
+
+    def _load_training_state(self, path: Path) -> None:
+        state = ckpt_io.load_training_state(path)
+        if state["optimizer"] is not None:
+            if self.config.distributed.strategy == "fsdp" and self.rt.world_size > 1:
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+                set_optimizer_state_dict(
+                    self.model,
+                    self.optimizer,
+                    optim_state_dict=state["optimizer"],
+                    options=StateDictOptions(full_state_dict=True),
+                )
+            else:
+                self.optimizer.load_state_dict(state["optimizer"])
+        if state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+            set_schedule(self.optimizer, self.scheduler, self.config.optim)
+        if state["rng"] is not None:
+            with contextlib.suppress(Exception):
+                torch.set_rng_state(state["rng"]["torch"])
+        self.start_step = int(state["trainer_state"]["step"])
+
+    # ------------------------------------------------------------------ one optimizer step
+    def _sync(self, last: bool):
+        model = self.model
+        if hasattr(model, "no_sync") and not last:
+            return model.no_sync()
+        if hasattr(model, "set_requires_gradient_sync"):
+            model.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+
+    def _combine(self, losses: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        """One loss: itself (weight 1, whatever the fixed weights). Two: GradMag or the fixed weights, GradMag's
+        per-loss last-block gradients summed over the workers so that every worker uses the same weights."""
+        if len(losses) == 1:
+            ((name, loss),) = losses.items()
+            return loss, {name: 1.0}
+        combined = combine_losses(
+            losses, self.combination, self.gradmag_params, reduce_gradients=self._sum_over_workers
+        )
+        return combined.loss, {n: float(w) for n, w in combined.weights.items()}
+
+    def _sum_over_workers(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.rt.distributed and self.rt.world_size > 1:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def _step(self, step: int) -> dict:
+        cfg, rt, rows = self.config, self.rt, self.rows
+        t0 = time.perf_counter()
+        batch = self.plan.global_batch(step)
+        slices = BatchPlan.worker_slices(batch, rt.world_size)
+        plan_kw = {
+            "max_tokens": cfg.compute.micro_batch_tokens,
+            "packing": self.packing,
+            "pack_length": self.pack_length,
+        }
+        layouts_all = [plan_micro_batches(rows.lengths[s], **plan_kw) for s in slices]
+        n_micro = max(len(lay) for lay in layouts_all)
+        mine = slices[rt.rank]
+        micro = [build_micro_batch(rows, mine, lay, self.pad_id) for lay in layouts_all[rt.rank]]
+        micro += [dummy_micro_batch(self.pad_id) for _ in range(n_micro - len(micro))]
+        n_groups = int(rows.num_groups[batch].sum())
+        n_pred = int((rows.lengths[batch] - 1).sum())
+        n_tokens = int(rows.lengths[batch].sum())
+        scale = float(rt.world_size)
+        # [Σ distances, Σ nll, Σ total loss, padded tokens, Σ weight_alm, Σ weight_ntp, Σ |ΔC|·groups]
+        # accumulated on the device: no host synchronisation per micro-batch
+        sums = torch.zeros(7, dtype=torch.float64, device=self.device)
+        amp = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.compute.bf16)
+        for k, mb in enumerate(micro):
+            mb = mb.to(self.device)
+            with self._sync(k == n_micro - 1):
+                with amp:
+                    lp, sigma = self.model(
+                        mb.input_ids,
+                        mb.attention_mask,
+                        attention_mask=None if mb.packed else mb.attention_mask.long(),
+                        position_ids=mb.position_ids if mb.packed else None,
+                    )
+                stats = micro_batch_token_stats(lp.float(), sigma.float(), mb)
+                losses: dict[str, torch.Tensor] = {}
+                if cfg.loss.alm:
+                    out = alm_loss(stats, mb.groups, self.alm_cfg, num_groups_global=n_groups)
+                    losses["alm"] = out.loss * scale
+                    sums[0] += out.loss_sum.double()
+                    sums[6] += out.mean_abs_logprob_diff.double() * out.num_groups
+                if cfg.loss.next_token_loss:
+                    nt = next_token_loss(stats, num_tokens_global=n_pred)
+                    losses["ntp"] = nt.loss * scale
+                    sums[1] += nt.loss_sum.double()
+                total, weights = self._combine(losses)
+                total.backward()
+            sums[2] += total.detach().double() / scale
+            sums[3] += mb.padded_tokens if mb.num_docs else 0
+            sums[4] += weights.get("alm", 0.0)
+            sums[5] += weights.get("ntp", 0.0)
+        if rt.distributed and rt.world_size > 1:
+            dist.all_reduce(sums)
+        sums = sums.cpu()
+        if cfg.optim.max_grad_norm is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_params(), cfg.optim.max_grad_norm)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_params(), float("inf"))
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+            grad_norm = grad_norm.full_tensor()
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0
+        passes = n_micro * rt.world_size
+        row: dict[str, Any] = {"step": step + 1, "loss": float(sums[2])}
+        if cfg.loss.alm:
+            row["loss_alm"] = float(sums[0]) / max(n_groups, 1)
+        if cfg.loss.next_token_loss:
+            row["loss_ntp"] = float(sums[1]) / max(n_pred, 1)
+        if cfg.loss.alm and cfg.loss.next_token_loss:
+            row["weight_alm"] = float(sums[4]) / passes
+            row["weight_ntp"] = float(sums[5]) / passes
+        padded = float(sums[3])
+        row.update(
+            {
+                "valid_chunks": n_groups,
+                "docs": len(batch),
+                "student_tokens": n_tokens,
+                "padding": 0.0 if padded == 0 else max(0.0, 1.0 - n_tokens / padded),
+                "tokens_per_s": n_tokens / dt if dt > 0 else 0.0,
+                "lr": lr,
+                "grad_norm": float(grad_norm),
+                "step_time_s": dt,
+                "epoch": self.plan.epoch(step + 1),
+                "elapsed_s": time.monotonic() - self.t_start,
+            }
+        )
+        if cfg.loss.alm:
+            row["mean_abs_chunk_logprob_diff"] = float(sums[6]) / max(n_groups, 1)
+        if not math.isfinite(row["loss"]):
+            raise TrainingError(f"the loss is not finite at step {step + 1} ({row})")
+        return row
+
+    def trainable_params(self) -> list[torch.Tensor]:
+        return [p for p in self.model.parameters() if p.requires_grad and p.grad is not None]
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save(self, step: int, row: dict) -> None:
+        cfg = self.config
+        model_sd = None
+        if cfg.distributed.strategy == "fsdp" and self.rt.world_size > 1:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+                get_optimizer_state_dict,
+            )
+
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            full = get_model_state_dict(self.model, options=opts)
+            model_sd = {k.removeprefix("model."): v for k, v in full.items()}
+            optim_sd = get_optimizer_state_dict(self.model, self.optimizer, options=opts)
+        else:
+            optim_sd = self.optimizer.state_dict() if self.rt.rank == 0 else None
+        state = {
+            "step": step,
+            "steps": cfg.optim.steps,
+            "data_position": self.plan.position(step),
+            "epoch": self.plan.epoch(step),
+            "num_docs": self.rows.num_docs,
+            "rows_digest": self.rows_digest,
+            "world_size": self.rt.world_size,
+            "data_identity": cfg.data_identity(),
+            "loss": row.get("loss"),
+            "lr": row.get("lr"),
+            # the rows of the last steps: a resumed run writes those its killed predecessor had not logged yet
+            "recent_metrics": list(self.recent_rows),
+            "time": time.time(),
+            "torch": torch.__version__,
+        }
+
+        def write(path: Path) -> None:
+            ckpt_io.write_checkpoint(
+                path,
+                self.bundle,
+                trainer_state=state,
+                optimizer_state=optim_sd,
+                scheduler_state=self.scheduler.state_dict(),
+                model_state_dict=model_sd,
+                rng_state={"torch": torch.get_rng_state()},
+            )
+
+        self.rt.save(step, row, write)
+
+    # ------------------------------------------------------------------ main loop
+    def run(self) -> dict:
+        self.t_start = time.monotonic()
+        self.setup()
+        cfg = self.config
+        last_row: dict | None = None
+        self.recent_rows: collections.deque[dict] = collections.deque(
+            maxlen=max(2 * cfg.checkpoint.every, 64)
+        )
+        if self.start_step >= cfg.optim.steps and self.rt.rank == 0:
+            self.rt.emit(
+                "info",
+                {
+                    "message": f"nothing to do: the checkpoint is at step {self.start_step} >= {cfg.optim.steps}"
+                },
+            )
+        for step in range(self.start_step, cfg.optim.steps):
+            row = self._step(step)
+            last_row = row
+            self.recent_rows.append(row)
+            if self.rt.rank == 0:
+                self.rt.emit("row", row)
+            done = step + 1
+            if done % cfg.checkpoint.every == 0 or done == cfg.optim.steps:
+                self._save(done, row)
+            if cfg.debug.fail_at_step is not None and done == cfg.debug.fail_at_step:
+                marker = Path(cfg.output) / FAIL_MARKER
+                self.rt.barrier()
+                if not marker.exists():
+                    if self.rt.rank == 0:
+                        marker.write_text(f"injected failure after step {done}\n")
+                    raise RuntimeError(f"injected failure after step {done} (fail_at_step)")
+        return {"start_step": self.start_step, "last_row": last_row}
+
+
+def ray_train_loop(loop_config: dict) -> None:
+    """Entry point of every Ray Train worker."""
+    config = TrainConfig.from_dict(loop_config["config"])
+    runtime = RayRuntime(
+        config,
+        loop_config.get("queue"),
+        loop_config.get("resume_from"),
+        loop_config.get("rows_from_rank0", False),
+    )
+    Worker(config, runtime).run()
