@@ -220,8 +220,8 @@ def _first_last_loss(run_dir: Path) -> tuple[float, float]:
 def heldout_texts(config: QuickstartConfig) -> list[tuple[str, str]]:
     """The evaluation texts: the first ``eval_docs`` bundled held-out documents, each cut at a line end to at
     most ``eval_max_bytes`` bytes, so that every model scores exactly the same bytes (no tokenizer truncates)."""
+    from alm_pipeline.evaluation.bits_per_byte import HELDOUT, iter_data_texts
     from alm_pipeline.pipeline.corpus import split_at_lines
-    from alm_pipeline.trainer.evaluate import HELDOUT, iter_data_texts
 
     return [
         (ref, split_at_lines(text, config.eval_max_bytes)[0])
@@ -230,7 +230,8 @@ def heldout_texts(config: QuickstartConfig) -> list[tuple[str, str]]:
 
 
 def _bits_per_byte(models: dict[str, str], config: QuickstartConfig, say) -> dict:
-    from alm_pipeline.trainer.evaluate import load_eval_model, model_bits_per_byte
+    from alm_pipeline.evaluation.bits_per_byte import model_bits_per_byte
+    from alm_pipeline.evaluation.models import load_eval_model
 
     texts = heldout_texts(config)
     out = {}
@@ -248,8 +249,8 @@ def run_quickstart(
     config: QuickstartConfig, progress: Callable[[str], None] | None = None
 ) -> QuickstartResult:
     from alm_pipeline.assets import is_installed, resolve_model
+    from alm_pipeline.cache import open_cache
     from alm_pipeline.cache.aligned import open_aligned_set
-    from alm_pipeline.cache.reader import open_cache
     from alm_pipeline.pipeline.align_stage import AlignConfig, AlignSettings, build_aligned_sets
     from alm_pipeline.pipeline.corpus import CorpusConfig
     from alm_pipeline.pipeline.teacher_cache import TeacherCacheConfig, build_teacher_cache

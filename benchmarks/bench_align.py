@@ -29,9 +29,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pyarrow as pa  # noqa: E402
+from alm_pipeline.cache.reader import open_cache  # noqa: E402
 
 from alm_pipeline.assets import bundled_corpus_path, is_installed, resolve_model  # noqa: E402
-from alm_pipeline.cache.reader import open_cache  # noqa: E402
 from alm_pipeline.pipeline.align import CoverageStats  # noqa: E402
 from alm_pipeline.pipeline.align_stage import (  # noqa: E402
     CACHE_COLUMNS,

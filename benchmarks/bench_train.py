@@ -134,6 +134,7 @@ def build_steps(args, modes: list[str], data: Path) -> tuple[dict, dict]:
     import numpy as np
     import pyarrow.parquet as pq
     import torch
+    from alm_pipeline.trainer.train import StudentForward, _disable_dropout, _token_stats
 
     from alm_pipeline.assets import resolve_model
     from alm_pipeline.trainer.data import AlignedRows, build_micro_batch
@@ -145,7 +146,6 @@ def build_steps(args, modes: list[str], data: Path) -> tuple[dict, dict]:
         student_token_stats,
     )
     from alm_pipeline.trainer.student import StudentConfig, load_student, transformer_layers
-    from alm_pipeline.trainer.train import StudentForward, _disable_dropout, _token_stats
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -182,7 +182,8 @@ def train_arm(arm: Arm, args, aligned: Path, work: Path, say) -> dict:
 
 
 def score(model_dir: str, heldout: Path, args, work: Path, key: str, say) -> dict:
-    from alm_pipeline.trainer.evaluate import iter_data_texts, load_eval_model, model_bits_per_byte
+    from alm_pipeline.evaluation.bits_per_byte import iter_data_texts, model_bits_per_byte
+    from alm_pipeline.evaluation.models import load_eval_model
 
     path = work / "scores" / f"{key}.json"
     if path.exists():

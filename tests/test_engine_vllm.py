@@ -147,7 +147,7 @@ def test_settings_refused_before_any_engine_starts(ray_local, tmp_path, gpt2_bl_
         build_teacher_cache(config(engine="hf", boundary_mode="topk"))
     if HAVE_VLLM:
         with pytest.raises(TeacherCacheError, match="--num-gpus-per-actor 4"):
-            build_teacher_cache(config(engine="vllm", tensor_parallel_size=4))
+            build_teacher_cache(config(engine="vllm", tensor_parallel_size=4, num_gpus_per_actor=1))
 
 
 # ------------------------------------------------------------------ engine level (vLLM)

@@ -297,22 +297,27 @@ def _write_metrics(run: Path) -> None:
 def train_tiny_run(aligned: Path, student: Path, output: Path, steps: int):
     """A real training run (the trainer, in this process): a checkpoint after every step, all kept. The one
     place in this file that builds a TrainConfig."""
-    from alm_pipeline.trainer.train import TrainConfig, train_local
+    from alm_pipeline.trainer.config import (
+        CheckpointConfig,
+        ComputeConfig,
+        DataConfig,
+        DistributedConfig,
+        LoggingConfig,
+        OptimConfig,
+        StudentSpec,
+        TrainConfig,
+    )
+    from alm_pipeline.trainer.driver import train_local
 
     config = TrainConfig(
-        aligned=str(aligned),
-        student=str(student),
+        data=DataConfig(aligned=str(aligned)),
+        student=StudentSpec(student=str(student)),
         output=str(output),
-        steps=steps,
-        batch_size=4,
-        micro_batch_tokens=128,
-        lr=3e-3,
-        warmup_steps=1,
-        checkpoint_every=1,
-        keep_checkpoints=None,
-        progress=False,
-        tensorboard=False,
-        torch_threads=1,
+        optim=OptimConfig(steps=steps, batch_size=4, lr=3e-3, warmup_steps=1),
+        compute=ComputeConfig(micro_batch_tokens=128),
+        checkpoint=CheckpointConfig(every=1, keep=None),
+        logging=LoggingConfig(progress=False, tensorboard=False),
+        distributed=DistributedConfig(torch_threads=1),
     )
     return train_local(config)
 

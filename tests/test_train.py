@@ -758,7 +758,7 @@ def test_stream_from_cache_bytes_student_restarts_after_failure(ray_local, gpt2_
     """``--cache`` + ``--student-tokenizer bytes`` + ``--init-from``: aligned on the fly through Ray Data; a worker
     failure after step 3 is retried by Ray Train's FailureConfig from the step-2 checkpoint, and the curve equals
     an uninterrupted run on the same data aligned ahead of time."""
-    from alm_pipeline.cache.reader import open_cache
+    from alm_pipeline.cache import open_cache
     from alm_pipeline.pipeline.corpus import CorpusConfig
     from alm_pipeline.pipeline.ray_utils import RayConfig
     from alm_pipeline.pipeline.teacher_cache import TeacherCacheConfig, build_teacher_cache

@@ -73,8 +73,8 @@ def inspect(
 ) -> None:
     """Summarise a teacher cache (teacher, tokenizer, documents, tokens, size, bits per byte) or an aligned
     set (student tokenizer, coverage report)."""
+    from alm_pipeline.cache import open_cache
     from alm_pipeline.cache.aligned import ALIGNED_KIND, open_aligned_set
-    from alm_pipeline.cache.reader import open_cache
     from alm_pipeline.cache.store import MANIFEST, CacheIntegrityError, read_json
 
     try:

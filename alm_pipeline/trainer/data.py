@@ -31,6 +31,7 @@ import pyarrow as pa
 import torch
 
 from alm_pipeline.cache.aligned import TRAINER_COLUMNS
+from alm_pipeline.cache.arrow import list_parts
 from alm_pipeline.trainer.loss import ALMGroups
 
 __all__ = [
@@ -48,20 +49,6 @@ _POSITIVE_TOLERANCE = 1e-4
 
 # ----------------------------------------------------------------------------------------------------------
 # Aligned rows
-
-
-def _list_parts(column: pa.ChunkedArray | pa.Array, dtype) -> tuple[np.ndarray, np.ndarray]:
-    """(flat values, offsets[n+1]) of a list column, zero-copy where Arrow allows."""
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    if isinstance(arr, pa.ChunkedArray):  # pragma: no cover - combine_chunks of a list type
-        arr = pa.concat_arrays(arr.chunks)
-    if arr.null_count:
-        raise ValueError(f"list column of type {arr.type} holds null rows")
-    offsets = np.asarray(arr.offsets, dtype=np.int64)
-    values = np.asarray(arr.values, dtype=dtype)
-    # a sliced array's values start at offsets[0]
-    values = values[offsets[0] : offsets[-1]]
-    return values, offsets - offsets[0]
 
 
 @dataclass
@@ -93,11 +80,11 @@ class AlignedRows:
         if missing:
             raise ValueError(f"aligned rows lack column(s) {', '.join(missing)}")
         doc_ids = np.asarray(table.column("doc_id").to_pylist(), dtype=object)
-        ids, ids_off = _list_parts(table.column("input_ids"), np.int32)
-        start, g_off = _list_parts(table.column("chunk_start"), np.int32)
-        end, g_off2 = _list_parts(table.column("chunk_end"), np.int32)
-        lp, g_off3 = _list_parts(table.column("teacher_chunk_logprob"), np.float32)
-        bl, g_off4 = _list_parts(table.column("teacher_chunk_boundary_logprob"), np.float32)
+        ids, ids_off = list_parts(table.column("input_ids"), np.int32)
+        start, g_off = list_parts(table.column("chunk_start"), np.int32)
+        end, g_off2 = list_parts(table.column("chunk_end"), np.int32)
+        lp, g_off3 = list_parts(table.column("teacher_chunk_logprob"), np.float32)
+        bl, g_off4 = list_parts(table.column("teacher_chunk_boundary_logprob"), np.float32)
         if not (
             np.array_equal(g_off, g_off2) and np.array_equal(g_off, g_off3) and np.array_equal(g_off, g_off4)
         ):

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from alm_pipeline.modeling import LogitRules, SlicedHead
 from alm_pipeline.trainer.data import MicroBatch
 from alm_pipeline.trainer.errors import TrainingError
 from alm_pipeline.trainer.loss import StudentTokenStats, student_token_stats
@@ -49,8 +50,9 @@ class StudentForward(nn.Module):
     """``(input_ids, ...) → (ℓ_S, σ_S)`` per position, memory-bounded (see :func:`student_token_stats`).
 
     Runs the model body once (no ``[B, T, V]`` logits tensor), then the LM head + fp32 log-softmax statistics in
-    slices of positions. Applies the config's ``logit_scale`` / ``final_logit_softcapping``; :meth:`self_check`
-    refuses models whose logits are something else.
+    slices of positions. Applies the config's logit rules (:class:`~alm_pipeline.modeling.LogitRules`:
+    ``logit_scale``, ``logits_scaling``, ``final_logit_softcapping``); :meth:`self_check` refuses models whose
+    logits are something else.
     """
 
     def __init__(
@@ -88,17 +90,13 @@ class StudentForward(nn.Module):
         )
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         weight, bias = _head_weight_and_bias(hf)
-        scale = getattr(hf.config, "logit_scale", None)
-        if isinstance(scale, int | float) and not isinstance(scale, bool) and scale != 1:
-            weight = weight * scale
-            bias = bias * scale if bias is not None else None
-        softcap = getattr(hf.config, "final_logit_softcapping", None)
+        head = SlicedHead.of(weight, bias, LogitRules.of(hf.config), self.boundary_mask.shape[0])
         kwargs = {
             "hidden_states": hidden,
-            "lm_head_weight": weight,
-            "lm_head_bias": bias,
+            "lm_head_weight": head.weight,
+            "lm_head_bias": head.bias,
             "attention_mask": stats_mask,
-            "logit_softcap": softcap if softcap else None,
+            "logit_softcap": head.softcap,
             "slice_size": self.slice_size,
         }
         if self.fused:

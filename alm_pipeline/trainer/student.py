@@ -79,7 +79,6 @@ __all__ = [
 ]
 
 BYTES_TOKENIZER = "bytes"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _ADAPTER_CONFIG = "adapter_config.json"
 _ADAPTER_FILES = (_ADAPTER_CONFIG, "adapter_model.safetensors", "adapter_model.bin")
 
@@ -140,8 +139,8 @@ class StudentConfig:
                 f"`tokenizer` is only for tokenizer transfer with `init_from`; the student model {self.model!r} "
                 "uses its own tokenizer (to transfer it to another tokenizer, pass it as `init_from`)"
             )
-        if self.dtype is not None and self.dtype not in _DTYPES:
-            raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {sorted(_DTYPES)} or None")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {sorted(DTYPES)} or None")
         if self.num_layers is not None and (
             not isinstance(self.num_layers, int) or isinstance(self.num_layers, bool) or self.num_layers < 1
         ):
@@ -318,7 +317,7 @@ def _without_adapter_files(path: str) -> Iterator[str]:
 def _load_causal_lm(path: str, dtype: str | None):
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"dtype": _DTYPES[dtype] if dtype else "auto"}
+    kwargs = {"dtype": DTYPES[dtype] if dtype else "auto"}
     if _has_adapter(path):
         with _without_adapter_files(path) as base_dir:
             model = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
