@@ -52,6 +52,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from alm_pipeline.modeling import DTYPES
 from alm_pipeline.pipeline.byteview import ByteView, byte_view_from_hf
 from alm_pipeline.trainer.fvt import FvtPlan
 from alm_pipeline.trainer.model_surgery import (
