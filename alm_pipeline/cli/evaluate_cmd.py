@@ -7,6 +7,7 @@ Registered in :mod:`alm_pipeline.cli.main` with ``app.command("evaluate")(evalua
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Annotated
@@ -15,67 +16,24 @@ import typer
 
 from alm_pipeline.cli.console import fail as _fail
 from alm_pipeline.cli.console import say as _say
+from alm_pipeline.cli.options import config_command
+from alm_pipeline.evaluation.run import EvalConfig
 
 __all__ = ["evaluate", "plot"]
 
 
-def evaluate(
-    model: Annotated[
-        str | None,
-        typer.Option(
-            help="Model to evaluate: a model folder, a short name (smollm2-135m), or a training run directory "
-            "(then its final/ folder, else its latest checkpoint-N folder with a config.json, else the only "
-            "subfolder holding a config.json)"
-        ),
-    ] = None,
-    data: Annotated[
-        str | None,
-        typer.Option(
-            help="Texts for bits per byte: .jsonl/.json/.parquet file or folder, or `heldout` (the bundled "
-            "held-out documents; the default when only --model is given)"
-        ),
-    ] = None,
-    text_field: Annotated[str, typer.Option(help="Field holding the document text")] = "text",
-    id_field: Annotated[
-        str | None, typer.Option(help="Field holding a unique document id (default: hash of the text)")
-    ] = None,
-    max_docs: Annotated[
-        int | None,
-        typer.Option(help="Use only the first N documents of each source (data, cache, aligned set)"),
-    ] = None,
-    cache: Annotated[
-        Path | None,
-        typer.Option(help="Teacher cache: report the teacher's bits per byte read from it (no model needed)"),
-    ] = None,
-    cache_texts: Annotated[
-        bool,
-        typer.Option(
-            "--cache-texts",
-            help="Also evaluate --model on the cached texts (the bytes the teacher saw) and report the gap to "
-            "the teacher",
-        ),
-    ] = False,
-    aligned: Annotated[
-        Path | None,
-        typer.Option(
-            help="Aligned set (from `alm-pipeline align`) whose student tokenizer is the model's: report "
-            "chunk agreement, mean |C_S - C_T| and debiased mean |(C_S+σ_S) - (C_T+σ_T)|"
-        ),
-    ] = None,
-    max_length: Annotated[
-        int,
-        typer.Option(help="Model tokens per document, special tokens included (longer ones are truncated)"),
-    ] = 1024,
-    batch_tokens: Annotated[int, typer.Option(help="Padded tokens per forward pass")] = 8192,
-    dtype: Annotated[
-        str, typer.Option(help="Model weights dtype: float32, bfloat16, float16 (log-softmax is always fp32)")
-    ] = "float32",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
-    output_json: Annotated[Path | None, typer.Option(help="Also write the JSON result to this file")] = None,
-    run_dir: Annotated[
-        Path | None, typer.Option(help="Also write the JSON result to RUN_DIR/eval.json")
-    ] = None,
-) -> None:
+@config_command(
+    EvalConfig,
+    extras=[
+        inspect.Parameter(
+            "output_json",
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=Annotated[Path | None, typer.Option(help="Also write the JSON result to this file")],
+            default=None,
+        )
+    ],
+)
+def evaluate(config: EvalConfig, output_json: Path | None) -> None:
     """Bits per byte of any causal LM on any text, the teacher's bits per byte from a cache, and chunk
     agreement between a student and a cache. Prints JSON.
 
@@ -87,24 +45,9 @@ def evaluate(
     over the bytes covered by tokens >= 1), so it equals `evaluate --model TEACHER` on the cached texts.
     """
     from alm_pipeline.evaluation.models import EvalError
-    from alm_pipeline.evaluation.run import EvalConfig, run_evaluation, write_json
+    from alm_pipeline.evaluation.run import run_evaluation, write_json
 
     try:
-        config = EvalConfig(
-            model=model,
-            data=data,
-            text_field=text_field,
-            id_field=id_field,
-            max_docs=max_docs,
-            cache=str(cache) if cache else None,
-            cache_texts=cache_texts,
-            aligned=str(aligned) if aligned else None,
-            max_length=max_length,
-            batch_tokens=batch_tokens,
-            dtype=dtype,
-            device=device,
-            run_dir=str(run_dir) if run_dir else None,
-        )
         result = run_evaluation(config, progress=_say)
     except (EvalError, ValueError, FileNotFoundError) as err:
         _fail(str(err))

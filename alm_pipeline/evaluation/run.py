@@ -8,7 +8,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,20 +44,64 @@ class EvalConfig:
     * ``run_dir``: also write the result to ``run_dir/eval.json``.
     """
 
-    model: str | None = None
-    data: str | None = None
-    text_field: str = "text"
-    id_field: str | None = None
-    max_docs: int | None = None  # first N usable documents of each source (data, cache, aligned set)
-    cache: str | None = None
-    cache_texts: bool = False
-    aligned: str | None = None
-    max_length: int = 1024  # model tokens per document, special tokens included
-    batch_tokens: int = 8192  # padded tokens per forward pass
-    max_logit_elements: int = 1 << 25  # fp32 logits alive at once (positions per LM-head slice = this / V)
-    dtype: str = "float32"  # model weights; log-softmax is always fp32
-    device: str = "auto"
-    run_dir: str | None = None
+    model: str | None = field(
+        default=None,
+        metadata={
+            "help": "Model to evaluate: a model folder, a short name (smollm2-135m), or a training run directory "
+            "(then its final/ folder, else its latest complete checkpoint, else the only subfolder holding a "
+            "config.json)"
+        },
+    )
+    data: str | None = field(
+        default=None,
+        metadata={
+            "help": "Texts for bits per byte: .jsonl/.json/.parquet file or folder, or `heldout` (the bundled "
+            "held-out documents; the default when only --model is given)"
+        },
+    )
+    text_field: str = field(default="text", metadata={"help": "Field holding the document text"})
+    id_field: str | None = field(
+        default=None, metadata={"help": "Field holding a unique document id (default: hash of the text)"}
+    )
+    max_docs: int | None = field(
+        default=None,
+        metadata={"help": "Use only the first N documents of each source (data, cache, aligned set)"},
+    )
+    cache: str | None = field(
+        default=None,
+        metadata={"help": "Teacher cache: report the teacher's bits per byte read from it (no model needed)"},
+    )
+    cache_texts: bool = field(
+        default=False,
+        metadata={
+            "help": "Also evaluate --model on the cached texts (the bytes the teacher saw) and report the gap "
+            "to the teacher"
+        },
+    )
+    aligned: str | None = field(
+        default=None,
+        metadata={
+            "help": "Aligned set (from `alm-pipeline align`) whose student tokenizer is the model's: report "
+            "chunk agreement, mean |C_S - C_T| and debiased mean |(C_S+σ_S) - (C_T+σ_T)|"
+        },
+    )
+    max_length: int = field(
+        default=1024,
+        metadata={"help": "Model tokens per document, special tokens included (longer ones are truncated)"},
+    )
+    batch_tokens: int = field(default=8192, metadata={"help": "Padded tokens per forward pass"})
+    max_logit_elements: int = field(
+        default=1 << 25,
+        metadata={"help": "fp32 logits alive at once (positions per LM-head slice = this / vocabulary size)"},
+    )
+    dtype: str = field(
+        default="float32",
+        metadata={"help": "Model weights dtype: float32, bfloat16, float16 (log-softmax is always fp32)"},
+    )
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    run_dir: str | None = field(
+        default=None, metadata={"help": "Also write the JSON result to RUN_DIR/eval.json"}
+    )
 
     def __post_init__(self) -> None:
         if self.max_length < 2:
