@@ -21,9 +21,11 @@ Also the one table of model weight dtypes (:data:`DTYPES`).
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -210,3 +212,33 @@ def sliced_head_error(model: torch.nn.Module, body: torch.nn.Module, head: Slice
     hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state[0]
     ours = head.logits(hidden).log_softmax(-1)
     return float((full - ours).abs().max())
+
+
+# ------------------------------------------------------------------------------------------ batching
+
+
+def length_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
+    """Indices grouped into batches, longest first, with ``rows × longest ≤ batch_tokens`` (≥ 1 row)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        width = lengths[current[0]] if current else lengths[i]
+        if current and (len(current) + 1) * width > batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def pad_batch(seqs: Sequence[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``[B, T]`` ids and attention mask of token-id sequences."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        ids[row, : len(seq)] = torch.as_tensor(np.asarray(seq, dtype=np.int64))
+        mask[row, : len(seq)] = 1
+    return ids, mask

@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from alm_pipeline.evaluation.models import EvalError, EvalModel, length_batches, pad_batch
+from alm_pipeline.evaluation.models import EvalError, EvalModel
+from alm_pipeline.modeling import length_batches, pad_batch
 from alm_pipeline.pipeline.byteview import ByteView
 from alm_pipeline.trainer.loss import ALMGroups, student_chunk_stats
 

@@ -35,7 +35,8 @@ import pyarrow.compute as pc
 import torch
 
 from alm_pipeline.cache.arrow import list_parts
-from alm_pipeline.evaluation.models import EvalError, EvalModel, length_batches, pad_batch
+from alm_pipeline.evaluation.models import EvalError, EvalModel
+from alm_pipeline.modeling import length_batches, pad_batch
 from alm_pipeline.pipeline.byteview import TokenizerMismatchError
 
 __all__ = [

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from alm_pipeline.modeling import (
@@ -32,9 +31,7 @@ from alm_pipeline.trainer.token_stats import StudentTokenStats, student_token_st
 __all__ = [
     "EvalError",
     "EvalModel",
-    "length_batches",
     "load_eval_model",
-    "pad_batch",
     "resolve_model_dir",
 ]
 
@@ -249,30 +246,3 @@ def _max_positions(config: Any) -> int | None:
 # ----------------------------------------------------------------------------------------------------------
 # batching
 # ----------------------------------------------------------------------------------------------------------
-
-
-def length_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
-    """Indices grouped into batches, longest first, with ``rows × longest ≤ batch_tokens`` (≥ 1 row)."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        width = lengths[current[0]] if current else lengths[i]
-        if current and (len(current) + 1) * width > batch_tokens:
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
-
-
-def pad_batch(seqs: Sequence[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ``[B, T]`` ids and attention mask of token-id sequences."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    for row, seq in enumerate(seqs):
-        ids[row, : len(seq)] = torch.as_tensor(np.asarray(seq, dtype=np.int64))
-        mask[row, : len(seq)] = 1
-    return ids, mask

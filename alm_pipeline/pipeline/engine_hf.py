@@ -24,8 +24,10 @@ import torch
 
 from alm_pipeline.modeling import (
     SlicedHead,
+    length_batches,
     linear_head,
     model_body,
+    pad_batch,
     self_check_tolerance,
     sliced_head_error,
     torch_dtype,
@@ -89,35 +91,15 @@ class HFTeacherEngine:
     def score(self, sequences: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
         """(logprob, boundary_logprob) per sequence, float32 arrays of the sequence's length."""
         results: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(sequences)
-        for batch in self._batches(sequences):
+        for batch in length_batches([len(s) for s in sequences], self.config.max_batch_tokens):
             for idx, out in zip(batch, self._score_batch([sequences[i] for i in batch]), strict=True):
                 results[idx] = out
         return results  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ internals
-    def _batches(self, sequences: list[np.ndarray]) -> list[list[int]]:
-        """Indices grouped into batches: longest first, padded size under ``max_batch_tokens``."""
-        order = sorted(range(len(sequences)), key=lambda i: (-len(sequences[i]), i))
-        batches: list[list[int]] = []
-        current: list[int] = []
-        for i in order:
-            width = len(sequences[current[0]]) if current else len(sequences[i])
-            if current and (len(current) + 1) * width > self.config.max_batch_tokens:
-                batches.append(current)
-                current = []
-            current.append(i)
-        if current:
-            batches.append(current)
-        return batches
-
     def _score_batch(self, seqs: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
         lengths = [len(s) for s in seqs]
-        width = max(lengths)
-        ids = torch.zeros(len(seqs), width, dtype=torch.long)
-        mask = torch.zeros(len(seqs), width, dtype=torch.long)
-        for row, seq in enumerate(seqs):
-            ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
-            mask[row, : len(seq)] = 1
+        ids, mask = pad_batch(seqs, pad_id=0)
         ids, mask = ids.to(self.device), mask.to(self.device)
         hidden = self.body(input_ids=ids, attention_mask=mask).last_hidden_state
         flat_hidden = hidden[mask.bool()]  # [N, d] valid positions, row-major
