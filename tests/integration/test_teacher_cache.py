@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -17,46 +16,16 @@ import pytest
 from alm_pipeline.cache import open_cache
 from alm_pipeline.cache.store import CacheIntegrityError
 from alm_pipeline.pipeline.byteview import load_byte_view
-from alm_pipeline.pipeline.corpus import CorpusConfig
-from alm_pipeline.pipeline.ray_utils import RayConfig
 from alm_pipeline.pipeline.teacher_cache import TeacherCacheConfig, TeacherCacheError, build_teacher_cache
-from tests.factories import write_jsonl
-from tests.test_engine_hf import reference
+from tests.factories import BAD_INPUT_DOCS, cache_rows, reference_scores, teacher_cache_config, write_jsonl
 
 pytestmark = pytest.mark.ray
-
-BAD_INPUT_DOCS = [
-    {"id": "plain", "text": "An ordinary sentence with words."},
-    {"id": "empty", "text": ""},
-    {"id": "blank", "text": "  \n\t  "},
-    {"id": "nul", "text": "NUL \x00 and bell \x07 and escape \x1b controls"},
-    {"id": "zwj", "text": "family 👨‍👩‍👧 coder 👩‍💻 flag 🇺🇳"},
-    {"id": "combining", "text": "e\u0301 a\u0308 o\u0302 combining marks"},
-    {"id": "cjk", "text": "中文文本测试。日本語のテキスト。"},
-    {"id": "crlf", "text": "windows\r\nline\r\nendings\r\n"},
-    {"id": "specials", "text": "text with <|endoftext|> and <s> and </s> inside"},
-    {"id": "huge", "text": "long document " * 75_000},  # ~1M characters
-]
 
 
 def _config(model_dir, data, out, **kw) -> TeacherCacheConfig:
     defaults = {"max_length": 128, "shard_size": 3, "batch_tokens": 512}
     defaults.update(kw)
-    return TeacherCacheConfig(
-        teacher=str(model_dir),
-        corpus=CorpusConfig(path=str(data), id_field="id"),
-        output=str(out),
-        ray=RayConfig(num_cpus=2),
-        **defaults,
-    )
-
-
-def _rows(cache_dir: Path) -> list[dict]:
-    cache = open_cache(cache_dir)
-    rows = []
-    for table in cache.iter_tables():
-        rows += table.to_pylist()
-    return rows
+    return teacher_cache_config(model_dir, data, out, **defaults)
 
 
 @pytest.mark.parametrize("model_fixture", ["llama_sp_model", "gpt2_bl_model"])
@@ -65,7 +34,7 @@ def test_cache_values_offsets_and_bad_input(request, ray_local, tmp_path, model_
     data = write_jsonl(tmp_path / "bad.jsonl", BAD_INPUT_DOCS)
     summary = build_teacher_cache(_config(model_dir, data, tmp_path / "cache"))
     view = load_byte_view(model_dir)
-    rows = _rows(tmp_path / "cache")
+    rows = cache_rows(tmp_path / "cache")
     by_id = {r["doc_id"]: r for r in rows}
     assert [r["doc_id"] for r in rows] == [d["id"] for d in BAD_INPUT_DOCS if d["text"].strip()]
     assert summary.docs == len(rows) == 8
@@ -85,7 +54,7 @@ def test_cache_values_offsets_and_bad_input(request, ray_local, tmp_path, model_
         # special-token strings in text are never control tokens
         assert not view.is_special[ids[len(view.prefix_ids) :]].any()
         # values equal an independent plain forward
-        ref_lp, ref_bl = reference(model_dir, view, ids)
+        ref_lp, ref_bl = reference_scores(model_dir, view, ids)
         np.testing.assert_allclose(np.array(row["logprob"][1:]), ref_lp[1:], atol=1e-5)
         np.testing.assert_allclose(np.array(row["boundary_logprob"]), ref_bl, atol=1e-5)
         assert np.isnan(row["logprob"][0])
@@ -179,7 +148,7 @@ def test_resume_after_kill_gives_identical_cache(ray_local, tmp_path, assets_dir
     data = write_jsonl(tmp_path / "c.jsonl", docs)
     kw = {"max_length": 384, "shard_size": 2}
     build_teacher_cache(_config(model_dir, data, tmp_path / "reference", **kw))
-    expected = _rows(tmp_path / "reference")
+    expected = cache_rows(tmp_path / "reference")
 
     out = tmp_path / "resumed"
     cmd = [
@@ -223,7 +192,7 @@ def test_resume_after_kill_gives_identical_cache(ray_local, tmp_path, assets_dir
 
     summary = build_teacher_cache(_config(model_dir, data, out, **kw))
     assert summary.shards_reused >= done_before and summary.shards_total == 8
-    got = _rows(out)
+    got = cache_rows(out)
     assert [r["doc_id"] for r in got] == [r["doc_id"] for r in expected]
     for a, b in zip(got, expected, strict=True):
         assert a["token_ids"] == b["token_ids"] and a["offsets"] == b["offsets"] and a["text"] == b["text"]

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-from transformers import AutoModelForCausalLM
 
 from alm_pipeline.pipeline.byteview import load_byte_view
 from alm_pipeline.pipeline.engine_hf import HFEngineConfig, HFTeacherEngine
+from tests.factories import reference_scores
 
 TEXTS = [
     "Hello world, a first document.",
@@ -16,17 +15,6 @@ TEXTS = [
     "emoji 👩‍💻 café 中文 <|endoftext|> <s>\r\n\ttab " * 3,
     "x",
 ]
-
-
-def reference(model_dir, view, ids):
-    """Plain forward, log_softmax in fp32, gather; logsumexp over the boundary set."""
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    with torch.no_grad():
-        logp = model(torch.as_tensor(ids, dtype=torch.long)[None]).logits[0].float().log_softmax(-1)
-    lp = np.full(len(ids), np.nan, dtype=np.float64)
-    lp[1:] = logp[:-1].gather(1, torch.as_tensor(ids[1:], dtype=torch.long)[:, None])[:, 0].numpy()
-    boundary = torch.logsumexp(logp[:, torch.as_tensor(view.boundary_mask)], dim=-1).numpy()
-    return lp, boundary
 
 
 @pytest.mark.parametrize("model_fixture", ["llama_sp_model", "gpt2_bl_model"])
@@ -41,7 +29,7 @@ def test_logprob_and_boundary_match_plain_forward(request, model_fixture):
         view.vocab_size,
     )
     for ids, (lp, bl) in zip(seqs, engine.score(seqs), strict=True):
-        ref_lp, ref_bl = reference(model_dir, view, ids)
+        ref_lp, ref_bl = reference_scores(model_dir, view, ids)
         assert lp.dtype == np.float32 and bl.dtype == np.float32
         assert np.isnan(lp[0]) and np.isnan(ref_lp[0])
         np.testing.assert_allclose(lp[1:], ref_lp[1:], atol=1e-5)

@@ -1,7 +1,7 @@
 """Opening a teacher cache or an aligned set: what is not one, an unfinished one and another format version are
 refused with a message that names the folder and the command that makes or finishes it. Writing one: an output
 folder made with another identity is refused with the differences listed; shards round-trip through the
-dataset base and the Arrow list-column helpers."""
+dataset base (alm_pipeline.cache.dataset)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from alm_pipeline.cache.aligned import (
     AlignedSet,
     open_aligned_set,
 )
-from alm_pipeline.cache.arrow import list_array, list_parts, ragged_list_array, take_rows
+from alm_pipeline.cache.arrow import ragged_list_array
 from alm_pipeline.cache.dataset import OutputRefusedError, diff_identity
 from alm_pipeline.cache.store import CacheIntegrityError
 from alm_pipeline.cache.teacher import CACHE_KIND, FORMAT_VERSION, TeacherCache, open_cache
@@ -143,21 +143,3 @@ def test_written_shards_verify_and_read_back(tmp_path):
     assert AlignedSet.pending_shards(root, len(tables)) == [1]
     with pytest.raises(CacheIntegrityError, match="shard-00001.parquet: shard missing or unverified"):
         AlignedSet.finished_shards(root, len(tables))
-
-
-def test_list_column_helpers_round_trip():
-    rng = np.random.default_rng(1)
-    arrays = [rng.integers(-5, 5, size=k) for k in (3, 0, 4, 1, 2)]
-    column = pa.chunked_array(
-        [ragged_list_array(arrays[:2], pa.int32()), ragged_list_array(arrays[2:], pa.int32())]
-    )
-    values, rows = list_parts(column.slice(1), np.int32)  # a sliced, chunked column
-    assert rows.tolist() == [0, 0, 4, 5, 7]
-    assert values.tolist() == np.concatenate(arrays[1:]).tolist()
-    keep = np.array([True, False, True, True])
-    kept, kept_rows = take_rows(values, rows, keep)
-    assert kept_rows.tolist() == [0, 0, 1, 3]
-    rebuilt = list_array(kept, kept_rows, pa.int32())
-    assert rebuilt.to_pylist() == [a.tolist() for a, k in zip(arrays[1:], keep, strict=True) if k]
-    with pytest.raises(ValueError, match="null rows"):
-        list_parts(pa.chunked_array([pa.array([[1], None], type=pa.list_(pa.int32()))]), np.int32)

@@ -2,100 +2,26 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import numpy as np
-import pyarrow as pa
 import pytest
-from hypothesis import HealthCheck, given, reject, settings
+from hypothesis import given, reject
 from hypothesis import strategies as st
 
 from alm_pipeline.pipeline.align import (
-    Alignment,
     CoverageStats,
-    MergedChunks,
     align_document,
     align_with_views,
     coverage_stats,
     merge_and_debias,
 )
-from alm_pipeline.pipeline.align_batch import align_batch, coverage_batch, merge_batch
-from alm_pipeline.pipeline.align_stage import CACHE_COLUMNS, AlignSettings, DroppedDocs, align_table
-from alm_pipeline.pipeline.byteview import TokenizerMismatchError, load_byte_view
-from tests.factories import corpus_lines
+from alm_pipeline.pipeline.byteview import TokenizerMismatchError
+from tests.factories import four_chunks
+from tests.strategies import CHAR_TEXT, FAST, GENERAL_TEXT, MAX_LENGTH
 
 KINDS = ["byte_level", "byte_level_small", "sentencepiece", "bytes", "char"]
 PAIRS = [(t, s) for t in KINDS for s in KINDS]
-
-
-@pytest.fixture(scope="module")
-def views(tokenizer_dirs):
-    out = {kind: load_byte_view(path) for kind, path in tokenizer_dirs.items()}
-    out["bytes"] = load_byte_view("bytes")
-    return out
-
-
-# --------------------------------------------------------------------------------------------------------
-# Text strategies
-
-FRAGMENTS = [
-    "👩‍💻",  # ZWJ sequence
-    "👨‍👩‍👧‍👦",
-    "🇺🇳",  # regional indicators
-    "👍🏽",  # skin-tone modifier
-    "e\u0301",  # combining acute
-    "a\u0308\u0323",  # two combining marks
-    "中文文本",
-    "日本語の",
-    "한국어",
-    "العربية نص",  # RTL
-    "עברית",
-    "\u200f",  # RLM
-    "\u200d",  # lone ZWJ
-    "\t",
-    "\t\t",
-    "\r\n",
-    "\n",
-    "\n\n",
-    "    ",
-    "  ",
-    " ",
-    "Hello",
-    " the",
-    " world.",
-    "Café",
-    "x",
-    "1234",
-    "<s>",
-    "</s>",
-    "<|endoftext|>",
-    "\x00",
-    "\u00a0",
-    "ﬁ",
-    "\U0001f600",
-]
-ASCIIISH = st.text(alphabet=st.sampled_from(list("abcxyz ABC\t\n\r.,!?'0123456789")), max_size=8)
-# U+2581 (▁) is excluded: the SentencePiece byte view maps a literal ▁ in the text to a space and refuses
-# the text (TokenizerMismatchError); that is a property of the tokenizer, not of the aligner.
-ANY_CHARS = st.text(alphabet=st.characters(codec="utf-8", exclude_characters="\u2581"), max_size=6)
-GENERAL_TEXT = st.lists(st.one_of(st.sampled_from(FRAGMENTS), ASCIIISH, ANY_CHARS), max_size=12).map("".join)
-
-# The "char" tokenizer has no byte fallback: only characters of its training text (plus printable ASCII) are
-# encodable; draw mostly from those so few examples are skipped.
-CHAR_VOCAB = sorted({c for line in corpus_lines(1) for c in line} | {chr(c) for c in range(32, 127)})
-CHAR_FRAGMENTS = [f for f in FRAGMENTS if all(c in CHAR_VOCAB for c in f)]
-_CHAR_KNOWN = st.lists(
-    st.one_of(st.sampled_from(CHAR_FRAGMENTS), st.text(alphabet=st.sampled_from(CHAR_VOCAB), max_size=8)),
-    max_size=12,
-).map("".join)
-# now and then a character outside the char vocabulary: such examples are skipped (rejected)
-CHAR_TEXT = st.tuples(
-    _CHAR_KNOWN, st.sampled_from([""] * 8 + ["\u2603", "\U0001f600"]), st.integers(0, 64)
-).map(lambda t: t[0][: t[2]] + t[1] + t[0][t[2] :])
-
-MAX_LENGTH = st.one_of(st.none(), st.integers(min_value=1, max_value=48))
-FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def encode(view, text, max_length=None):
@@ -401,25 +327,8 @@ def test_mid_text_special_tokens():
 # Hand-computed γ-merging and debiasing
 
 
-def _four_chunks():
-    """Teacher [BOS, "ab", "c", "de", "fg"], student [BOS, a..g] (bytes): BOS chunk + 4 text chunks."""
-    teacher_offsets = [0, 2, 3, 5, 7]
-    student_offsets = [0, 1, 2, 3, 4, 5, 6, 7]
-    a = align_document(
-        [1, 10, 11, 12, 13],
-        teacher_offsets,
-        [True, False, False, False, False],
-        [1] + list(range(97, 104)),
-        student_offsets,
-        [True] + [False] * 7,
-    )
-    logprob = np.array([np.nan, -1.0, -0.5, -2.0, -0.25], dtype=np.float32)
-    sigma = np.log(np.array([0.9, 0.05, 0.5, 0.01, 0.02])).astype(np.float32)
-    return a, logprob, sigma
-
-
 def test_gamma_merging_hand_computed():
-    a, logprob, sigma = _four_chunks()
+    a, logprob, sigma = four_chunks()
     assert a.valid.tolist() == [False, True, True, True, True]
     m = merge_and_debias(a, logprob, sigma, gamma=0.1)
     # chunk "ab" (σ=.05) merges into "c" (σ=.5, flagged); "de" (.01) and "fg" (.02) form the trailing group
@@ -453,14 +362,14 @@ def test_gamma_merging_hand_computed():
 
 
 def test_gamma_flag_is_strict():
-    a, logprob, _ = _four_chunks()
+    a, logprob, _ = four_chunks()
     sigma = np.zeros(5, dtype=np.float32)  # exp(σ) = 1.0 exactly
     assert merge_and_debias(a, logprob, sigma, gamma=1.0).num_groups == 1  # 1.0 > 1.0 is False
     assert merge_and_debias(a, logprob, sigma, gamma=0.999).num_groups == 4
 
 
 def test_invalid_bos_chunk_does_not_move_group_boundaries():
-    a, logprob, sigma = _four_chunks()
+    a, logprob, sigma = four_chunks()
     # the BOS chunk's position has σ = log .9 (would be flagged) - it is skipped, not a group of its own
     m = merge_and_debias(a, logprob, sigma, gamma=0.1)
     assert m.chunk_start[0] == 1 and m.teacher_start[0] == 1
@@ -469,7 +378,7 @@ def test_invalid_bos_chunk_does_not_move_group_boundaries():
 
 
 def test_chunk_and_group_clipping():
-    a, _, sigma = _four_chunks()
+    a, _, sigma = four_chunks()
     logprob = np.array([np.nan, 0.25, -0.5, -1e-3, 1e-3], dtype=np.float32)
     m = merge_and_debias(a, logprob, np.zeros(5, np.float32), gamma=0.5)
     # per chunk: min(0, Σℓ) -> [0, -0.5, -1e-3, 0]; every chunk is flagged (exp(0) = 1 > .5)
@@ -480,7 +389,7 @@ def test_chunk_and_group_clipping():
 
 
 def test_chunks_are_clipped_before_they_are_summed_into_a_group():
-    a, _, _ = _four_chunks()
+    a, _, _ = four_chunks()
     logprob = np.array([np.nan, 0.25, -0.5, -1.0, -1.0], dtype=np.float32)
     sigma = np.log(np.array([0.9, 0.01, 0.5, 0.5, 0.5])).astype(np.float32)
     m = merge_and_debias(a, logprob, sigma, gamma=0.1)
@@ -551,7 +460,7 @@ def test_large_document_every_teacher_boundary_with_a_byte_student():
 
 
 def test_coverage_stats_accumulate():
-    a, logprob, sigma = _four_chunks()
+    a, logprob, sigma = four_chunks()
     m = merge_and_debias(a, logprob, sigma)
     s = coverage_stats(a, m, text_bytes=8)  # one byte of text beyond what both sides cover
     assert (s.documents, s.text_bytes, s.covered_bytes, s.chunks, s.valid_chunks, s.groups) == (
@@ -593,7 +502,7 @@ def test_errors_name_the_problem():
         align_document([ok_ids], [ok_off], [ok_sp], ok_ids, ok_off, ok_sp)
     with pytest.raises(ValueError, match="must be integers"):
         align_document(ok_ids, [1.0, 2.0], ok_sp, ok_ids, ok_off, ok_sp)
-    a, logprob, sigma = _four_chunks()
+    a, logprob, sigma = four_chunks()
     with pytest.raises(ValueError, match="teacher_logprob has shape"):
         merge_and_debias(a, logprob[:-1], sigma)
     with pytest.raises(ValueError, match="teacher_boundary_logprob has shape"):
@@ -620,402 +529,3 @@ def test_ids_outside_the_vocabulary(views):
 def test_bytes_tokenizer_reads_special_strings_as_text(views):
     enc = views["bytes"].encode("<eos>")
     assert enc.token_ids.tolist() == [257, *b"<eos>"]
-
-
-# --------------------------------------------------------------------------------------------------------
-# The batched path (align_batch / merge_batch / coverage_batch, align_stage.align_table) equals the
-# per-document path (align_document / merge_and_debias / coverage_stats, ByteView.encode), field by field
-
-
-ALIGNMENT_FIELDS = [f.name for f in dataclasses.fields(Alignment)]
-MERGED_FIELDS = [f.name for f in dataclasses.fields(MergedChunks)]
-
-
-def assert_same(got, want, names) -> None:
-    for name in names:
-        g, w = getattr(got, name), getattr(want, name)
-        if isinstance(w, np.ndarray):
-            assert g.dtype == w.dtype, name
-            np.testing.assert_array_equal(g, w, err_msg=name, strict=True)
-        else:
-            assert g == w and type(g) is type(w), name
-
-
-def flat(arrays, dtype):
-    rows = np.zeros(len(arrays) + 1, dtype=np.int64)
-    np.cumsum([len(a) for a in arrays], out=rows[1:])
-    values = np.concatenate([np.asarray(a, dtype=dtype) for a in arrays]) if arrays else np.zeros(0, dtype)
-    return values, rows
-
-
-def check_batch_equals_documents(docs, gamma) -> None:
-    """``docs``: per document (teacher ids, offsets, special, student ids, offsets, special, logprob, σ,
-    text bytes)."""
-    columns = list(zip(*docs, strict=True)) if docs else [[]] * 9
-    t_ids, t_rows = flat(columns[0], np.int32)
-    t_off, _ = flat(columns[1], np.int32)
-    t_sp, _ = flat(columns[2], bool)
-    s_ids, s_rows = flat(columns[3], np.int32)
-    s_off, _ = flat(columns[4], np.int32)
-    s_sp, _ = flat(columns[5], bool)
-    logprob, _ = flat(columns[6], np.float32)
-    sigma, _ = flat(columns[7], np.float32)
-    batch = align_batch(t_ids, t_off, t_sp, t_rows, s_ids, s_off, s_sp, s_rows)
-    merged = merge_batch(batch, logprob, sigma, gamma=gamma)
-    assert batch.num_documents == merged.num_documents == len(docs)
-    total = CoverageStats()
-    for d, doc in enumerate(docs):
-        a = align_document(*doc[:6])
-        assert_same(batch.document(d), a, ALIGNMENT_FIELDS)
-        m = merge_and_debias(a, doc[6], doc[7], gamma=gamma)
-        assert_same(merged.document(d), m, MERGED_FIELDS)
-        total.add(coverage_stats(a, m, doc[8]))
-    assert coverage_batch(batch, merged, [doc[8] for doc in docs]) == total
-    assert batch.num_chunks == sum(batch.document(d).num_chunks for d in range(len(docs)))
-    for name in ("teacher_chunk_id", "student_chunk_id"):  # the flat per-token ids
-        per_doc = [getattr(batch.document(d), name) for d in range(len(docs))]
-        want = np.concatenate(per_doc) if per_doc else np.zeros(0, dtype=np.int32)
-        np.testing.assert_array_equal(getattr(batch, name), want, strict=True)
-    assert merged.num_groups == len(merged.chunk_start) == int(merged.groups_per_document().sum())
-
-
-def random_scores(rng, n):
-    logprob = -rng.exponential(2.0, n).astype(np.float32)
-    logprob[rng.random(n) < 0.05] = 1e-7
-    if n:
-        logprob[0] = np.nan
-    sigma = np.log(rng.choice([0.9, 0.3, 0.11, 0.09, 0.01, 1e-5], n)).astype(np.float32)
-    return logprob, sigma
-
-
-@pytest.mark.parametrize(
-    ("teacher", "student"),
-    [("sentencepiece", "bytes"), ("byte_level", "sentencepiece"), ("bytes", "byte_level_small"),
-     ("char", "byte_level"), ("byte_level_small", "char")],
-)  # fmt: skip
-@FAST
-@given(data=st.data(), max_t=MAX_LENGTH, max_s=MAX_LENGTH, seed=st.integers(0, 2**32 - 1))
-def test_align_batch_equals_align_document(views, teacher, student, data, max_t, max_s, seed):
-    texts = data.draw(
-        st.lists(CHAR_TEXT if "char" in (teacher, student) else GENERAL_TEXT, max_size=6), label="texts"
-    )
-    vt, vs = views[teacher], views[student]
-    rng = np.random.default_rng(seed)
-    docs = []
-    for text in texts:
-        try:
-            et, es = vt.encode(text, max_length=max_t), vs.encode(text, max_length=max_s)
-        except TokenizerMismatchError:
-            continue  # the char tokenizer: unknown characters
-        if rng.random() < 0.2:  # EOS on one or both sides
-            et = dataclasses.replace(
-                et,
-                token_ids=np.append(et.token_ids, vt.eos_id),
-                offsets=np.append(et.offsets, et.offsets[-1] if len(et.offsets) else 0),
-            )
-            if rng.random() < 0.5:
-                es = dataclasses.replace(
-                    es,
-                    token_ids=np.append(es.token_ids, vs.eos_id),
-                    offsets=np.append(es.offsets, es.offsets[-1] if len(es.offsets) else 0),
-                )
-        logprob, sigma = random_scores(rng, len(et.token_ids))
-        docs.append(
-            (
-                et.token_ids,
-                et.offsets,
-                vt.is_special[et.token_ids],
-                es.token_ids,
-                es.offsets,
-                vs.is_special[es.token_ids],
-                logprob,
-                sigma,
-                len(text.encode("utf-8")),
-            )
-        )
-    check_batch_equals_documents(docs, gamma=float(rng.choice([0.0, 0.1, 0.5])))
-
-
-@st.composite
-def synthetic_side(draw, n_bytes: int):
-    """Token end offsets covering [0, k] for some k <= n_bytes, with zero-byte tokens (special or not) at
-    random places - including orders no real tokenizer produces."""
-    covered = draw(st.integers(0, n_bytes))
-    cuts = sorted(draw(st.sets(st.integers(1, max(covered - 1, 1)), max_size=12))) if covered > 1 else []
-    ends = [c for c in cuts if c < covered] + ([covered] if covered else [])
-    offsets, special = [], []
-    for end in [0, *ends]:
-        for _ in range(draw(st.integers(0, 2)) if draw(st.booleans()) else 0):  # zero-byte tokens
-            offsets.append(offsets[-1] if offsets else 0)
-            special.append(draw(st.booleans()))
-        if end:
-            offsets.append(end)
-            special.append(draw(st.integers(0, 20)) == 0)  # a "special" token covering bytes: ordinary
-    return np.array(offsets, dtype=np.int32), np.array(special, dtype=bool)
-
-
-@st.composite
-def synthetic_document(draw):
-    n_bytes = draw(st.one_of(st.integers(0, 30), st.sampled_from([10**6, 3 * 10**8])))
-    if n_bytes > 30:  # a huge byte range with few tokens: the binary-search path of the common boundaries
-        t_off = np.array([0, 5, n_bytes - 7, n_bytes], dtype=np.int32)
-        s_off = np.array([5, n_bytes // 2, n_bytes], dtype=np.int32)
-        return t_off, np.array([True, False, False, False]), s_off, np.zeros(3, dtype=bool), n_bytes
-    t_off, t_sp = draw(synthetic_side(n_bytes))
-    s_off, s_sp = draw(synthetic_side(n_bytes))
-    return t_off, t_sp, s_off, s_sp, n_bytes + draw(st.integers(0, 3))
-
-
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(docs=st.lists(synthetic_document(), max_size=8), seed=st.integers(0, 2**32 - 1))
-def test_align_batch_equals_align_document_synthetic(docs, seed):
-    rng = np.random.default_rng(seed)
-    full = []
-    for t_off, t_sp, s_off, s_sp, n_bytes in docs:
-        logprob, sigma = random_scores(rng, len(t_off))
-        t_ids = rng.integers(0, 100, len(t_off))
-        s_ids = rng.integers(0, 100, len(s_off))
-        full.append((t_ids, t_off, t_sp, s_ids, s_off, s_sp, logprob, sigma, n_bytes))
-    check_batch_equals_documents(full, gamma=float(rng.choice([0.0, 0.1, 0.5, 1.0])))
-
-
-def test_align_batch_of_no_documents_and_of_empty_documents():
-    batch = align_batch([], [], np.zeros(0, bool), [0], [], [], np.zeros(0, bool), [0])
-    assert batch.num_documents == 0 and batch.num_chunks == 0
-    merged = merge_batch(batch, [], [])
-    assert merged.num_groups == 0 and merged.group_rows.tolist() == [0]
-    assert coverage_batch(batch, merged, []) == CoverageStats()
-    empty = (np.zeros(0, int), np.zeros(0, int), np.zeros(0, bool))
-    check_batch_equals_documents([(*empty, *empty, np.zeros(0), np.zeros(0), 0)] * 3, gamma=0.1)
-
-
-def test_align_batch_errors_name_the_document():
-    ok = ([1, 2], [1, 2], [False, False])
-    with pytest.raises(
-        ValueError, match=r"student_offsets are not non-decreasing: position 1 .* \(document 1\)"
-    ):
-        align_batch(*ok, [0, 1, 2], [1, 2, 3], [1, 3, 2], [False] * 3, [0, 1, 3])
-    with pytest.raises(ValueError, match=r"teacher_offsets must be >= 0.*\(document 1\)"):
-        align_batch([1, 2], [1, -1], [False, False], [0, 1, 2], *ok, [0, 1, 2])
-    with pytest.raises(ValueError, match="teacher_rows has 1 documents but student_rows has 2"):
-        align_batch(*ok, [0, 2], *ok, [0, 1, 2])
-    with pytest.raises(ValueError, match="student_rows must start at 0"):
-        align_batch(*ok, [0, 2], *ok, [0, 1])
-    # the step from one document's last offset to the next document's first is not a decrease
-    batch = align_batch([1, 2], [5, 1], [False, False], [0, 1, 2], [1, 2], [5, 1], [False, False], [0, 1, 2])
-    assert batch.byte_end.tolist() == [5, 1] and batch.chunk_rows.tolist() == [0, 1, 2]
-    a, logprob, sigma = _four_chunks()
-    batch = align_batch(
-        [1, 10, 11, 12, 13] * 2,
-        [0, 2, 3, 5, 7] * 2,
-        [True, False, False, False, False] * 2,
-        [0, 5, 10],
-        ([1] + list(range(97, 104))) * 2,
-        list(range(8)) * 2,
-        ([True] + [False] * 7) * 2,
-        [0, 8, 16],
-    )
-    bad = np.concatenate([logprob, logprob])
-    bad[8] = np.nan
-    with pytest.raises(
-        ValueError, match=r"teacher_logprob is NaN at position 3, inside aligned chunk 3 \(document 1\)"
-    ):
-        merge_batch(batch, bad, np.concatenate([sigma, sigma]))
-    with pytest.raises(ValueError, match=r"\(document second\)"):
-        merge_batch(batch, bad, np.concatenate([sigma, sigma]), document_names=["first", "second"])
-    with pytest.raises(ValueError, match="gamma"):
-        merge_batch(batch, bad, bad, gamma=2.0)
-
-
-# ---- align_stage.align_table: the whole shard at once == the per-document loop it replaced
-
-
-def align_table_per_document(table, teacher_is_special, student, settings, coverage, dropped):
-    """The per-document align_table (ByteView.encode, align_document, merge_and_debias, coverage_stats per
-    row): the reference for align_stage.align_table."""
-    from alm_pipeline.cache.aligned import ALIGNED_SCHEMA
-
-    out = {name: [] for name in ALIGNED_SCHEMA.names}
-    rows = table.to_pylist()
-    for row in rows:
-        doc_id, text = row["doc_id"], row["text"]
-        t_ids = np.asarray(row["token_ids"], dtype=np.int32)
-        text_bytes = len(text.encode("utf-8"))
-        try:
-            enc = student.encode(text, max_length=settings.max_student_length, doc_ref=doc_id)
-        except TokenizerMismatchError as err:
-            dropped.add("student tokenizer cannot reproduce the text", doc_id, str(err)[:200])
-            continue
-        alignment = align_document(
-            t_ids,
-            np.asarray(row["offsets"], dtype=np.int32),
-            teacher_is_special[t_ids],
-            enc.token_ids,
-            enc.offsets,
-            student.is_special[enc.token_ids],
-        )
-        merged = merge_and_debias(
-            alignment,
-            np.asarray(row["logprob"], dtype=np.float32),
-            np.asarray(row["boundary_logprob"], dtype=np.float32),
-            gamma=settings.gamma,
-            debias=settings.debias,
-        )
-        coverage.add(coverage_stats(alignment, merged, text_bytes))
-        if merged.num_groups == 0:
-            dropped.add("no valid chunk", doc_id)
-            continue
-        out["doc_id"].append(doc_id)
-        out["input_ids"].append(enc.token_ids.tolist())
-        out["chunk_start"].append(merged.chunk_start.tolist())
-        out["chunk_end"].append(merged.chunk_end.tolist())
-        out["teacher_chunk_logprob"].append(merged.teacher_chunk_logprob.tolist())
-        out["teacher_chunk_boundary_logprob"].append(merged.teacher_chunk_boundary_logprob.tolist())
-        out["text_bytes"].append(text_bytes)
-        out["covered_bytes"].append(int((merged.byte_end - merged.byte_start).sum()))
-    return pa.table(out, schema=ALIGNED_SCHEMA)
-
-
-def cache_table(view, texts, max_length, rng):
-    """Teacher-cache rows (the cache's schema) for ``texts`` tokenized by ``view``."""
-    from alm_pipeline.cache.teacher import CACHE_SCHEMA
-
-    rows = []
-    for i, text in enumerate(texts):
-        enc = view.encode(text, max_length=max_length)
-        logprob, sigma = random_scores(rng, len(enc.token_ids))
-        rows.append(
-            {
-                "doc_id": f"doc-{i}",
-                "text": text,
-                "token_ids": enc.token_ids.tolist(),
-                "offsets": enc.offsets.tolist(),
-                "logprob": logprob.tolist(),
-                "boundary_logprob": sigma.tolist(),
-            }
-        )
-    schema = pa.schema([CACHE_SCHEMA.field(name) for name in CACHE_COLUMNS])
-    return pa.Table.from_pylist(rows, schema=schema)
-
-
-def check_align_table(table, teacher_view, student_view, settings) -> pa.Table:
-    got_cov, got_drop = CoverageStats(), DroppedDocs()
-    got = align_table(table, teacher_view.is_special, student_view, settings, got_cov, got_drop)
-    want_cov, want_drop = CoverageStats(), DroppedDocs()
-    want = align_table_per_document(
-        table, teacher_view.is_special, student_view, settings, want_cov, want_drop
-    )
-    assert got.schema == want.schema
-    for name in want.column_names:
-        assert got[name].to_pylist() == want[name].to_pylist(), name
-    assert got.equals(want)
-    assert got_cov == want_cov
-    assert got_drop.counts == want_drop.counts and got_drop.examples == want_drop.examples
-    return got
-
-
-STUDENT_MAX_LENGTH = st.one_of(st.none(), st.integers(min_value=1, max_value=48), st.just(2000))
-
-
-@pytest.mark.parametrize(
-    ("teacher", "student"),
-    [("byte_level", "bytes"), ("sentencepiece", "byte_level_small"), ("byte_level", "sentencepiece"),
-     ("byte_level", "char"), ("bytes", "char")],
-)  # fmt: skip
-@FAST
-@given(data=st.data(), max_t=MAX_LENGTH, max_s=STUDENT_MAX_LENGTH, seed=st.integers(0, 2**32 - 1))
-def test_align_table_equals_the_per_document_path(views, teacher, student, data, max_t, max_s, seed):
-    # For the char student, texts outside its vocabulary are kept: the student cannot tokenize them and
-    # they are dropped and counted. Empty texts and one-character texts have no valid chunk.
-    texts = data.draw(
-        st.lists(
-            st.one_of(CHAR_TEXT if student == "char" else GENERAL_TEXT, st.sampled_from(["", "a", "\u2603"])),
-            max_size=10,
-        ),
-        label="texts",
-    )
-    rng = np.random.default_rng(seed)
-    vt, vs = views[teacher], views[student]
-    try:
-        table = cache_table(vt, texts, max_t, rng)
-    except TokenizerMismatchError:
-        reject()
-    gamma = float(rng.choice([0.0, 0.1, 0.5]))
-    settings_ = AlignSettings(gamma=gamma, max_student_length=max_s)
-    check_align_table(table, vt, vs, settings_)
-    if table.num_rows > 2:  # a sliced table (list offsets not starting at 0) and a table of several chunks
-        check_align_table(table.slice(1, table.num_rows - 2), vt, vs, settings_)
-        check_align_table(pa.concat_tables([table.slice(0, 2), table.slice(2)]), vt, vs, settings_)
-
-
-def test_align_table_drops_and_counts_like_the_per_document_path(views):
-    texts = ["Hello world", "", "snow \u2603 man", "a", "Hello again", "\u2603"]
-    table = cache_table(views["byte_level"], texts, None, np.random.default_rng(0))
-    out = check_align_table(table, views["byte_level"], views["char"], AlignSettings())
-    assert out["doc_id"].to_pylist() == ["doc-0", "doc-4"]
-    drop = DroppedDocs()
-    align_table(table, views["byte_level"].is_special, views["char"], AlignSettings(), dropped=drop)
-    assert drop.counts == {"no valid chunk": 2, "student tokenizer cannot reproduce the text": 2}
-    assert [e.split(":")[0] for e in drop.examples] == ["doc-1", "doc-2", "doc-3", "doc-5"]
-    # truncation of the student: every document is cut at 4 tokens
-    out = check_align_table(table, views["byte_level"], views["bytes"], AlignSettings(max_student_length=4))
-    assert all(len(ids) <= 4 for ids in out["input_ids"].to_pylist())
-    # a corrupt cache row: the error names the document
-    corrupt = table.set_column(
-        table.schema.get_field_index("logprob"),
-        "logprob",
-        pa.array(
-            [[float("nan")] * len(r) for r in table["logprob"].to_pylist()], type=pa.list_(pa.float32())
-        ),
-    )
-    with pytest.raises(ValueError, match=r"teacher_logprob is NaN at position \d+, .*\(document doc-0\)"):
-        align_table(corrupt, views["byte_level"].is_special, views["bytes"], AlignSettings())
-    # no rows at all
-    check_align_table(table.slice(0, 0), views["byte_level"], views["bytes"], AlignSettings())
-
-
-def test_groups_never_cross_documents():
-    # document 0's last valid chunk ends at teacher / student token 3, document 1's first valid chunk starts
-    # at teacher / student token 3 (its first chunk is invalid), and γ = 1 flags nothing: the two chunks
-    # look adjacent by their document-local indices but stay in separate groups
-    doc0 = ([1, 2, 3], [0, 1, 2], [True, False, False], [1, 2, 3], [0, 1, 2], [True, False, False])
-    doc1 = ([4, 9, 5, 6], [1, 1, 2, 3], [False, True, False, False], [1, 7, 8, 9], [0, 0, 2, 3])
-    doc1 += ([True, False, False, False],)
-    docs = [
-        (*doc, *random_scores(np.random.default_rng(k), len(doc[0])), 3) for k, doc in enumerate([doc0, doc1])
-    ]
-    check_batch_equals_documents(docs, gamma=1.0)
-    a0, a1 = align_document(*doc0), align_document(*doc1)
-    assert (a0.teacher_end[-1], a0.student_end[-1]) == (3, 3) and a0.valid[-1]
-    assert (a1.teacher_start[1], a1.student_start[1]) == (3, 3) and a1.valid.tolist() == [False, True]
-
-
-def test_align_table_refuses_texts_the_student_does_not_reproduce(views):
-    """Student views whose token bytes were altered: the texts they cannot reproduce are dropped with the
-    message ByteView.encode gives, by every path of the batched byte check."""
-    texts = ["Hello world", "Hello", "the other one", "xyz", "", "e", "Hello there"]
-    teacher = views["byte_level"]
-    table = cache_table(teacher, texts, None, np.random.default_rng(0))
-
-    def altered(view, old: bytes, new: bytes, leading_only: bool = False):
-        def alter(b: bytes) -> bytes:
-            if leading_only:
-                return new + b[len(old) :] if b.startswith(old) else b
-            return b.replace(old, new)
-
-        return dataclasses.replace(view, token_bytes=[alter(b) for b in view.token_bytes])
-
-    cases = [
-        altered(views["bytes"], b"e", b"E"),  # one byte per token, texts and tokens of the same length
-        altered(views["sentencepiece"], b"e", b"E"),  # dummy prefix: lengths differ from the text's
-        altered(views["sentencepiece"], b" ", b"X", leading_only=True),  # "XHello" for "Hello": refused
-        altered(views["byte_level"], b"o", b"oo"),  # longer than the text
-    ]
-    for student in cases:
-        for max_length in (None, 3):
-            drop = DroppedDocs()
-            align_table(
-                table, teacher.is_special, student, AlignSettings(max_student_length=max_length), dropped=drop
-            )
-            assert drop.counts.get("student tokenizer cannot reproduce the text", 0) > 0
-            check_align_table(table, teacher, student, AlignSettings(max_student_length=max_length))

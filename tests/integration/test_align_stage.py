@@ -19,11 +19,8 @@ from alm_pipeline.pipeline.align_stage import (
     build_aligned_sets,
     stream_aligned,
 )
-from alm_pipeline.pipeline.corpus import CorpusConfig
-from alm_pipeline.pipeline.ray_utils import RayConfig
-from alm_pipeline.pipeline.teacher_cache import TeacherCacheConfig, build_teacher_cache
-from tests.factories import write_jsonl
-from tests.test_teacher_cache import BAD_INPUT_DOCS
+from alm_pipeline.pipeline.teacher_cache import build_teacher_cache
+from tests.factories import BAD_INPUT_DOCS, teacher_cache_config, write_jsonl
 
 pytestmark = pytest.mark.ray
 
@@ -38,14 +35,7 @@ def cache_dir(ray_local, tmp_path_factory, llama_sp_model):
     root = tmp_path_factory.mktemp("align_stage")
     data = write_jsonl(root / "corpus.jsonl", DOCS)
     build_teacher_cache(
-        TeacherCacheConfig(
-            teacher=str(llama_sp_model),
-            corpus=CorpusConfig(path=str(data), id_field="id"),
-            output=str(root / "cache"),
-            max_length=64,
-            shard_size=4,
-            ray=RayConfig(num_cpus=2),
-        )
+        teacher_cache_config(llama_sp_model, data, root / "cache", max_length=64, shard_size=4)
     )
     return root / "cache"
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, CohereConfig, GraniteConfig, LlamaConfig
+from transformers import AutoModelForCausalLM, CohereConfig, GraniteConfig, LlamaConfig
 
 from alm_pipeline.evaluation.bits_per_byte import model_bits_per_byte
 from alm_pipeline.evaluation.models import load_eval_model
@@ -26,44 +26,9 @@ from alm_pipeline.modeling import (
 )
 from alm_pipeline.pipeline.byteview import load_byte_view
 from alm_pipeline.pipeline.engine_hf import HFEngineConfig, HFTeacherEngine
+from tests.factories import GRANITE_LOGITS_SCALING, GRANITE_PADDED_ROWS
 
-LOGITS_SCALING = 4.0
-PADDED_ROWS = 6
 TEXTS = ["Hello world, a first document.", "To be, or not to be:\nthat is the question", "x", "Café 中文 👍"]
-
-
-def make_granite_model(tokenizer_dir: Path, path: Path) -> Path:
-    """A random tiny Granite causal LM (logits divided by ``logits_scaling``; ``PADDED_ROWS`` LM-head rows
-    beyond the tokenizer) for the tokenizer in ``tokenizer_dir``, saved with it to ``path``."""
-    from transformers import GraniteForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    torch.manual_seed(0)
-    config = GraniteConfig(
-        vocab_size=len(tok) + PADDED_ROWS,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
-        logits_scaling=LOGITS_SCALING,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    model = GraniteForCausalLM(config)
-    with torch.no_grad():  # sharp output distributions: the scaling matters for the numbers
-        for p in model.parameters():
-            p.mul_(4.0)
-    model.save_pretrained(str(path))
-    tok.save_pretrained(str(path))
-    return path
-
-
-@pytest.fixture(scope="module")
-def granite_model(tmp_path_factory, tokenizer_dirs) -> Path:
-    return make_granite_model(tokenizer_dirs["sentencepiece"], tmp_path_factory.mktemp("granite"))
 
 
 def _own_logprobs(model_dir: Path, ids: np.ndarray, vocab: int) -> torch.Tensor:
@@ -76,7 +41,9 @@ def _own_logprobs(model_dir: Path, ids: np.ndarray, vocab: int) -> torch.Tensor:
 
 def test_logit_rules_of_configs():
     assert LogitRules.of(LlamaConfig()) == LogitRules(scale=None, softcap=None)
-    assert LogitRules.of(GraniteConfig(logits_scaling=LOGITS_SCALING)) == LogitRules(scale=0.25, softcap=None)
+    assert LogitRules.of(GraniteConfig(logits_scaling=GRANITE_LOGITS_SCALING)) == LogitRules(
+        scale=0.25, softcap=None
+    )
     assert LogitRules.of(GraniteConfig(logits_scaling=1.0)) == LogitRules()
     assert LogitRules.of(CohereConfig(logit_scale=0.5)) == LogitRules(scale=0.5)
     both = LlamaConfig(logit_scale=0.5, logits_scaling=2.0, final_logit_softcapping=30.0)
@@ -91,11 +58,14 @@ def test_logit_rules_of_configs():
 def test_sliced_head_folds_the_scaling_and_drops_padded_rows(granite_model):
     view = load_byte_view(granite_model)
     model = AutoModelForCausalLM.from_pretrained(str(granite_model), dtype=torch.float32).eval()
-    assert model.get_output_embeddings().weight.shape[0] == view.vocab_size + PADDED_ROWS
+    assert model.get_output_embeddings().weight.shape[0] == view.vocab_size + GRANITE_PADDED_ROWS
     head = SlicedHead.of_model(model, view.vocab_size)
     assert head.vocab == view.vocab_size and head.softcap is None
     torch.testing.assert_close(
-        head.weight, model.get_output_embeddings().weight[: view.vocab_size] / LOGITS_SCALING, rtol=0, atol=0
+        head.weight,
+        model.get_output_embeddings().weight[: view.vocab_size] / GRANITE_LOGITS_SCALING,
+        rtol=0,
+        atol=0,
     )
     assert sliced_head_error(model, model_body(model), head) < 1e-5
     # without the scaling (what evaluation and the student statistics did before): far off, refused

@@ -1,0 +1,62 @@
+"""The training config tree (alm_pipeline.trainer.config): validation messages, JSON round trip."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from alm_pipeline.cli.options import build_config
+from alm_pipeline.trainer.config import (
+    CheckpointConfig,
+    DataConfig,
+    DistributedConfig,
+    OptimConfig,
+    StudentSpec,
+    TrainConfig,
+)
+from tests.factories import train_config
+
+
+def test_config_validation_messages(self_aligned, tmp_path):
+    with pytest.raises(ValueError, match="exactly one data source"):
+        build_config(TrainConfig, {"student": "x", "output": str(tmp_path)})
+    with pytest.raises(ValueError, match="exactly one student"):
+        build_config(TrainConfig, {"aligned": str(self_aligned), "output": str(tmp_path)})
+    with pytest.raises(ValueError, match="--cache needs --student-tokenizer"):
+        DataConfig(cache="c")
+    with pytest.raises(ValueError, match="embedding-init"):
+        StudentSpec(init_from="x", embedding_init="random")
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainConfig(
+            data=DataConfig(aligned="a"),
+            student=StudentSpec(student="x"),
+            optim=OptimConfig(batch_size=1),
+            distributed=DistributedConfig(num_workers=2),
+        )
+    with pytest.raises(ValueError, match="--resume and --overwrite"):
+        CheckpointConfig(resume=True, overwrite=True)
+
+
+def test_config_tree_round_trips_through_json_and_zero_means_off(tmp_path):
+    from alm_pipeline.pipeline.ray_utils import RayConfig
+
+    cfg = train_config(
+        tmp_path / "aligned",
+        tmp_path / "run",
+        init_from="m",
+        num_layers=2,
+        tau=5.0,
+        debias=False,
+        loss_combination="fixed",
+        address="auto",
+        keep_checkpoints=0,
+        max_grad_norm=0,
+        fail_at_step=2,
+    )
+    assert cfg.checkpoint.keep is None and cfg.optim.max_grad_norm is None  # 0 = keep all / no clipping
+    assert cfg.combine.method == "fixed" and cfg.distributed.ray == RayConfig(address="auto")
+    again = TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg and isinstance(again.distributed.ray, RayConfig)
+    with pytest.raises(ValueError, match="unknown LossConfig setting"):
+        TrainConfig.from_dict({**cfg.to_dict(), "loss": {"temperature": 1.0}})

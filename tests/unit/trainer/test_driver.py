@@ -1,0 +1,92 @@
+"""The training loop in this process (alm_pipeline.trainer.driver.train_local): self-distillation, learning,
+packing."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from alm_pipeline.cache.aligned import open_aligned_set
+from alm_pipeline.trainer.checkpoint import find_latest_checkpoint, list_checkpoints, read_trainer_state
+from alm_pipeline.trainer.data import BatchPlan, plan_micro_batches
+from alm_pipeline.trainer.driver import train_local
+from alm_pipeline.trainer.metrics import read_metrics_csv
+from alm_pipeline.trainer.runtime import read_aligned_rows
+from tests.factories import losses, train_config
+
+
+def test_self_distillation_loss_is_zero_at_step_zero(self_aligned, gpt2_bl_model, tmp_path):
+    """Student = teacher weights with the teacher's own tokenizer: the chunk likelihoods agree."""
+    res = train_local(
+        train_config(self_aligned, tmp_path / "run", student=str(gpt2_bl_model), steps=1, lr=1e-5)
+    )
+    first = res.history[0]
+    assert first["step"] == 1 and first["valid_chunks"] > 20
+    assert first["loss"] < 1e-6 and first["mean_abs_chunk_logprob_diff"] < 1e-4
+
+
+def test_tiny_student_learns_and_checkpoint_is_plain_transformers(small_aligned, gpt2_bl_model, tmp_path):
+    """Tokenizer transfer (FVT) to another tokenizer: a few dozen steps lower the loss; the checkpoint is a
+    Hugging Face folder that loads with plain transformers and generates."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "run"
+    cfg = train_config(
+        small_aligned,
+        out,
+        init_from=str(gpt2_bl_model),
+        steps=30,
+        lr=5e-3,
+        checkpoint_every=10,
+        warmup_steps=2,
+        tensorboard=True,
+    )
+    res = train_local(cfg)
+    alm = losses(res.history)
+    assert len(alm) == 30 and np.all(np.isfinite(alm))
+    assert alm[-5:].mean() < 0.6 * alm[:3].mean(), alm
+    assert [r["step"] for r in read_metrics_csv(out / "metrics.csv")] == list(range(1, 31))
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert [s for s, _ in list_checkpoints(out)] == [10, 20, 30]
+    final = res.final_checkpoint
+    assert final == out / "final" and not (final / "optimizer.pt").exists()
+    model = AutoModelForCausalLM.from_pretrained(final)
+    tok = AutoTokenizer.from_pretrained(final)
+    prompt = tok("To be, or not", return_tensors="pt")
+    gen = model.generate(**prompt, max_new_tokens=5, do_sample=False)
+    assert gen.shape[1] == prompt["input_ids"].shape[1] + 5
+    state = read_trainer_state(find_latest_checkpoint(out))
+    assert state["step"] == 30 and state["data_position"]["epoch"] >= 1
+
+
+def test_packing_equals_bucketing_and_micro_batching(mixed_aligned, gpt2_bl_model, tmp_path):
+    """The loss of a step does not depend on how the global batch is cut into micro-batches or packed (the
+    packed run's rows hold several documents)."""
+    rows, _ = read_aligned_rows(open_aligned_set(mixed_aligned).shard_files()).select_trainable(
+        need_groups=True
+    )
+    plan = BatchPlan(rows.num_docs, batch_size=6, seed=0)  # train_config()'s batch size and seed
+    packed_rows = [
+        row
+        for step in range(3)
+        for mb in plan_micro_batches(
+            rows.lengths[plan.global_batch(step)],
+            max_tokens=96,
+            packing=True,
+            pack_length=int(rows.lengths.max()),  # the worker packs up to the longest document
+        )
+        for row in mb
+    ]
+    assert any(len(row) >= 2 for row in packed_rows)
+    runs = {}
+    for name, kw in {
+        "packed": {"packing": True, "micro_batch_tokens": 96},
+        "bucketed": {"packing": False, "micro_batch_tokens": 96},
+        "one_pass": {"packing": False, "micro_batch_tokens": 100000},
+    }.items():
+        res = train_local(
+            train_config(mixed_aligned, tmp_path / name, init_from=str(gpt2_bl_model), steps=3, **kw)
+        )
+        runs[name] = losses(res.history)
+        assert res.info["packing"] == (name == "packed")
+    np.testing.assert_allclose(runs["packed"], runs["one_pass"], rtol=2e-5, atol=1e-7)
+    np.testing.assert_allclose(runs["bucketed"], runs["one_pass"], rtol=2e-5, atol=1e-7)
