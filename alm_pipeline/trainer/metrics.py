@@ -55,15 +55,14 @@ def read_metrics_csv(path: str | os.PathLike[str]) -> list[dict[str, float]]:
 
 
 def _tensorboard_writer(logdir: Path, purge_step: int | None):
-    try:
-        from tensorboardX import SummaryWriter  # small, no TensorFlow; pulled in by ray[train]
-    except ImportError:
-        try:
-            from torch.utils.tensorboard import SummaryWriter  # needs the `tensorboard` package
-        except ImportError:
-            logger.warning("no TensorBoard writer (pip install tensorboardX); writing metrics.csv only")
-            return None
-    return SummaryWriter(logdir=str(logdir), purge_step=purge_step)
+    from alm_pipeline.optional import MissingDependencyError, require
+
+    try:  # small, no TensorFlow; a core dependency (and pulled in by ray[train])
+        tensorboardx = require("tensorboardX", "TensorBoard event files (--tensorboard)")
+    except MissingDependencyError as err:
+        logger.warning("%s; writing metrics.csv only", err)
+        return None
+    return tensorboardx.SummaryWriter(logdir=str(logdir), purge_step=purge_step)
 
 
 class _Console:
@@ -226,12 +225,9 @@ class MetricsLogger:
         self._tb.flush()
 
     def _init_wandb(self, spec: dict):
-        try:
-            import wandb
-        except ImportError as err:
-            raise RuntimeError(
-                "W&B logging was asked for but `wandb` is not installed: pip install wandb"
-            ) from err
+        from alm_pipeline.optional import require
+
+        wandb = require("wandb", "W&B logging (--wandb-project)")
         id_file = self.run_dir / "wandb_run_id"
         run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
         id_file.write_text(run_id + "\n")

@@ -207,13 +207,9 @@ class StudentBundle:
 
 
 def _import_peft():
-    try:
-        import peft
-    except ImportError as err:
-        raise ImportError(
-            "LoRA students need the `peft` package, which is not installed: `pip install 'peft>=0.21'` "
-            "(or train without `lora_rank`, i.e. full fine-tuning)"
-        ) from err
+    from alm_pipeline.optional import require
+
+    peft = require("peft", "LoRA students (--lora-rank; train without it for full fine-tuning)")
     if "ensure_weight_tying" not in {f.name for f in dataclasses.fields(peft.LoraConfig)}:
         raise ImportError(
             f"peft {peft.__version__} is too old for LoRA students (no `ensure_weight_tying`): "
