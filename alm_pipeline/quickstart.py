@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from alm_pipeline.configs import option
 from alm_pipeline.pipeline.ray_utils import RayConfig
 from alm_pipeline.trainer.config import (
     CheckpointConfig,
@@ -37,36 +38,32 @@ from alm_pipeline.trainer.config import (
 )
 
 
-def _opt(default, help: str, cli: str | None = None):  # noqa: A002
-    return field(default=default, metadata={"help": help, **({"cli": cli} if cli else {})})
-
-
 @dataclass(frozen=True)
 class QuickstartConfig:
     """The quickstart's settings (``alm-pipeline quickstart`` options, generated from these fields)."""
 
-    output: str = _opt("runs/quickstart", "Folder for every artefact of the run")
-    teacher: str = _opt("smollm2-135m", "Teacher model (short name, path or hub name)")
-    data: str | None = _opt(None, "Corpus (default: the bundled Shakespeare corpus)")
-    max_docs: int = _opt(64, "Documents of the corpus to use")
-    max_length: int = _opt(256, "Teacher tokens per document")
-    students: tuple[str, ...] = _opt(
+    output: str = option("runs/quickstart", "Folder for every artefact of the run")
+    teacher: str = option("smollm2-135m", "Teacher model (short name, path or hub name)")
+    data: str | None = option(None, "Corpus (default: the bundled Shakespeare corpus)")
+    max_docs: int = option(64, "Documents of the corpus to use")
+    max_length: int = option(256, "Teacher tokens per document")
+    students: tuple[str, ...] = option(
         ("bytes", "gpt2-tokenizer"), "Student tokenizers to align to (repeat for several)", cli="student"
     )
-    gamma: float = _opt(0.1, "γ for chunk merging")
+    gamma: float = option(0.1, "γ for chunk merging")
     # on a 2-core machine: 2 torch threads, CPU left for the other tasks
-    num_cpus_per_actor: float = _opt(1.5, "CPUs of the teacher actor")
-    train_student: str | None = _opt(
+    num_cpus_per_actor: float = option(1.5, "CPUs of the teacher actor")
+    train_student: str | None = option(
         None, "Which aligned student tokenizer to train (default: the first subword one, else bytes)"
     )
-    train: bool = _opt(
+    train: bool = option(
         True, "Stages 3-4: train a student and compare bits per byte (--no-train: stop after align)"
     )
-    steps: int = _opt(30, "Training steps (tokenizer transfer from the teacher, ALM loss)")
-    batch_size: int = _opt(4, "Documents per training step")
-    lr: float = _opt(5e-5, "Peak learning rate (10% warm-up, linear decay)")
-    eval_docs: int = _opt(16, "Bundled held-out documents for bits per byte")
-    eval_max_bytes: int = _opt(1024, "Held-out documents are cut at a line end to this many UTF-8 bytes")
+    steps: int = option(30, "Training steps (tokenizer transfer from the teacher, ALM loss)")
+    batch_size: int = option(4, "Documents per training step")
+    lr: float = option(5e-5, "Peak learning rate (10% warm-up, linear decay)")
+    eval_docs: int = option(16, "Bundled held-out documents for bits per byte")
+    eval_max_bytes: int = option(1024, "Held-out documents are cut at a line end to this many UTF-8 bytes")
     ray: RayConfig = field(default_factory=RayConfig)
 
     def __post_init__(self) -> None:

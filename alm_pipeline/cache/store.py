@@ -9,6 +9,7 @@ cluster).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -100,15 +101,7 @@ class ShardInfo:
     stats: dict
 
     def to_json(self) -> dict:
-        return {
-            "index": self.index,
-            "file": self.file,
-            "rows": self.rows,
-            "tokens": self.tokens,
-            "bytes": self.bytes,
-            "sha256": self.sha256,
-            "stats": self.stats,
-        }
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_json(cls, d: dict) -> ShardInfo:

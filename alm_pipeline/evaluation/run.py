@@ -8,10 +8,11 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from alm_pipeline.configs import option
 from alm_pipeline.evaluation.agreement import chunk_agreement
 from alm_pipeline.evaluation.bits_per_byte import (
     BITS_PER_BYTE_CONVENTION,
@@ -44,64 +45,47 @@ class EvalConfig:
     * ``run_dir``: also write the result to ``run_dir/eval.json``.
     """
 
-    model: str | None = field(
-        default=None,
-        metadata={
-            "help": "Model to evaluate: a model folder, a short name (smollm2-135m), or a training run directory "
-            "(then its final/ folder, else its latest complete checkpoint, else the only subfolder holding a "
-            "config.json)"
-        },
+    model: str | None = option(
+        None,
+        "Model to evaluate: a model folder, a short name (smollm2-135m), or a training run directory "
+        "(then its final/ folder, else its latest complete checkpoint, else the only subfolder holding a "
+        "config.json)",
     )
-    data: str | None = field(
-        default=None,
-        metadata={
-            "help": "Texts for bits per byte: .jsonl/.json/.parquet file or folder, or `heldout` (the bundled "
-            "held-out documents; the default when only --model is given)"
-        },
+    data: str | None = option(
+        None,
+        "Texts for bits per byte: .jsonl/.json/.parquet file or folder, or `heldout` (the bundled "
+        "held-out documents; the default when only --model is given)",
     )
-    text_field: str = field(default="text", metadata={"help": "Field holding the document text"})
-    id_field: str | None = field(
-        default=None, metadata={"help": "Field holding a unique document id (default: hash of the text)"}
+    text_field: str = option("text", "Field holding the document text")
+    id_field: str | None = option(None, "Field holding a unique document id (default: hash of the text)")
+    max_docs: int | None = option(
+        None, "Use only the first N documents of each source (data, cache, aligned set)"
     )
-    max_docs: int | None = field(
-        default=None,
-        metadata={"help": "Use only the first N documents of each source (data, cache, aligned set)"},
+    cache: str | None = option(
+        None, "Teacher cache: report the teacher's bits per byte read from it (no model needed)"
     )
-    cache: str | None = field(
-        default=None,
-        metadata={"help": "Teacher cache: report the teacher's bits per byte read from it (no model needed)"},
+    cache_texts: bool = option(
+        False,
+        "Also evaluate --model on the cached texts (the bytes the teacher saw) and report the gap "
+        "to the teacher",
     )
-    cache_texts: bool = field(
-        default=False,
-        metadata={
-            "help": "Also evaluate --model on the cached texts (the bytes the teacher saw) and report the gap "
-            "to the teacher"
-        },
+    aligned: str | None = option(
+        None,
+        "Aligned set (from `alm-pipeline align`) whose student tokenizer is the model's: report "
+        "chunk agreement, mean |C_S - C_T| and debiased mean |(C_S+σ_S) - (C_T+σ_T)|",
     )
-    aligned: str | None = field(
-        default=None,
-        metadata={
-            "help": "Aligned set (from `alm-pipeline align`) whose student tokenizer is the model's: report "
-            "chunk agreement, mean |C_S - C_T| and debiased mean |(C_S+σ_S) - (C_T+σ_T)|"
-        },
+    max_length: int = option(
+        1024, "Model tokens per document, special tokens included (longer ones are truncated)"
     )
-    max_length: int = field(
-        default=1024,
-        metadata={"help": "Model tokens per document, special tokens included (longer ones are truncated)"},
+    batch_tokens: int = option(8192, "Padded tokens per forward pass")
+    max_logit_elements: int = option(
+        1 << 25, "fp32 logits alive at once (positions per LM-head slice = this / vocabulary size)"
     )
-    batch_tokens: int = field(default=8192, metadata={"help": "Padded tokens per forward pass"})
-    max_logit_elements: int = field(
-        default=1 << 25,
-        metadata={"help": "fp32 logits alive at once (positions per LM-head slice = this / vocabulary size)"},
+    dtype: str = option(
+        "float32", "Model weights dtype: float32, bfloat16, float16 (log-softmax is always fp32)"
     )
-    dtype: str = field(
-        default="float32",
-        metadata={"help": "Model weights dtype: float32, bfloat16, float16 (log-softmax is always fp32)"},
-    )
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
-    run_dir: str | None = field(
-        default=None, metadata={"help": "Also write the JSON result to RUN_DIR/eval.json"}
-    )
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    run_dir: str | None = option(None, "Also write the JSON result to RUN_DIR/eval.json")
 
     def __post_init__(self) -> None:
         if self.max_length < 2:

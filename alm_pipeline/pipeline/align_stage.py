@@ -25,6 +25,7 @@ from alm_pipeline.cache.aligned import ALIGNED_FORMAT_VERSION, ALIGNED_SCHEMA, T
 from alm_pipeline.cache.arrow import list_array, list_parts, take_rows
 from alm_pipeline.cache.dataset import OutputRefusedError
 from alm_pipeline.cache.teacher import TeacherCache, open_cache
+from alm_pipeline.configs import option
 from alm_pipeline.pipeline.align import CoverageStats
 from alm_pipeline.pipeline.align_batch import align_batch, coverage_batch, merge_batch
 from alm_pipeline.pipeline.byteview import ByteView, TokenizerMismatchError, load_byte_view
@@ -40,19 +41,14 @@ class AlignError(RuntimeError):
 
 @dataclass(frozen=True)
 class AlignSettings:
-    gamma: float = field(
-        default=0.1,
-        metadata={"help": "γ: merge chunks until the teacher's boundary probability > γ (0 = no merging)"},
+    gamma: float = option(
+        0.1, "γ: merge chunks until the teacher's boundary probability > γ (0 = no merging)"
     )
-    debias: bool = field(
-        default=True, metadata={"help": "Outcome debiasing (add σ to chunk log-likelihoods)"}
+    debias: bool = option(True, "Outcome debiasing (add σ to chunk log-likelihoods)")
+    max_student_length: int | None = option(
+        None, "Student tokens per document (default: cover the cached text)"
     )
-    max_student_length: int | None = field(
-        default=None, metadata={"help": "Student tokens per document (default: cover the cached text)"}
-    )
-    min_coverage: float = field(
-        default=0.8, metadata={"help": "Warn when chunks cover less of the text than this"}
-    )
+    min_coverage: float = option(0.8, "Warn when chunks cover less of the text than this")
 
     def identity(self) -> dict:
         return {"gamma": self.gamma, "debias": self.debias, "max_student_length": self.max_student_length}
@@ -60,20 +56,14 @@ class AlignSettings:
 
 @dataclass(frozen=True)
 class AlignConfig:
-    cache: str = field(metadata={"help": "Teacher cache directory (from `alm-pipeline teacher-cache`)"})
-    student_tokenizers: tuple[str, ...] = field(
-        metadata={
-            "help": "Student tokenizer: `bytes`, a tokenizer folder, or a short name (repeat for several)",
-            "cli": "student_tokenizer",
-        }
+    cache: str = option(help="Teacher cache directory (from `alm-pipeline teacher-cache`)")
+    student_tokenizers: tuple[str, ...] = option(
+        help="Student tokenizer: `bytes`, a tokenizer folder, or a short name (repeat for several)",
+        cli="student_tokenizer",
     )
-    output: str = field(
-        default="aligned", metadata={"help": "Parent folder; one aligned set per student tokenizer inside"}
-    )
+    output: str = option("aligned", "Parent folder; one aligned set per student tokenizer inside")
     settings: AlignSettings = field(default_factory=AlignSettings)
-    overwrite: bool = field(
-        default=False, metadata={"help": "Replace existing aligned sets made with other settings"}
-    )
+    overwrite: bool = option(False, "Replace existing aligned sets made with other settings")
     ray: RayConfig = field(default_factory=RayConfig)
 
 

@@ -12,8 +12,10 @@ import gzip
 import hashlib
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from alm_pipeline.configs import option
 
 
 class CorpusError(ValueError):
@@ -22,22 +24,16 @@ class CorpusError(ValueError):
 
 @dataclass(frozen=True)
 class CorpusConfig:
-    path: str | None = field(
-        default=None,  # None: the bundled Shakespeare corpus (set in __post_init__)
-        metadata={
-            "help": "Corpus: .jsonl/.json/.parquet file or folder, save_to_disk folder, or hub dataset "
-            "(default: the bundled Shakespeare corpus)",
-            "cli": "data",
-        },
+    path: str | None = option(
+        None,
+        "Corpus: .jsonl/.json/.parquet file or folder, save_to_disk folder, or hub dataset "
+        "(default: the bundled Shakespeare corpus)",
+        cli="data",
     )
-    text_field: str = field(default="text", metadata={"help": "Field holding the document text"})
-    id_field: str | None = field(
-        default=None, metadata={"help": "Field holding a unique document id (default: hash of text)"}
-    )
-    split: str = field(default="train", metadata={"help": "Split, for hub datasets and DatasetDict folders"})
-    limit: int | None = field(
-        default=None, metadata={"help": "Use only the first N usable documents", "cli": "max_docs"}
-    )
+    text_field: str = option("text", "Field holding the document text")
+    id_field: str | None = option(None, "Field holding a unique document id (default: hash of text)")
+    split: str = option("train", "Split, for hub datasets and DatasetDict folders")
+    limit: int | None = option(None, "Use only the first N usable documents", cli="max_docs")
 
     def __post_init__(self) -> None:
         if self.path is None:
@@ -71,13 +67,7 @@ class CorpusStats:
     skipped_examples: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
-        return {
-            "read": self.read,
-            "used": self.used,
-            "skipped_empty": self.skipped_empty,
-            "skipped_duplicate_text": self.skipped_duplicate_text,
-            "skipped_examples": self.skipped_examples[:20],
-        }
+        return {**asdict(self), "skipped_examples": self.skipped_examples[:20]}
 
 
 def text_hash_id(text: str) -> str:

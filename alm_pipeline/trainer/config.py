@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from alm_pipeline.configs import option
 from alm_pipeline.pipeline.ray_utils import RayConfig
 from alm_pipeline.trainer.loss import DISTANCES, ALMLossConfig, Distance
 
@@ -40,14 +41,6 @@ __all__ = [
 T = TypeVar("T")
 
 
-def _opt(default: Any = dataclasses.MISSING, help: str = "", cli: str | None = None, **kw: Any) -> Any:  # noqa: A002
-    """A dataclass field with its help text (and CLI option name, when it differs from the field name)."""
-    metadata: dict[str, Any] = {"help": help}
-    if cli is not None:
-        metadata["cli"] = cli
-    return field(default=default, metadata=metadata, **kw)
-
-
 def _positive_int(name: str, value: Any, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
@@ -66,17 +59,17 @@ class DataConfig:
     """Where the training documents come from: exactly one of an aligned set, or a teacher cache aligned on the
     fly."""
 
-    aligned: str | None = _opt(
+    aligned: str | None = option(
         None, "Aligned set directory (from `alm-pipeline align`); fixes the student tokenizer"
     )
-    cache: str | None = _opt(
+    cache: str | None = option(
         None, "Teacher cache to align on the fly (instead of --aligned); needs --student-tokenizer"
     )
-    student_tokenizer: str | None = _opt(
+    student_tokenizer: str | None = option(
         None, "With --cache: the student tokenizer (folder, short name, or 'bytes')"
     )
-    gamma: float | None = _opt(None, "With --cache: γ merging threshold (default 0.1, as in align)")
-    max_student_length: int | None = _opt(
+    gamma: float | None = option(None, "With --cache: γ merging threshold (default 0.1, as in align)")
+    max_student_length: int | None = option(
         None, "With --cache: student tokens per document (default: whole cached text)"
     )
 
@@ -102,19 +95,19 @@ class StudentSpec:
     into a :class:`~alm_pipeline.trainer.student.StudentConfig` (with the data's student tokenizer, fp32) via
     :func:`alm_pipeline.trainer.worker.student_config`."""
 
-    student: str | None = _opt(
+    student: str | None = option(
         None, "Existing student model (folder, short name or hub name) that uses the student tokenizer"
     )
-    init_from: str | None = _opt(
+    init_from: str | None = option(
         None, "Tokenizer transfer: start from this model (usually the teacher) with new embeddings"
     )
-    embedding_init: str = _opt(
+    embedding_init: str = option(
         "fvt", "Embedding initialisation for --init-from: fvt (mean of source-token embeddings)"
     )
-    num_layers: int | None = _opt(None, "Keep only the first N transformer blocks")
-    lora_rank: int | None = _opt(None, "Train LoRA adapters of this rank (default: full)")
-    lora_alpha: float | None = _opt(None, "LoRA alpha (default: the rank)")
-    disable_dropout: bool = _opt(True, "Set every dropout probability of the student to 0")
+    num_layers: int | None = option(None, "Keep only the first N transformer blocks")
+    lora_rank: int | None = option(None, "Train LoRA adapters of this rank (default: full)")
+    lora_alpha: float | None = option(None, "LoRA alpha (default: the rank)")
+    disable_dropout: bool = option(True, "Set every dropout probability of the student to 0")
 
     def __post_init__(self) -> None:
         if (self.student is None) == (self.init_from is None):
@@ -133,18 +126,18 @@ class OptimConfig:
     """Optimisation (defaults after the paper, reference §11.1): Adam without weight decay (AdamW when
     ``weight_decay > 0``), linear warm-up then linear decay, gradient clipping."""
 
-    steps: int = _opt(1000, "Optimizer steps")
-    batch_size: int = _opt(32, "Documents per optimizer step (global, over all workers)")
-    seed: int = _opt(0, "Seed of the data order")
-    lr: float = _opt(1e-5, "Peak learning rate")
-    warmup_steps: int | None = _opt(
+    steps: int = option(1000, "Optimizer steps")
+    batch_size: int = option(32, "Documents per optimizer step (global, over all workers)")
+    seed: int = option(0, "Seed of the data order")
+    lr: float = option(1e-5, "Peak learning rate")
+    warmup_steps: int | None = option(
         None, "Linear warm-up steps, then linear decay to 0 (default: 10% of --steps)"
     )
-    weight_decay: float = _opt(0.0, "Weight decay (default 0: Adam without weight decay; > 0 uses AdamW)")
-    adam_beta1: float = _opt(0.9, "Adam β1")
-    adam_beta2: float = _opt(0.95, "Adam β2")
-    adam_eps: float = _opt(1e-8, "Adam ε")
-    max_grad_norm: float | None = _opt(
+    weight_decay: float = option(0.0, "Weight decay (default 0: Adam without weight decay; > 0 uses AdamW)")
+    adam_beta1: float = option(0.9, "Adam β1")
+    adam_beta2: float = option(0.95, "Adam β2")
+    adam_eps: float = option(1e-8, "Adam ε")
+    max_grad_norm: float | None = option(
         1.0, "Clip the gradient norm to this (0: no clipping; the norm is always logged)"
     )
 
@@ -182,23 +175,23 @@ class OptimConfig:
 class ComputeConfig:
     """How each worker runs its forward/backward passes: micro-batches, precision and memory trade-offs."""
 
-    micro_batch_tokens: int = _opt(
+    micro_batch_tokens: int = option(
         8192, "Padded tokens per forward pass per worker; the rest of the batch is gradient-accumulated"
     )
-    packing: bool = _opt(
+    packing: bool = option(
         True,
         "Pack several documents per row (attention never crosses documents); --no-packing: length buckets",
     )
-    bf16: bool = _opt(False, "bfloat16 autocast (default fp32; loss statistics stay fp32)")
-    gradient_checkpointing: bool = _opt(False, "Recompute activations in the backward")
-    slice_size: int = _opt(1024, "Positions per LM-head slice of the student statistics")
-    recompute_logits: bool | None = _opt(
+    bf16: bool = option(False, "bfloat16 autocast (default fp32; loss statistics stay fp32)")
+    gradient_checkpointing: bool = option(False, "Recompute activations in the backward")
+    slice_size: int = option(1024, "Positions per LM-head slice of the student statistics")
+    recompute_logits: bool | None = option(
         None,
         "Recompute the LM head's logits slice by slice in the backward (memory O(slice x vocab), one more "
         "LM-head matmul) instead of keeping the fp32 probabilities of a micro-batch (micro-batch tokens x "
         "vocab x 4 bytes). Default: recompute only when those would exceed --logits-memory-mib",
     )
-    logits_memory_mib: int = _opt(
+    logits_memory_mib: int = option(
         2048, "Budget for kept fp32 probabilities per micro-batch (see --recompute-logits)"
     )
 
@@ -219,14 +212,14 @@ class ComputeConfig:
 class LossConfig:
     """The objective (reference §5, §6, §9): ALM and/or the student's next-token loss."""
 
-    alm: bool = _opt(True, "The ALM loss (turn off only for a next-token-only baseline)")
-    distance: Distance = _opt(
+    alm: bool = option(True, "The ALM loss (turn off only for a next-token-only baseline)")
+    distance: Distance = option(
         "binary_kl",
         "ALM distance: binary_kl (default), binary_ce, binary_tvd, binary_kl_tau_limit, abs_tau_limit",
     )
-    tau: float = _opt(100.0, "ALM temperature τ")
-    debias: bool | None = _opt(None, "Outcome-chunk debiasing (default: as stored in the aligned set)")
-    next_token_loss: bool = _opt(
+    tau: float = option(100.0, "ALM temperature τ")
+    debias: bool | None = option(None, "Outcome-chunk debiasing (default: as stored in the aligned set)")
+    next_token_loss: bool = option(
         False, "Add the student's next-token loss (hybrid distillation; default off)"
     )
 
@@ -250,13 +243,13 @@ class LossConfig:
 class CombineConfig:
     """How the ALM and next-token losses are combined when both are on (:mod:`alm_pipeline.trainer.gradmag`)."""
 
-    method: Literal["gradmag", "fixed"] = _opt(
+    method: Literal["gradmag", "fixed"] = option(
         "gradmag",
         "With --next-token-loss: gradmag (default) or fixed (--alm-weight/--ntp-weight)",
         cli="loss_combination",
     )
-    alm_weight: float = _opt(1.0, "Fixed weight of the ALM loss")
-    ntp_weight: float = _opt(1.0, "Fixed weight of the next-token loss")
+    alm_weight: float = option(1.0, "Fixed weight of the ALM loss")
+    ntp_weight: float = option(1.0, "Fixed weight of the next-token loss")
 
     def __post_init__(self) -> None:
         if self.method not in ("gradmag", "fixed"):
@@ -267,16 +260,16 @@ class CombineConfig:
 class DistributedConfig:
     """Ray Train workers and the Ray instance."""
 
-    num_workers: int = _opt(1, "Ray Train workers (data-parallel)")
-    use_gpu: bool = _opt(False, "One GPU per worker")
-    strategy: Literal["ddp", "fsdp"] = _opt(
+    num_workers: int = option(1, "Ray Train workers (data-parallel)")
+    use_gpu: bool = option(False, "One GPU per worker")
+    strategy: Literal["ddp", "fsdp"] = option(
         "ddp", "ddp (default) or fsdp (shard a student that does not fit one device)"
     )
-    cpus_per_worker: float | None = _opt(
+    cpus_per_worker: float | None = option(
         None, "Ray CPUs per worker (default: leave one CPU to Ray Data, at most 1)"
     )
-    torch_threads: int | None = _opt(None, "torch threads per worker (default: cores/workers)")
-    max_failures: int = _opt(
+    torch_threads: int | None = option(None, "torch threads per worker (default: cores/workers)")
+    max_failures: int = option(
         0, "Restart failed workers from the latest checkpoint up to N times (Ray FailureConfig)"
     )
     ray: RayConfig = field(default_factory=RayConfig)
@@ -294,10 +287,10 @@ class DistributedConfig:
 class CheckpointConfig:
     """Checkpoints under ``<output>/checkpoints`` and what to do with an earlier run in ``output``."""
 
-    every: int = _opt(500, "Save a checkpoint every N steps (and at the end)", cli="checkpoint_every")
-    keep: int | None = _opt(3, "Keep the N newest checkpoints (0: all)", cli="keep_checkpoints")
-    resume: bool = _opt(False, "Continue from the latest checkpoint under --output")
-    overwrite: bool = _opt(False, "Delete an earlier run's checkpoints and metrics in --output")
+    every: int = option(500, "Save a checkpoint every N steps (and at the end)", cli="checkpoint_every")
+    keep: int | None = option(3, "Keep the N newest checkpoints (0: all)", cli="keep_checkpoints")
+    resume: bool = option(False, "Continue from the latest checkpoint under --output")
+    overwrite: bool = option(False, "Delete an earlier run's checkpoints and metrics in --output")
 
     def __post_init__(self) -> None:
         if self.keep == 0:  # 0 = keep all, as None
@@ -312,11 +305,11 @@ class CheckpointConfig:
 class LoggingConfig:
     """Metrics: ``metrics.csv`` always; TensorBoard, W&B and the console progress line on request."""
 
-    log_every: int = _opt(10, "Console line every N steps when stderr is not a terminal")
-    tensorboard: bool = _opt(True, "Write TensorBoard event files")
-    wandb_project: str | None = _opt(None, "Also log to this W&B project (needs wandb)")
-    wandb_run_name: str | None = _opt(None, "W&B run name")
-    progress: bool = _opt(
+    log_every: int = option(10, "Console line every N steps when stderr is not a terminal")
+    tensorboard: bool = option(True, "Write TensorBoard event files")
+    wandb_project: str | None = option(None, "Also log to this W&B project (needs wandb)")
+    wandb_run_name: str | None = option(None, "W&B run name")
+    progress: bool = option(
         True, "Show progress (a bar with an ETA on a terminal, else a line every --log-every)"
     )
 
@@ -332,7 +325,7 @@ class LoggingConfig:
 class DebugConfig:
     """Test hooks."""
 
-    fail_at_step: int | None = _opt(
+    fail_at_step: int | None = option(
         None, "Testing: raise once, right after this step (first attempt only; Ray restarts it)"
     )
 
@@ -346,7 +339,7 @@ class TrainConfig:
 
     data: DataConfig
     student: StudentSpec
-    output: str = _opt("runs/exp", "Run directory: checkpoints/, final/, metrics.csv, tensorboard/")
+    output: str = option("runs/exp", "Run directory: checkpoints/, final/, metrics.csv, tensorboard/")
     optim: OptimConfig = field(default_factory=OptimConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     loss: LossConfig = field(default_factory=LossConfig)

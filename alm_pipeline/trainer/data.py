@@ -32,7 +32,7 @@ import torch
 
 from alm_pipeline.cache.aligned import TRAINER_COLUMNS
 from alm_pipeline.cache.arrow import list_parts
-from alm_pipeline.trainer.loss import ALMGroups
+from alm_pipeline.trainer.loss import ALMGroups, tensors_to
 
 __all__ = [
     "AlignedRows",
@@ -383,17 +383,7 @@ class MicroBatch:
         return self.groups.num_groups
 
     def to(self, device: torch.device | str) -> MicroBatch:
-        return MicroBatch(
-            input_ids=self.input_ids.to(device, non_blocking=True),
-            attention_mask=self.attention_mask.to(device, non_blocking=True),
-            position_ids=self.position_ids.to(device, non_blocking=True),
-            doc_start=self.doc_start.to(device, non_blocking=True),
-            groups=self.groups.to(device),
-            num_docs=self.num_docs,
-            num_tokens=self.num_tokens,
-            num_predicted=self.num_predicted,
-            packed=self.packed,
-        )
+        return tensors_to(self, device)
 
 
 def build_micro_batch(

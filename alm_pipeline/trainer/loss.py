@@ -20,10 +20,11 @@ Teacher numbers are constants: they are detached here, gradients reach the stude
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, Literal, TypeVar, get_args
 
 import numpy as np
 import torch
@@ -31,6 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from alm_pipeline.trainer.token_stats import StudentTokenStats, student_token_stats
+
+T = TypeVar("T")
 
 __all__ = [
     "ALMGroups",
@@ -108,6 +111,19 @@ class ALMLossConfig:
         return torch.float64 if self.compute_dtype == "float64" else torch.float32
 
 
+def tensors_to(obj: T, device: torch.device | str) -> T:
+    """A copy of the dataclass ``obj`` with every tensor field (and every field that has a ``.to(device)``,
+    such as nested batches) moved to ``device``; other fields are kept."""
+    moved = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, Tensor):
+            moved[f.name] = value.to(device, non_blocking=True)
+        elif hasattr(value, "to") and dataclasses.is_dataclass(value):
+            moved[f.name] = value.to(device)
+    return dataclasses.replace(obj, **moved)
+
+
 @dataclass(frozen=True)
 class ALMGroups:
     """The groups (γ-merged chunks) of a micro-batch, flattened across documents; all ``[G]``.
@@ -127,13 +143,7 @@ class ALMGroups:
         return int(self.batch_index.shape[0])
 
     def to(self, device: torch.device | str) -> ALMGroups:
-        return ALMGroups(
-            batch_index=self.batch_index.to(device, non_blocking=True),
-            start=self.start.to(device, non_blocking=True),
-            end=self.end.to(device, non_blocking=True),
-            teacher_logprob=self.teacher_logprob.to(device, non_blocking=True),
-            teacher_boundary_logprob=self.teacher_boundary_logprob.to(device, non_blocking=True),
-        )
+        return tensors_to(self, device)
 
     @classmethod
     def from_documents(
