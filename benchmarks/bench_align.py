@@ -73,14 +73,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench_align_"))
     ensure_ray(RayConfig())
     cache_dir = work / "cache"
-    teacher = random_llama(
-        resolve_model("smollm2-135m"),
-        work / "teacher",
-        hidden_size=64,
-        intermediate_size=128,
-        num_layers=1,
-        num_heads=2,
-    )
+    teacher = random_llama(resolve_model("smollm2-135m"), work / "teacher", "tiny")
     build_teacher_cache(
         TeacherCacheConfig(
             teacher=teacher,

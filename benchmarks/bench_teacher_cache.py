@@ -142,14 +142,7 @@ def main() -> None:
     size_tables: dict[str, tuple[dict[str, int], int]] = {}
     for name in args.models.split(","):
         model = (
-            random_llama(
-                resolve_model("smollm2-135m"),
-                work / "small",
-                hidden_size=256,
-                intermediate_size=768,
-                num_layers=4,
-                num_heads=4,
-            )
+            random_llama(resolve_model("smollm2-135m"), work / "small", "small")
             if name == "small"
             else resolve_model(name)
         )
