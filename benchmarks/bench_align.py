@@ -105,11 +105,11 @@ def main() -> None:
             reps=args.reps,
             warmup=args.warmup,
         )
-        align_s = runs.seconds_of("align")
+        align_s = runs.spread("align")
         rows.append(
             [
                 student,
-                runs.seconds_of("ids").format(".4f"),
+                runs.spread("ids").format(".4f"),
                 align_s.format(".4f"),
                 runs.ratio("align", "ids").format(".2f"),
                 f"{teacher_tokens / align_s.median:,.0f}",
@@ -137,7 +137,7 @@ def main() -> None:
     )
     print(
         f"\nalign stage (Ray, {len(students)} students in one pass, {os.cpu_count()} CPUs): "
-        f"{stage_runs.seconds_of('stage').format('.2f')} s"
+        f"{stage_runs.spread('stage').format('.2f')} s"
     )
     shutil.rmtree(work, ignore_errors=True)
 

@@ -348,7 +348,7 @@ def main() -> None:
         runs = Runs(seconds=timing["times"])
         results = {}
         for mode in modes:
-            results[mode] = {"step": runs.seconds_of(mode), "times": timing["times"][mode], **timing["meta"]}
+            results[mode] = {"step": runs.spread(mode), "times": timing["times"][mode], **timing["meta"]}
             results[mode].update(worker(f"mem:{mode}", data))
             r = results[mode]
             print(

@@ -133,7 +133,7 @@ def main() -> None:
             finally:
                 vllm.close()
             lp_diff, bl_diff = _max_diff(runs.results["vllm"][-1], runs.results["hf"][-1])
-            hf_s, vllm_s = runs.seconds_of("hf"), runs.seconds_of("vllm")
+            hf_s, vllm_s = runs.spread("hf"), runs.spread("vllm")
             rows.append(
                 {
                     "config": name,

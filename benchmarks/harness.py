@@ -10,7 +10,7 @@ Every benchmark compares sides (a baseline and what is measured against it) on o
   is computed per round (the two calls of one round ran back to back) and then reported the same way.
 
     runs = run_paired({"ids only": baseline, "align": align}, reps=5, warmup=1)
-    runs.seconds_of("align")                       # Spread of the wall times
+    runs.spread("align")                           # Spread of the wall times
     runs.ratio("align", "ids only")                # Spread of the per-round time ratios
     runs.ratio("pipe", "bare", metric="tok_s")      # per-round ratios of what the calls returned (dicts)
 """
@@ -64,10 +64,8 @@ class Runs:
             return list(self.seconds[side])
         return [float(r[metric]) for r in self.results[side]]
 
-    def seconds_of(self, side: str) -> Spread:
-        return Spread.of(self.seconds[side])
-
     def spread(self, side: str, metric: str | None = None) -> Spread:
+        """Median and range of ``side``'s wall times (or of ``metric``, see :meth:`values`)."""
         return Spread.of(self.values(side, metric))
 
     def ratio(self, numerator: str, denominator: str, metric: str | None = None) -> Spread:
