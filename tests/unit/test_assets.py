@@ -1,4 +1,5 @@
-"""Offline assets (alm_pipeline.assets), the bundled corpus and its generator.
+"""Offline assets (lookup: alm_pipeline.assets; installation: alm_pipeline.setup_assets), the bundled corpus
+and its generator.
 
 Everything here runs without network and without ``.models/``, except the tests marked by
 ``needs_asset(...)``, which run only where ``scripts/setup.sh`` has installed the real assets.
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from alm_pipeline import assets
+from alm_pipeline import assets, setup_assets
 from alm_pipeline.assets import (
     ASSETS,
     HOME_ENV,
@@ -33,7 +34,7 @@ from alm_pipeline.assets import (
     resolve_model,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ID_RE = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*-\d{4}$")
 MIN_CHARS, MAX_CHARS = 500, 3000
 
@@ -135,19 +136,19 @@ def test_prepare_is_a_noop_when_everything_is_present(empty_home):
     for name in ASSETS:
         _fake_install(name, empty_home)
     t0 = time.perf_counter()
-    status = assets.prepare()
+    status = setup_assets.prepare()
     assert time.perf_counter() - t0 < 1.0
     assert status == {name: "present" for name in ASSETS}
 
 
 def test_prepare_rejects_unknown_names(empty_home):
     with pytest.raises(KeyError):
-        assets.prepare(names=["smollm3"])
+        setup_assets.prepare(names=["smollm3"])
 
 
 def test_cli_path_and_status(empty_home):
     env = {**os.environ, HOME_ENV: str(empty_home)}
-    cmd = [sys.executable, "-m", "alm_pipeline.assets"]
+    cmd = [sys.executable, "-m", "alm_pipeline.setup_assets"]
     missing = subprocess.run([*cmd, "path", "mistral-tokenizer"], env=env, capture_output=True, text=True)
     assert missing.returncode == 1
     assert "scripts/setup.sh" in missing.stderr
@@ -156,6 +157,18 @@ def test_cli_path_and_status(empty_home):
     status = subprocess.run([*cmd, "status"], env=env, capture_output=True, text=True)
     assert status.returncode == 0
     assert all(name in status.stdout for name in ASSETS)
+
+
+def test_lookup_imports_neither_the_installer_nor_heavy_packages():
+    code = (
+        "import sys\n"
+        "from alm_pipeline.assets import resolve_model\n"
+        "resolve_model('org/model')\n"
+        "print(sorted(m for m in ('alm_pipeline.setup_assets', 'torch', 'transformers', 'tarfile') "
+        "if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_setup_script_is_valid_bash():
@@ -301,7 +314,7 @@ def test_prepare_twice_is_idempotent_and_fast():
     timings = []
     for _ in range(2):
         t0 = time.perf_counter()
-        status = assets.prepare(names=installed)
+        status = setup_assets.prepare(names=installed)
         timings.append(time.perf_counter() - t0)
         assert status == {name: "present" for name in installed}
     assert max(timings) < 2.0, timings
