@@ -35,6 +35,7 @@ from harness import print_table, run_paired  # noqa: E402
 from models import random_llama  # noqa: E402
 
 from alm_pipeline.assets import bundled_corpus_path, is_installed, resolve_model  # noqa: E402
+from alm_pipeline.cache import open_cache  # noqa: E402
 from alm_pipeline.pipeline.align import CoverageStats  # noqa: E402
 from alm_pipeline.pipeline.align_stage import (  # noqa: E402
     CACHE_COLUMNS,
