@@ -212,16 +212,21 @@ class _LMHeadStats(torch.autograd.Function):
     """Per row of hidden states: ``(z[next] − lse(z), log Σ_{v∈B} softmax(z)_v)`` with ``z`` = the LM head's fp32
     logits, in slices of rows, with a hand-written backward.
 
-    The same numbers as :func:`student_token_stats` (unclipped), but one exp pass per
-    slice instead of autograd's chain of logsumexp / gather / index_select and their backward ops, and σ's
-    gradient is a masked multiply instead of a scatter into a ``[rows, V]`` buffer::
+    The same numbers as :func:`student_token_stats` (unclipped), but without autograd's chain of logsumexp /
+    gather / index_select and their backward ops. Everything is in log space, so that peaked distributions
+    (σ far below the fp32 ``exp`` range, e.g. −300) keep finite values and gradients::
 
-        p = softmax(z),  P_B = p·1_B,  ℓ = z[next] − lse,  σ = log P_B
-        ∂/∂z = g_ℓ·(onehot(next) − p) + g_σ·(p·1_B / P_B − p)
+        lse = logsumexp(z),  lse_B = logsumexp(z[B]),  ℓ = z[next] − lse,  σ = lse_B − lse
+        ∂/∂z = g_ℓ·(onehot(next) − p) + g_σ·(q − p),   p = exp(z − lse),  q = 1_B·exp(z − lse_B)
 
-    ``keep=True`` keeps ``p`` (fp32, ``rows × V``) for the backward; ``keep=False`` keeps only ``lse`` and σ and
-    recomputes the slice's logits in the backward (memory ``O(slice × V)``, one more LM-head matmul). The matmul
-    runs in the dtype autocast would use at forward time (in the backward too); statistics in fp32.
+    In the backward one exp pass gives ``e = exp(z − lse − σ·1_B)`` (``p`` off B, ``q`` on B; both ``≤ 1``, no
+    0/0), and since ``p = q·e^σ`` on B, ``∂/∂z = e·c + g_ℓ·onehot(next)`` with ``c = −(g_ℓ + g_σ)`` off B and
+    ``c = g_σ − (g_ℓ + g_σ)·e^σ`` on B: one masked multiply.
+
+    ``keep=True`` keeps the slice's logits ``z`` (fp32, ``rows × V``) for the backward; ``keep=False`` keeps only
+    ``lse`` and σ and recomputes the slice's logits in the backward (memory ``O(slice × V)``, one more LM-head
+    matmul). The matmul runs in the dtype autocast would use at forward time (in the backward too); statistics
+    in fp32.
     """
 
     @staticmethod
@@ -233,18 +238,18 @@ class _LMHeadStats(torch.autograd.Function):
         target = torch.empty(n, dtype=torch.float32, device=hidden.device)
         sigma = torch.empty_like(target)
         lse_all = torch.empty_like(target)
+        boundary_ids = boundary.nonzero().squeeze(-1)
         kept = []
         with torch.autocast(hidden.device.type, enabled=False):
             for lo in range(0, n, slice_size):
                 z = _LMHeadStats._logits(hidden[lo : lo + slice_size], weight, bias, compute_dtype, softcap)
                 lse = torch.logsumexp(z, dim=-1)
                 target[lo : lo + slice_size] = z.gather(1, next_ids[lo : lo + slice_size, None])[:, 0] - lse
-                # softmax in place unless soft-capping's backward needs z itself
-                prob = (z - lse[:, None]).exp_() if (softcap and keep) else z.sub_(lse[:, None]).exp_()
-                sigma[lo : lo + slice_size] = torch.log(prob @ boundary)
+                # σ = lse_B − lse: both max-shifted logsumexps, finite however small p(B) is
+                sigma[lo : lo + slice_size] = torch.logsumexp(z.index_select(1, boundary_ids), dim=-1) - lse
                 lse_all[lo : lo + slice_size] = lse
                 if keep:
-                    kept.append((prob, z if softcap else None))
+                    kept.append(z)
         ctx.save_for_backward(hidden, weight, bias, next_ids, boundary, lse_all, sigma)
         ctx.kept = kept
         ctx.config = (compute_dtype, softcap, slice_size)
@@ -276,17 +281,23 @@ class _LMHeadStats(torch.autograd.Function):
             for k, lo in enumerate(range(0, hidden.shape[0], slice_size)):
                 h = hidden[lo : lo + slice_size]
                 if kept:
-                    prob, z = kept[k]
+                    z = kept[k]
                     kept[k] = None
                 else:
                     z = _LMHeadStats._logits(h, weight, bias, compute_dtype, softcap)
-                    lse = lse_all[lo : lo + slice_size, None]
-                    prob = (z - lse).exp_() if softcap else z.sub_(lse).exp_()
+                lse = lse_all[lo : lo + slice_size]
+                sig = sigma[lo : lo + slice_size]
                 gt = g_target[lo : lo + slice_size]
                 gs = g_sigma[lo : lo + slice_size]
-                coef = gs * torch.exp(-sigma[lo : lo + slice_size])  # g_σ / P_B
-                # dz = p·(1_B·g_σ/P_B − (g_ℓ + g_σ)) + g_ℓ·onehot(next), in place on p (not needed afterwards)
-                dz = prob.mul_(torch.addcmul((-(gt + gs))[:, None], boundary[None, :], coef[:, None]))
+                # e = exp(z − lse − σ·1_B): p off B, p/P_B = exp(z − lse_B) on B; every exponent ≤ 0 (up to
+                # rounding), so e ≤ 1 and no 0/0 or ∞·0 however peaked the row is. In place on z unless
+                # soft-capping's backward still needs z.
+                e = z - lse[:, None] if softcap else z.sub_(lse[:, None])
+                e = e.addcmul_(sig[:, None], boundary[None, :], value=-1.0).exp_()
+                g_all = gt + gs
+                # dz = e·(−(g_ℓ + g_σ)) off B, e·(g_σ − (g_ℓ + g_σ)·e^σ) on B, + g_ℓ·onehot(next)
+                on_b = gs - g_all * torch.exp(sig)
+                dz = e.mul_(torch.where(boundary[None, :] > 0, on_b[:, None], (-g_all)[:, None]))
                 dz.scatter_add_(1, next_ids[lo : lo + slice_size, None], gt[:, None])
                 if softcap:
                     dz.mul_(1.0 - (z / softcap) ** 2)

@@ -373,6 +373,39 @@ def test_log1mexp_is_stable():
     assert torch.isfinite(x32.grad).all()
 
 
+PEAKED_LOGPROBS = [-300.0, -200.0, -103.5, -88.5, -50.0, -5.0, -1.0, -0.5, -1e-3, -1e-6, -1e-8]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_log1mexp_and_distances_finite_from_peaked_to_certain(dtype):
+    """σ and chunk log-likelihoods from −300 (peaked students, issue 13) to −1e-8 (near-certain): log1mexp and
+    every ALM distance stay finite with finite gradients, in fp32 and fp64; log1mexp matches the fp64 formula."""
+    x = torch.tensor(PEAKED_LOGPROBS, dtype=dtype, requires_grad=True)
+    y = log1mexp(x)
+    ref = [math.log(-math.expm1(v)) for v in torch.tensor(PEAKED_LOGPROBS, dtype=dtype).double().tolist()]
+    torch.testing.assert_close(y.double(), torch.tensor(ref, dtype=torch.float64), rtol=1e-6, atol=1e-7)
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all(), x.grad
+    # d/dx log(1 − eˣ) = −1/(e^{−x} − 1)
+    ref_grad = [-1.0 / math.expm1(-v) for v in torch.tensor(PEAKED_LOGPROBS, dtype=dtype).double().tolist()]
+    torch.testing.assert_close(
+        x.grad.double(), torch.tensor(ref_grad, dtype=torch.float64), rtol=1e-5, atol=1e-30
+    )
+    n = len(PEAKED_LOGPROBS)
+    y_s0 = torch.tensor(PEAKED_LOGPROBS, dtype=dtype)
+    y_t = torch.tensor(PEAKED_LOGPROBS[::-1], dtype=dtype)
+    for dist in DISTANCES:
+        for tau in (1.0, 5.0, 100.0):
+            cfg = ALMLossConfig(
+                distance=dist, tau=tau, compute_dtype="float32" if dtype == torch.float32 else "float64"
+            )
+            y_s = y_s0.clone().requires_grad_()
+            d = alm_distance(torch.cat([y_t, y_s0]), torch.cat([y_s, y_s0.flip(0)]), cfg)
+            assert d.shape == (2 * n,) and torch.isfinite(d).all() and (d >= 0).all(), (dist, tau, d)
+            d.sum().backward()
+            assert torch.isfinite(y_s.grad).all(), (dist, tau, y_s.grad)
+
+
 def test_zero_groups_give_zero_loss_that_backprops():
     input_ids, am, hidden, weight = _batch()
     stats = student_token_stats(
