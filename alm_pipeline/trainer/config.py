@@ -140,11 +140,16 @@ class OptimConfig:
     max_grad_norm: float | None = option(
         1.0, "Clip the gradient norm to this (0: no clipping; the norm is always logged)"
     )
+    max_nonfinite_steps: int = option(
+        3,
+        "An optimizer step whose gradient (or loss) is not finite is skipped (weights and optimizer state "
+        "unchanged; counted in the skipped_steps column); stop with an error after this many in a row",
+    )
 
     def __post_init__(self) -> None:
         if self.max_grad_norm == 0:  # 0 = no clipping, as None
             object.__setattr__(self, "max_grad_norm", None)
-        for name in ("steps", "batch_size"):
+        for name in ("steps", "batch_size", "max_nonfinite_steps"):
             _positive_int(name, getattr(self, name))
         if self.warmup_steps is not None and (
             not isinstance(self.warmup_steps, int) or self.warmup_steps < 0
@@ -328,9 +333,15 @@ class DebugConfig:
     fail_at_step: int | None = option(
         None, "Testing: raise once, right after this step (first attempt only; Ray restarts it)"
     )
+    nan_grad_at_step: int | None = option(
+        None, "Testing: make the gradient of this optimizer step (1-based) NaN, after its backward passes"
+    )
+    nan_grad_steps: int = option(1, "Testing: with --nan-grad-at-step, poison this many steps in a row")
 
     def __post_init__(self) -> None:
         _positive_int("fail_at_step", self.fail_at_step, allow_none=True)
+        _positive_int("nan_grad_at_step", self.nan_grad_at_step, allow_none=True)
+        _positive_int("nan_grad_steps", self.nan_grad_steps)
 
 
 @dataclass(frozen=True)

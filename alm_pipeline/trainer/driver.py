@@ -89,6 +89,7 @@ def metric_columns(config: TrainConfig) -> list[str]:
     ]
     if alm:
         cols.append("mean_abs_chunk_logprob_diff")
+    cols.append("skipped_steps")
     return cols
 
 

@@ -399,6 +399,7 @@ class Worker:
         if rt.distributed and rt.world_size > 1:
             dist.all_reduce(sums)
         sums = sums.cpu()
+        self._debug_poison_gradient(step)
         if cfg.optim.max_grad_norm is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_params(), cfg.optim.max_grad_norm)
         else:
@@ -406,9 +407,36 @@ class Worker:
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
             grad_norm = grad_norm.full_tensor()
         lr = float(self.optimizer.param_groups[0]["lr"])
-        self.optimizer.step()
+        # The gradients are already reduced over the workers (DDP in backward, FSDP's norm is global) and the
+        # loss is all-reduced, so every worker takes the same decision. A non-finite step is not applied: the
+        # weights and the optimizer state stay as they are; the scheduler and the step counter still advance,
+        # so the batch plan and the schedule stay functions of (seed, step).
+        finite = math.isfinite(float(grad_norm)) and math.isfinite(float(sums[2]))
+        if finite:
+            self.optimizer.step()
+            self._nonfinite_in_a_row = 0
+        else:
+            self._skipped_steps = getattr(self, "_skipped_steps", 0) + 1
+            self._nonfinite_in_a_row = getattr(self, "_nonfinite_in_a_row", 0) + 1
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if not finite:
+            limit = cfg.optim.max_nonfinite_steps
+            what = f"gradient norm {float(grad_norm)}, loss {float(sums[2])}"
+            if self._nonfinite_in_a_row >= limit:
+                raise TrainingError(
+                    f"{self._nonfinite_in_a_row} optimizer steps in a row (up to step {step + 1}) had a "
+                    f"non-finite gradient or loss ({what}); stopping (--max-nonfinite-steps {limit}). The "
+                    "skipped steps did not change the weights; lower the learning rate or check the data"
+                )
+            if rt.rank == 0:
+                rt.emit(
+                    "info",
+                    {
+                        "message": f"warning: step {step + 1} skipped: non-finite gradient or loss ({what}); "
+                        f"{self._nonfinite_in_a_row} in a row (stop at {limit})"
+                    },
+                )
         dt = time.perf_counter() - t0
         passes = n_micro * rt.world_size
         row: dict[str, Any] = {"step": step + 1, "loss": float(sums[2])}
@@ -436,9 +464,17 @@ class Worker:
         )
         if cfg.loss.alm:
             row["mean_abs_chunk_logprob_diff"] = float(sums[6]) / max(n_groups, 1)
-        if not math.isfinite(row["loss"]):
-            raise TrainingError(f"the loss is not finite at step {step + 1} ({row})")
+        row["skipped_steps"] = getattr(self, "_skipped_steps", 0)
         return row
+
+    def _debug_poison_gradient(self, step: int) -> None:
+        """Test hook (``debug.nan_grad_at_step``): a NaN in one gradient, on every worker, after the backward."""
+        first, count = self.config.debug.nan_grad_at_step, self.config.debug.nan_grad_steps
+        if first is None or not (first <= step + 1 < first + count):
+            return
+        param = self.trainable_params()[0]
+        with torch.no_grad():
+            param.grad.mul_(float("nan"))  # elementwise: also a sharded (DTensor) gradient
 
     def trainable_params(self) -> list[torch.Tensor]:
         return [p for p in self.model.parameters() if p.requires_grad and p.grad is not None]

@@ -90,3 +90,64 @@ def test_packing_equals_bucketing_and_micro_batching(mixed_aligned, gpt2_bl_mode
         assert res.info["packing"] == (name == "packed")
     np.testing.assert_allclose(runs["packed"], runs["one_pass"], rtol=2e-5, atol=1e-7)
     np.testing.assert_allclose(runs["bucketed"], runs["one_pass"], rtol=2e-5, atol=1e-7)
+
+
+def _checkpoint_weights(run_dir) -> dict[int, dict]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for step, path in list_checkpoints(run_dir):
+        (weights,) = sorted(path.glob("*.safetensors"))
+        out[step] = load_file(weights)
+    return out
+
+
+def test_non_finite_gradient_steps_are_skipped_counted_and_stop_the_run(
+    small_aligned, gpt2_bl_model, tmp_path
+):
+    """A step whose gradient is NaN (injected after the backward, debug.nan_grad_at_step) is not applied: the
+    weights stay as they were, the schedule and the data plan go on, ``skipped_steps`` counts it, the console
+    warns; ``max_nonfinite_steps`` such steps in a row stop the run with a TrainingError."""
+    import pytest
+    import torch
+
+    from alm_pipeline.trainer.errors import TrainingError
+
+    kw = {
+        "init_from": str(gpt2_bl_model),
+        "steps": 5,
+        "checkpoint_every": 1,
+        "keep_checkpoints": 0,
+        "max_nonfinite_steps": 3,
+    }
+    clean = train_local(train_config(small_aligned, tmp_path / "clean", **kw))
+    said: list[str] = []
+    res = train_local(
+        train_config(small_aligned, tmp_path / "skip", nan_grad_at_step=3, nan_grad_steps=2, **kw),
+        say=said.append,
+    )
+    rows = read_metrics_csv(tmp_path / "skip" / "metrics.csv")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 2, 2]
+    assert [r["skipped_steps"] for r in clean.history] == [0] * 5
+    assert not np.isfinite(rows[2]["grad_norm"]) and not np.isfinite(rows[3]["grad_norm"])
+    assert np.isfinite(rows[4]["grad_norm"])
+    # the same batches and schedule as the clean run; identical up to the first skipped step's loss
+    np.testing.assert_allclose(losses(rows, "lr"), losses(clean.history, "lr"), rtol=1e-12)
+    assert [r["student_tokens"] for r in rows] == [r["student_tokens"] for r in clean.history]
+    np.testing.assert_allclose(losses(res.history)[:3], losses(clean.history)[:3], rtol=1e-6)
+    assert any("step 3 skipped" in m for m in said) and any("step 4 skipped" in m for m in said), said
+    weights = _checkpoint_weights(tmp_path / "skip")
+    for name, w2 in weights[2].items():
+        assert torch.equal(weights[3][name], w2) and torch.equal(weights[4][name], w2), name
+    assert any(not torch.equal(weights[5][n], w) for n, w in weights[4].items())
+    assert any(
+        not torch.equal(weights[3][n], w) for n, w in _checkpoint_weights(tmp_path / "clean")[3].items()
+    )
+
+    with pytest.raises(TrainingError, match=r"3 optimizer steps in a row \(up to step 4\) had a non-finite"):
+        train_local(
+            train_config(small_aligned, tmp_path / "stop", nan_grad_at_step=2, nan_grad_steps=3, **kw)
+        )
+    stopped = read_metrics_csv(tmp_path / "stop" / "metrics.csv")
+    assert [r["skipped_steps"] for r in stopped] == [0, 1, 2]
