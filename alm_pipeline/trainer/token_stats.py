@@ -219,11 +219,11 @@ class _LMHeadStats(torch.autograd.Function):
         lse = logsumexp(z),  lse_B = logsumexp(z[B]),  ℓ = z[next] − lse,  σ = lse_B − lse
         ∂/∂z = g_ℓ·(onehot(next) − p) + g_σ·(q − p),   p = exp(z − lse),  q = 1_B·exp(z − lse_B)
 
-    In the backward one exp pass gives ``e = exp(z − lse − σ·1_B)`` (``p`` off B, ``q`` on B; both ``≤ 1``, no
+    One exp pass (the forward's with ``keep``, else the backward's) gives ``e = exp(z − lse − σ·1_B)`` (``p`` off B, ``q`` on B; both ``≤ 1``, no
     0/0), and since ``p = q·e^σ`` on B, ``∂/∂z = e·c + g_ℓ·onehot(next)`` with ``c = −(g_ℓ + g_σ)`` off B and
     ``c = g_σ − (g_ℓ + g_σ)·e^σ`` on B: one masked multiply.
 
-    ``keep=True`` keeps the slice's logits ``z`` (fp32, ``rows × V``) for the backward; ``keep=False`` keeps only
+    ``keep=True`` keeps ``e`` (fp32, ``rows × V``; and ``z`` with soft-capping) for the backward; ``keep=False`` keeps only
     ``lse`` and σ and recomputes the slice's logits in the backward (memory ``O(slice × V)``, one more LM-head
     matmul). The matmul runs in the dtype autocast would use at forward time (in the backward too); statistics
     in fp32.
@@ -249,11 +249,20 @@ class _LMHeadStats(torch.autograd.Function):
                 sigma[lo : lo + slice_size] = torch.logsumexp(z.index_select(1, boundary_ids), dim=-1) - lse
                 lse_all[lo : lo + slice_size] = lse
                 if keep:
-                    kept.append(z)
+                    e = _LMHeadStats._scaled_probs(z, lse, sigma[lo : lo + slice_size], boundary, softcap)
+                    kept.append((e, z if softcap else None))
         ctx.save_for_backward(hidden, weight, bias, next_ids, boundary, lse_all, sigma)
         ctx.kept = kept
         ctx.config = (compute_dtype, softcap, slice_size)
         return target, sigma
+
+    @staticmethod
+    def _scaled_probs(z, lse, sigma, boundary, softcap):
+        """``e = exp(z − lse − σ·1_B)``: ``p`` off B, ``p/P_B = exp(z − lse_B)`` on B; every exponent is ``≤ 0``
+        (up to rounding), so ``e ≤ 1`` and nothing is 0/0 or ∞·0 however peaked the row is. In place on ``z``
+        unless soft-capping's backward still needs ``z``."""
+        e = z - lse[:, None] if softcap else z.sub_(lse[:, None])
+        return e.addcmul_(sigma[:, None], boundary[None, :], value=-1.0).exp_()
 
     @staticmethod
     def _logits(h, weight, bias, compute_dtype, softcap):
@@ -280,20 +289,15 @@ class _LMHeadStats(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):
             for k, lo in enumerate(range(0, hidden.shape[0], slice_size)):
                 h = hidden[lo : lo + slice_size]
+                sig = sigma[lo : lo + slice_size]
                 if kept:
-                    z = kept[k]
+                    e, z = kept[k]
                     kept[k] = None
                 else:
                     z = _LMHeadStats._logits(h, weight, bias, compute_dtype, softcap)
-                lse = lse_all[lo : lo + slice_size]
-                sig = sigma[lo : lo + slice_size]
+                    e = _LMHeadStats._scaled_probs(z, lse_all[lo : lo + slice_size], sig, boundary, softcap)
                 gt = g_target[lo : lo + slice_size]
                 gs = g_sigma[lo : lo + slice_size]
-                # e = exp(z − lse − σ·1_B): p off B, p/P_B = exp(z − lse_B) on B; every exponent ≤ 0 (up to
-                # rounding), so e ≤ 1 and no 0/0 or ∞·0 however peaked the row is. In place on z unless
-                # soft-capping's backward still needs z.
-                e = z - lse[:, None] if softcap else z.sub_(lse[:, None])
-                e = e.addcmul_(sig[:, None], boundary[None, :], value=-1.0).exp_()
                 g_all = gt + gs
                 # dz = e·(−(g_ℓ + g_σ)) off B, e·(g_σ − (g_ℓ + g_σ)·e^σ) on B, + g_ℓ·onehot(next)
                 on_b = gs - g_all * torch.exp(sig)
