@@ -102,6 +102,10 @@ class Worker:
     def __init__(self, config: TrainConfig, runtime: Runtime):
         self.config = config
         self.rt = runtime
+        self.skipped_steps = (
+            0  # optimizer steps skipped for a non-finite gradient or loss, over the whole run
+        )
+        self.nonfinite_in_a_row = 0
 
     # ------------------------------------------------------------------ setup
     def _load_student(self, resume: Path | None):
@@ -320,6 +324,7 @@ class Worker:
             with contextlib.suppress(Exception):
                 torch.set_rng_state(state["rng"]["torch"])
         self.start_step = int(state["trainer_state"]["step"])
+        self.skipped_steps = int(state["trainer_state"].get("skipped_steps", 0))
 
     # ------------------------------------------------------------------ one optimizer step
     def _sync(self, last: bool):
@@ -414,18 +419,18 @@ class Worker:
         finite = math.isfinite(float(grad_norm)) and math.isfinite(float(sums[2]))
         if finite:
             self.optimizer.step()
-            self._nonfinite_in_a_row = 0
+            self.nonfinite_in_a_row = 0
         else:
-            self._skipped_steps = getattr(self, "_skipped_steps", 0) + 1
-            self._nonfinite_in_a_row = getattr(self, "_nonfinite_in_a_row", 0) + 1
+            self.skipped_steps += 1
+            self.nonfinite_in_a_row += 1
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if not finite:
             limit = cfg.optim.max_nonfinite_steps
             what = f"gradient norm {float(grad_norm)}, loss {float(sums[2])}"
-            if self._nonfinite_in_a_row >= limit:
+            if self.nonfinite_in_a_row >= limit:
                 raise TrainingError(
-                    f"{self._nonfinite_in_a_row} optimizer steps in a row (up to step {step + 1}) had a "
+                    f"{self.nonfinite_in_a_row} optimizer steps in a row (up to step {step + 1}) had a "
                     f"non-finite gradient or loss ({what}); stopping (--max-nonfinite-steps {limit}). The "
                     "skipped steps did not change the weights; lower the learning rate or check the data"
                 )
@@ -434,7 +439,7 @@ class Worker:
                     "info",
                     {
                         "message": f"warning: step {step + 1} skipped: non-finite gradient or loss ({what}); "
-                        f"{self._nonfinite_in_a_row} in a row (stop at {limit})"
+                        f"{self.nonfinite_in_a_row} in a row (stop at {limit})"
                     },
                 )
         dt = time.perf_counter() - t0
@@ -464,7 +469,7 @@ class Worker:
         )
         if cfg.loss.alm:
             row["mean_abs_chunk_logprob_diff"] = float(sums[6]) / max(n_groups, 1)
-        row["skipped_steps"] = getattr(self, "_skipped_steps", 0)
+        row["skipped_steps"] = self.skipped_steps
         return row
 
     def _debug_poison_gradient(self, step: int) -> None:
@@ -507,6 +512,7 @@ class Worker:
             "data_identity": cfg.data_identity(),
             "loss": row.get("loss"),
             "lr": row.get("lr"),
+            "skipped_steps": self.skipped_steps,
             # the rows of the last steps: a resumed run writes those its killed predecessor had not logged yet
             "recent_metrics": list(self.recent_rows),
             "time": time.time(),

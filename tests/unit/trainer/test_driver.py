@@ -3,10 +3,17 @@ packing."""
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 
 from alm_pipeline.cache.aligned import open_aligned_set
-from alm_pipeline.trainer.checkpoint import find_latest_checkpoint, list_checkpoints, read_trainer_state
+from alm_pipeline.trainer.checkpoint import (
+    checkpoint_name,
+    find_latest_checkpoint,
+    list_checkpoints,
+    read_trainer_state,
+)
 from alm_pipeline.trainer.data import BatchPlan, plan_micro_batches
 from alm_pipeline.trainer.driver import train_local
 from alm_pipeline.trainer.metrics import read_metrics_csv
@@ -144,6 +151,18 @@ def test_non_finite_gradient_steps_are_skipped_counted_and_stop_the_run(
     assert any(
         not torch.equal(weights[3][n], w) for n, w in _checkpoint_weights(tmp_path / "clean")[3].items()
     )
+
+    # the count is part of the checkpoint: a run resumed after the skipped steps goes on counting from there
+    assert read_trainer_state(tmp_path / "skip" / "checkpoints" / checkpoint_name(4))["skipped_steps"] == 2
+    shutil.rmtree(tmp_path / "skip" / "checkpoints" / checkpoint_name(5))
+    shutil.rmtree(tmp_path / "skip" / "final")
+    resumed = train_local(
+        train_config(
+            small_aligned, tmp_path / "skip", nan_grad_at_step=3, nan_grad_steps=2, resume=True, **kw
+        )
+    )
+    assert resumed.start_step == 4
+    assert [r["skipped_steps"] for r in resumed.history] == [2]
 
     with pytest.raises(TrainingError, match=r"3 optimizer steps in a row \(up to step 4\) had a non-finite"):
         train_local(
