@@ -144,29 +144,17 @@ def test_chunk_agreement_is_zero_for_self_distillation(
 
 
 def train_tiny_run(aligned: Path, student: Path, output: Path, steps: int):
-    """A real training run (the trainer, in this process): a checkpoint after every step, all kept. The one
-    place in this file that builds a TrainConfig."""
-    from alm_pipeline.trainer.config import (
-        CheckpointConfig,
-        ComputeConfig,
-        DataConfig,
-        DistributedConfig,
-        LoggingConfig,
-        OptimConfig,
-        StudentSpec,
-        TrainConfig,
-    )
+    """A real training run (the trainer, in this process): a checkpoint after every step, all kept."""
     from alm_pipeline.trainer.driver import train_local
 
-    config = TrainConfig(
-        data=DataConfig(aligned=str(aligned)),
-        student=StudentSpec(student=str(student)),
-        output=str(output),
-        optim=OptimConfig(steps=steps, batch_size=4, lr=3e-3, warmup_steps=1),
-        compute=ComputeConfig(micro_batch_tokens=128),
-        checkpoint=CheckpointConfig(every=1, keep=None),
-        logging=LoggingConfig(progress=False, tensorboard=False),
-        distributed=DistributedConfig(torch_threads=1),
+    config = factories.train_config(
+        aligned,
+        output,
+        student=str(student),
+        steps=steps,
+        batch_size=4,
+        checkpoint_every=1,
+        keep_checkpoints=0,
     )
     return train_local(config)
 
