@@ -91,7 +91,10 @@ class ShardedDataset:
 
     @property
     def shards(self) -> list[store.ShardInfo]:
-        return [store.ShardInfo.from_json(s) for s in self.manifest["shards"]]
+        try:
+            return [store.ShardInfo.from_json(s) for s in self.manifest["shards"]]
+        except store.CacheIntegrityError as err:
+            raise store.CacheIntegrityError(f"{self.root / store.MANIFEST}: {err}") from None
 
     def shard_files(self) -> list[Path]:
         return [self.root / s.file for s in self.shards]

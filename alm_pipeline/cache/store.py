@@ -15,7 +15,7 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pyarrow as pa
@@ -88,6 +88,18 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def check_relative(name: object, what: str) -> str:
+    """``name`` if it is a relative path that stays inside the dataset folder (no absolute path, no ``..``);
+    a manifest or marker entry that points elsewhere is refused, so a crafted manifest cannot make a reader
+    open files outside the dataset."""
+    if not isinstance(name, str) or not name:
+        raise CacheIntegrityError(f"{what} {name!r}: not a file name")
+    parts = PurePosixPath(name).parts
+    if PurePosixPath(name).is_absolute() or Path(name).is_absolute() or ".." in parts or "\\" in name:
+        raise CacheIntegrityError(f"{what} {name!r}: leaves the dataset folder (refused)")
+    return name
+
+
 @dataclass(frozen=True)
 class ShardInfo:
     """What the ``.done.json`` marker says about one finished shard."""
@@ -107,7 +119,7 @@ class ShardInfo:
     def from_json(cls, d: dict) -> ShardInfo:
         return cls(
             index=int(d["index"]),
-            file=d["file"],
+            file=check_relative(d["file"], "shard entry"),
             rows=int(d["rows"]),
             tokens=int(d["tokens"]),
             bytes=int(d["bytes"]),

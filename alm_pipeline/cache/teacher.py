@@ -78,7 +78,8 @@ class TeacherCache(ShardedDataset):
         return h.hexdigest()[:32]
 
     def boundary_token_ids(self) -> np.ndarray:
-        return read_boundary_tokens(self.root / self.manifest["boundary_tokens"]["file"])
+        name = store.check_relative(self.manifest["boundary_tokens"]["file"], "boundary_tokens entry")
+        return read_boundary_tokens(self.root / name)
 
     def special_token_mask(self) -> np.ndarray:
         """Per teacher token id: is it a special token (from the manifest's tokenizer description)."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -193,7 +194,18 @@ def load_training_state(
 
     def load(name: str):
         f = root / name
-        return torch.load(f, map_location=map_location, weights_only=False) if f.exists() else None
+        if not f.exists():
+            return None
+        # tensors and plain data only: a checkpoint may come from someone else, and unpickling arbitrary
+        # objects would run their code (torch's weights-only unpickler refuses every other global)
+        try:
+            return torch.load(f, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as err:
+            first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+            raise CheckpointError(
+                f"{f}: refused — it holds objects other than tensors and plain data, and loading them could run "
+                f"code ({first}). Checkpoints written by alm-pipeline never do; do not resume from this one"
+            ) from None
 
     return {
         "trainer_state": state,

@@ -143,3 +143,26 @@ def test_written_shards_verify_and_read_back(tmp_path):
     assert AlignedSet.pending_shards(root, len(tables)) == [1]
     with pytest.raises(CacheIntegrityError, match="shard-00001.parquet: shard missing or unverified"):
         AlignedSet.finished_shards(root, len(tables))
+
+
+@pytest.mark.parametrize("entry", ["../outside.parquet", "ABSOLUTE", "shards/../../outside.parquet"])
+def test_manifest_entries_that_leave_the_dataset_are_refused(tmp_path, entry):
+    """A manifest whose shard entry points outside the dataset folder (to a file with the right checksum, so
+    nothing else would notice) is refused by name: readers never open files the dataset does not hold."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "data" / "set"
+    table = _aligned_rows(4, rng)
+    identity = {"format_version": ALIGNED_FORMAT_VERSION}
+    AlignedSet.write_manifest(root, AlignedSet.new_manifest("in_progress", identity, 1, []))
+    info = AlignedSet.write_shard(root, 0, table, stats={})
+    manifest = AlignedSet.new_manifest("complete", identity, 1, [info])
+    AlignedSet.write_manifest(root, manifest)
+    assert open_aligned_set(root).iter_tables().__next__().equals(table)
+
+    outside = tmp_path / "data" / "outside.parquet"
+    outside.write_bytes(store.shard_path(root, 0).read_bytes())  # same bytes: the checksum would match
+    name = str(outside) if entry == "ABSOLUTE" else entry
+    manifest["shards"][0]["file"] = name
+    (root / store.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(CacheIntegrityError, match=r"manifest.json: shard entry .* leaves the dataset folder"):
+        open_aligned_set(root)
