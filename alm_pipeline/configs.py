@@ -7,9 +7,10 @@ from those fields (:mod:`alm_pipeline.cli.options`), so the Python API and the C
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
-__all__ = ["option"]
+__all__ = ["check_choice", "check_int", "check_number", "option"]
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", cli: str | None = None, **kw: Any) -> Any:  # noqa: A002
@@ -19,3 +20,31 @@ def option(default: Any = dataclasses.MISSING, help: str = "", cli: str | None =
     if cli is not None:
         metadata["cli"] = cli
     return dataclasses.field(default=default, metadata=metadata, **kw)
+
+
+def check_int(name: str, value: Any, minimum: int = 1, allow_none: bool = False) -> None:
+    """Raise ``ValueError`` naming the setting unless ``value`` is an integer ``>= minimum`` (or None, if
+    allowed)."""
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_number(
+    name: str, value: Any, low: float, high: float | None = None, allow_none: bool = False
+) -> None:
+    """Raise ``ValueError`` naming the setting unless ``value`` is a finite number in ``[low, high]`` (``high``
+    None: no upper bound), or None if allowed."""
+    if value is None and allow_none:
+        return
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < low or (high is not None and value > high):
+        bound = f">= {low:g}" if high is None else f"in [{low:g}, {high:g}]"
+        raise ValueError(f"{name} must be a number {bound}, got {value!r}")
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    """Raise ``ValueError`` naming the setting unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")

@@ -25,7 +25,7 @@ from alm_pipeline.cache.aligned import ALIGNED_FORMAT_VERSION, ALIGNED_SCHEMA, T
 from alm_pipeline.cache.arrow import list_array, list_parts, take_rows
 from alm_pipeline.cache.dataset import OutputRefusedError
 from alm_pipeline.cache.teacher import TeacherCache, open_cache
-from alm_pipeline.configs import option
+from alm_pipeline.configs import check_int, check_number, option
 from alm_pipeline.pipeline.align import CoverageStats
 from alm_pipeline.pipeline.align_batch import align_batch, coverage_batch, merge_batch
 from alm_pipeline.pipeline.byteview import ByteView, TokenizerMismatchError, load_byte_view
@@ -49,6 +49,10 @@ class AlignSettings:
         None, "Student tokens per document (default: cover the cached text)"
     )
     min_coverage: float = option(0.8, "Warn when chunks cover less of the text than this")
+
+    def __post_init__(self) -> None:
+        check_int("--max-student-length", self.max_student_length, allow_none=True)
+        check_number("--min-coverage", self.min_coverage, 0, 1)
 
     def identity(self) -> dict:
         return {"gamma": self.gamma, "debias": self.debias, "max_student_length": self.max_student_length}

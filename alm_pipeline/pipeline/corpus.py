@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from alm_pipeline.configs import option
+from alm_pipeline.configs import check_int, option
 
 
 class CorpusError(ValueError):
@@ -36,6 +36,7 @@ class CorpusConfig:
     limit: int | None = option(None, "Use only the first N usable documents", cli="max_docs")
 
     def __post_init__(self) -> None:
+        check_int("--max-docs", self.limit, allow_none=True)
         if self.path is None:
             from alm_pipeline.assets import bundled_corpus_path
 

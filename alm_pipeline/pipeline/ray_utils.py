@@ -6,7 +6,7 @@ import logging
 import os
 from dataclasses import dataclass
 
-from alm_pipeline.configs import option
+from alm_pipeline.configs import check_int, option
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,10 @@ class RayConfig:
         None, "Object store bytes of the local Ray instance (default: Ray's)"
     )
     log_to_driver: bool = option(False, "Show Ray worker logs", cli="verbose")
+
+    def __post_init__(self) -> None:
+        check_int("--num-cpus", self.num_cpus, allow_none=True)
+        check_int("--object-store-memory", self.object_store_memory, allow_none=True)  # Ray's floor
 
 
 def ensure_ray(config: RayConfig = RayConfig()) -> None:

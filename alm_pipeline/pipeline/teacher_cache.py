@@ -40,7 +40,8 @@ from alm_pipeline.cache.teacher import (
     shard_stats,
     write_boundary_tokens,
 )
-from alm_pipeline.configs import option
+from alm_pipeline.configs import check_choice, check_int, check_number, option
+from alm_pipeline.modeling import DTYPES
 from alm_pipeline.pipeline.byteview import ByteView, TokenizerMismatchError, byte_view_from_hf
 from alm_pipeline.pipeline.corpus import CorpusConfig, CorpusError, CorpusStats, iter_documents
 from alm_pipeline.pipeline.engine_hf import HFEngineConfig
@@ -121,6 +122,20 @@ class TeacherCacheConfig:
     )
 
     def __post_init__(self) -> None:
+        """Every setting checked here, before any work (messages name the option)."""
+        check_choice("--engine", self.engine, ("hf", "vllm"))
+        check_choice("--dtype", self.dtype, tuple(DTYPES))
+        check_choice("--boundary-mode", self.boundary_mode, ("exact", "topk"))
+        check_int("--max-length", self.max_length, minimum=2)  # at least one predicted token
+        for name in ("shard_size", "batch_tokens", "concurrency", "tensor_parallel_size", "boundary_topk"):
+            check_int(f"--{name.replace('_', '-')}", getattr(self, name))
+        check_int("--threads-per-actor", self.threads_per_actor, allow_none=True)
+        check_int("--vllm-max-num-batched-tokens", self.vllm_max_num_batched_tokens, allow_none=True)
+        check_number("--num-gpus-per-actor", self.num_gpus_per_actor, 0)
+        check_number("--num-cpus-per-actor", self.num_cpus_per_actor, 0.01)
+        check_number(
+            "--vllm-gpu-memory-utilization", self.vllm_gpu_memory_utilization, 0.01, 1, allow_none=True
+        )
         if self.num_gpus_per_actor == 0 and self.tensor_parallel_size > 1:  # a replica needs its TP GPUs
             object.__setattr__(self, "num_gpus_per_actor", float(self.tensor_parallel_size))
 
@@ -412,8 +427,6 @@ def _engine_manifest(config: TeacherCacheConfig, teacher_path: str) -> dict:
 def _engine_config(config: TeacherCacheConfig, teacher_path: str):
     # Ray sets OMP_NUM_THREADS=1 in workers, so torch would use one thread whatever the actor's CPUs
     threads = config.threads_per_actor or max(1, round(config.num_cpus_per_actor))
-    if config.boundary_mode not in ("exact", "topk"):
-        raise TeacherCacheError(f"unknown boundary mode {config.boundary_mode!r} (choose exact or topk)")
     if config.engine == "hf":
         if config.boundary_mode != "exact":
             raise TeacherCacheError(
@@ -435,15 +448,11 @@ def _engine_config(config: TeacherCacheConfig, teacher_path: str):
             except MissingDependencyError as err:
                 raise TeacherCacheError(f"{err} (or use --engine hf)") from None
         tp = config.tensor_parallel_size
-        if tp < 1:
-            raise TeacherCacheError(f"tensor_parallel_size must be >= 1, got {tp}")
         if tp > 1 and config.num_gpus_per_actor < tp:
             raise TeacherCacheError(
                 f"--tensor-parallel-size {tp} runs each vLLM replica on {tp} GPUs: pass --num-gpus-per-actor {tp} "
                 f"(got {config.num_gpus_per_actor:g})"
             )
-        if config.boundary_mode == "topk" and config.boundary_topk < 1:
-            raise TeacherCacheError(f"boundary_topk must be >= 1, got {config.boundary_topk}")
         gpu_util = config.vllm_gpu_memory_utilization
         if gpu_util is None and 0 < config.num_gpus_per_actor < 1:  # several replicas share a GPU
             gpu_util = round(0.85 * config.num_gpus_per_actor, 3)
@@ -459,7 +468,7 @@ def _engine_config(config: TeacherCacheConfig, teacher_path: str):
             gpu_memory_utilization=gpu_util,
             num_threads=threads,
         )
-    raise TeacherCacheError(f"unknown engine {config.engine!r} (choose hf or vllm)")
+    raise AssertionError(f"engine {config.engine!r}: TeacherCacheConfig admits hf and vllm only")
 
 
 class _TokenizeShard:

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from alm_pipeline.configs import option
+from alm_pipeline.configs import check_int, option
 from alm_pipeline.pipeline.ray_utils import RayConfig
 from alm_pipeline.trainer.loss import DISTANCES, ALMLossConfig, Distance
 
@@ -39,13 +39,6 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-
-
-def _positive_int(name: str, value: Any, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 def _absolute(p: str | None) -> str | None:
@@ -118,7 +111,7 @@ class StudentSpec:
         if self.embedding_init != "fvt":
             raise ValueError(f"unknown --embedding-init {self.embedding_init!r}; supported: fvt")
         for name in ("num_layers", "lora_rank"):
-            _positive_int(name, getattr(self, name), allow_none=True)
+            check_int(name, getattr(self, name), allow_none=True)
 
 
 @dataclass(frozen=True)
@@ -150,7 +143,7 @@ class OptimConfig:
         if self.max_grad_norm == 0:  # 0 = no clipping, as None
             object.__setattr__(self, "max_grad_norm", None)
         for name in ("steps", "batch_size", "max_nonfinite_steps"):
-            _positive_int(name, getattr(self, name))
+            check_int(name, getattr(self, name))
         if self.warmup_steps is not None and (
             not isinstance(self.warmup_steps, int) or self.warmup_steps < 0
         ):
@@ -202,7 +195,7 @@ class ComputeConfig:
 
     def __post_init__(self) -> None:
         for name in ("micro_batch_tokens", "logits_memory_mib"):
-            _positive_int(name, getattr(self, name))
+            check_int(name, getattr(self, name))
         if self.slice_size < 1:
             raise ValueError("slice_size must be >= 1")
 
@@ -280,8 +273,8 @@ class DistributedConfig:
     ray: RayConfig = field(default_factory=RayConfig)
 
     def __post_init__(self) -> None:
-        _positive_int("num_workers", self.num_workers)
-        _positive_int("torch_threads", self.torch_threads, allow_none=True)
+        check_int("num_workers", self.num_workers)
+        check_int("torch_threads", self.torch_threads, allow_none=True)
         if self.strategy not in ("ddp", "fsdp"):
             raise ValueError(f"unknown strategy {self.strategy!r}; choose ddp or fsdp")
         if self.cpus_per_worker is not None and not (self.cpus_per_worker > 0):
@@ -300,8 +293,8 @@ class CheckpointConfig:
     def __post_init__(self) -> None:
         if self.keep == 0:  # 0 = keep all, as None
             object.__setattr__(self, "keep", None)
-        _positive_int("checkpoint_every", self.every)
-        _positive_int("keep_checkpoints", self.keep, allow_none=True)
+        check_int("checkpoint_every", self.every)
+        check_int("keep_checkpoints", self.keep, allow_none=True)
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite exclude each other")
 
@@ -319,7 +312,7 @@ class LoggingConfig:
     )
 
     def __post_init__(self) -> None:
-        _positive_int("log_every", self.log_every)
+        check_int("log_every", self.log_every)
 
     @property
     def wandb(self) -> bool:
@@ -339,9 +332,9 @@ class DebugConfig:
     nan_grad_steps: int = option(1, "Testing: with --nan-grad-at-step, poison this many steps in a row")
 
     def __post_init__(self) -> None:
-        _positive_int("fail_at_step", self.fail_at_step, allow_none=True)
-        _positive_int("nan_grad_at_step", self.nan_grad_at_step, allow_none=True)
-        _positive_int("nan_grad_steps", self.nan_grad_steps)
+        check_int("fail_at_step", self.fail_at_step, allow_none=True)
+        check_int("nan_grad_at_step", self.nan_grad_at_step, allow_none=True)
+        check_int("nan_grad_steps", self.nan_grad_steps)
 
 
 @dataclass(frozen=True)

@@ -60,3 +60,64 @@ def test_quickstart_settings_are_checked_before_anything_runs(tmp_path):
     )
     assert result.exit_code == 2 and "is not one of the student tokenizers" in result.output
     assert not out.exists()
+
+
+BAD_TEACHER_CACHE_OPTIONS = [
+    (["--max-length", "-5"], "--max-length must be an integer >= 2, got -5"),
+    (["--max-length", "0"], "--max-length must be an integer >= 2, got 0"),
+    (["--shard-size", "0"], "--shard-size must be an integer >= 1, got 0"),
+    (["--concurrency", "0"], "--concurrency must be an integer >= 1, got 0"),
+    (["--batch-tokens", "0"], "--batch-tokens must be an integer >= 1"),
+    (["--engine", "jax"], "unknown --engine 'jax'"),
+    (["--dtype", "int8"], "unknown --dtype 'int8'"),
+    (["--boundary-mode", "approx"], "unknown --boundary-mode 'approx'"),
+    (["--boundary-topk", "0"], "--boundary-topk must be an integer >= 1"),
+    (["--tensor-parallel-size", "0"], "--tensor-parallel-size must be an integer >= 1"),
+    (["--num-gpus-per-actor", "-1"], "--num-gpus-per-actor must be a number >= 0"),
+    (["--num-cpus-per-actor", "0"], "--num-cpus-per-actor must be a number >= 0.01"),
+    (["--threads-per-actor", "0"], "--threads-per-actor must be an integer >= 1"),
+    (["--vllm-gpu-memory-utilization", "1.5"], "--vllm-gpu-memory-utilization must be a number in [0.01, 1]"),
+    (["--vllm-max-num-batched-tokens", "0"], "--vllm-max-num-batched-tokens must be an integer >= 1"),
+    (["--max-docs", "0"], "--max-docs must be an integer >= 1"),
+    (["--num-cpus", "0"], "--num-cpus must be an integer >= 1"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_TEACHER_CACHE_OPTIONS)
+def test_teacher_cache_options_are_checked_before_anything_runs(tmp_path, args, message):
+    """Each bad teacher-cache option is a one-line CLI error (exit 2) naming it, from the config itself — before
+    the teacher is resolved, the corpus read or Ray started (the output folder is never created). Before, e.g.
+    --max-length -5 silently dropped 5 tokens of every document and --shard-size 0 made one shard."""
+    import ray
+
+    out = tmp_path / "never"
+    result = runner.invoke(app, ["teacher-cache", "--teacher", "no-such-model", "--output", str(out), *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert not out.exists() and not ray.is_initialized()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--max-student-length", "0"], "--max-student-length must be an integer >= 1"),
+        (["--min-coverage", "1.5"], "--min-coverage must be a number in [0, 1]"),
+    ],
+)
+def test_align_options_are_checked_before_anything_runs(tmp_path, args, message):
+    out = tmp_path / "never"
+    result = runner.invoke(
+        app,
+        [
+            "align",
+            "--cache",
+            str(tmp_path / "no-cache"),
+            "--student-tokenizer",
+            "bytes",
+            "--output",
+            str(out),
+            *args,
+        ],
+    )
+    assert result.exit_code == 2, result.output
+    assert message in result.output and not out.exists()
