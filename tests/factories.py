@@ -141,6 +141,8 @@ def make_tokenizer(kind: str, path: Path) -> Path:
         )
     if kind == "char":
         return save_hf_tokenizer(train_char_level(), path, eos_token="</s>", unk_token="<unk>")
+    if kind == "char_bare":  # neither BOS nor EOS: nothing to predict a document's first token from
+        return save_hf_tokenizer(train_char_level(), path, unk_token="<unk>")
     raise ValueError(kind)
 
 
@@ -397,21 +399,31 @@ def write_texts(path: Path, texts: list[str]) -> Path:
 
 
 def reference_bits_per_byte(model_dir: Path, texts: list[str], max_length: int) -> tuple[float, int, int]:
-    """Plain loop: HF tokenizer, one forward per document, fp32 log_softmax, gather; bytes from the text."""
+    """Plain loop under the bits-per-byte convention: HF tokenizer; the first token predicted from the BOS the
+    tokenizer adds, else its BOS token, else its EOS token, else not at all (its bytes left out); one forward
+    per document, fp32 log_softmax, gather; bytes from the text. Returns (bits per byte, bytes, tokens)."""
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    has_bos = tok.bos_token_id is not None and tok("a")["input_ids"][0] == tok.bos_token_id
+    adds_bos = tok.bos_token_id is not None and tok("a")["input_ids"][0] == tok.bos_token_id
+    if adds_bos:
+        context = []
+    elif tok.bos_token_id is not None:
+        context = [tok.bos_token_id]
+    elif tok.eos_token_id is not None:
+        context = [tok.eos_token_id]
+    else:
+        context = []
     nats, nbytes, ntokens = 0.0, 0, 0
     for text in texts:
         enc = tok(text, return_offsets_mapping=True)
-        ids = enc["input_ids"][:max_length]
-        spans = enc["offset_mapping"][:max_length]
+        ids = (context + enc["input_ids"])[:max_length]
+        spans = ([(0, 0)] * len(context) + enc["offset_mapping"])[:max_length]
         with torch.no_grad():
             logp = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
         nats -= float(logp[:-1].gather(1, torch.tensor(ids[1:])[:, None]).double().sum())
         end_char = spans[-1][1]  # last kept token's end (truncated texts are ASCII here)
         covered = len(text[:end_char].encode("utf-8"))
-        if not has_bos:
+        if not (adds_bos or context):
             covered -= len(text[: spans[0][1]].encode("utf-8"))  # the unpredicted first token's bytes
         nbytes += covered
         ntokens += len(ids) - 1

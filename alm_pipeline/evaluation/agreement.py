@@ -1,9 +1,18 @@
 """Chunk agreement between a student and a teacher cache, through an aligned set (:func:`chunk_agreement`).
 
 For every aligned chunk (group) of an aligned set, the student's chunk log-likelihood
-``C_S = Σ_{v ∈ chunk, v≥1} log p_S`` (:meth:`EvalModel.token_stats` + :func:`student_chunk_stats`) against the
-teacher's ``C_T``; reported as the mean ``|C_S − C_T|`` (nats per chunk) and, debiased (reference §5), the mean
-``|(C_S + σ_S) − (C_T + σ_T)|``. A student that is the teacher, with the teacher's tokenizer, scores 0.
+``C_S = min(0, Σ_{v ∈ chunk, v≥1} log p_S)`` (:meth:`EvalModel.token_stats` + :func:`student_chunk_stats`) against
+the teacher's ``C_T`` read from the aligned set (so the teacher is not loaded), reported as
+
+* the mean ``|C_S − C_T|`` (nats per chunk) and, debiased (reference §5), the mean ``|(C_S + σ_S) − (C_T + σ_T)|``;
+* the mean chunk-level **binarised KL** (reference §6, the paper's ALM distance with f_KL at τ = 1): with the
+  debiased chunk probabilities ``p = exp(C_T + σ_T)`` and ``q = exp(C_S + σ_S)`` (the main method's chunk
+  probabilities, whatever the aligned set's own ``debias`` setting),
+  ``KL(Bern(p) ‖ Bern(q)) = p·log(p/q) + (1 − p)·log((1 − p)/(1 − q))`` in nats per chunk, computed in float64 as
+  the trainer's ``binary_kl`` distance at τ = 1 (its ε = 1e-6 shift of both log-probabilities keeps
+  ``p, q < 1`` so that the second term is finite; the shift changes the value by a relative ~1e-6).
+
+A student that is the teacher, with the teacher's tokenizer, scores 0 on all three.
 """
 
 from __future__ import annotations
@@ -18,9 +27,12 @@ import torch
 from alm_pipeline.evaluation.models import EvalError, EvalModel
 from alm_pipeline.modeling import length_batches, pad_batch
 from alm_pipeline.pipeline.byteview import ByteView
-from alm_pipeline.trainer.loss import ALMGroups, student_chunk_stats
+from alm_pipeline.trainer.loss import ALMGroups, ALMLossConfig, alm_distance, student_chunk_stats
 
-__all__ = ["ChunkAgreement", "chunk_agreement"]
+__all__ = ["BINARISED_KL", "ChunkAgreement", "chunk_agreement"]
+
+# the binarised KL of the module docstring: the ALM distance with f_KL at τ = 1, on debiased chunk probabilities
+BINARISED_KL = ALMLossConfig(distance="binary_kl", tau=1.0, debias=True, eps=1e-6)
 
 
 @dataclass(frozen=True)
@@ -30,6 +42,7 @@ class ChunkAgreement:
     mean_abs_logprob_diff: float  # mean |C_S − C_T|
     mean_abs_debiased_logprob_diff: float  # mean |(C_S + σ_S) − (C_T + σ_T)|
     mean_logprob_diff: float  # mean (C_S − C_T): < 0 when the student finds the chunks less likely
+    binarised_kl: float  # mean KL(Bern(exp(C_T + σ_T)) ‖ Bern(exp(C_S + σ_S))), τ = 1 (module docstring)
     teacher_mean_chunk_logprob: float
     student_mean_chunk_logprob: float
     groups: int
@@ -61,7 +74,8 @@ def chunk_agreement(
     max_docs: int | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[ChunkAgreement, dict]:
-    """Mean |C_S − C_T| (and debiased, with σ on both sides) of ``model`` over the groups of an aligned set.
+    """Mean |C_S − C_T| (and debiased, with σ on both sides) and the mean binarised KL (module docstring) of
+    ``model`` against the teacher over the groups of an aligned set.
 
     The model's tokenizer must be the aligned set's student tokenizer (same byte strings, specials and
     template). Returns the agreement and a short description of the aligned set."""
@@ -84,7 +98,7 @@ def chunk_agreement(
             f"({aligned.manifest['student_tokenizer']['name']}): {reason}"
         )
     pad_id = 0
-    sums = np.zeros(5, dtype=np.float64)  # |ΔC|, |Δ(C+σ)|, ΔC, C_T, C_S
+    sums = np.zeros(6, dtype=np.float64)  # |ΔC|, |Δ(C+σ)|, ΔC, C_T, C_S, binarised KL
     groups_total, docs = 0, 0
     t0 = time.time()
     for table in aligned.iter_tables(columns=TRAINER_COLUMNS):
@@ -121,6 +135,7 @@ def chunk_agreement(
                     float((c_s - c_t).sum()),
                     float(c_t.sum()),
                     float(c_s.sum()),
+                    float(alm_distance(c_t + s_t, c_s + s_s, BINARISED_KL).sum()),
                 ]
             )
             groups_total += groups.num_groups
@@ -134,6 +149,7 @@ def chunk_agreement(
         mean_abs_logprob_diff=float(mean[0]),
         mean_abs_debiased_logprob_diff=float(mean[1]),
         mean_logprob_diff=float(mean[2]),
+        binarised_kl=float(mean[5]),
         teacher_mean_chunk_logprob=float(mean[3]),
         student_mean_chunk_logprob=float(mean[4]),
         groups=groups_total,
@@ -142,7 +158,7 @@ def chunk_agreement(
     info = {
         "path": str(aligned.root),
         "student_tokenizer": aligned.manifest["student_tokenizer"]["name"],
-        "teacher": aligned.manifest["cache"]["teacher"],
+        "teacher": aligned.manifest["cache"].get("teacher"),
         "gamma": aligned.gamma,
         "debias": aligned.debias,
     }

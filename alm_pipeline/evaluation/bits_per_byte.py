@@ -1,26 +1,35 @@
 """Tokenizer-independent bits per byte: of any causal LM on any text (:func:`model_bits_per_byte`), and of the
 teacher read from a teacher cache (:func:`cache_bits_per_byte`).
 
-Bits per byte (the convention used everywhere in alm-pipeline, for models and for caches alike)::
+The convention (one for every model, so that every model scores the same bytes)::
 
     bits per byte = Σ_{predicted tokens u} −log2 p(t_u | t_<u)  /  Σ_{predicted tokens u} UTF-8 bytes of t_u
 
-pooled over the whole corpus (not averaged per document). Each document is encoded with the model's own
-tokenizer and its own special tokens (:meth:`ByteView.encode`: BOS if the tokenizer adds one, EOS if it appends
-one). Every token after the first is predicted. A document's first token is therefore predicted only when a
-BOS precedes it: with a BOS every byte of the text counts; without one (GPT-2 style) the first token and the
-bytes it covers are left out of both sums. Special tokens cover no bytes, but their log-probabilities count
-(an appended EOS is predicted like any token). Byte counts are exact (byte views, never decoded strings), on
-the text as the tokenizer sees it (after its unicode normalization, if it has one). Documents longer than
-``max_length`` tokens (special tokens included) are truncated to their first ``max_length`` tokens and only the
-bytes those tokens cover are counted. Log-probabilities are log-softmaxes in fp32 over the tokenizer's ids
-(padded LM-head rows excluded), computed from the final hidden states and the LM head in slices of positions
-so that no ``[batch, length, vocabulary]`` tensor is materialised.
+pooled over the whole corpus (not averaged per document). **Every byte of every document is predicted**: each
+document is encoded with the model's own tokenizer and special tokens (:meth:`ByteView.encode`), and its first
+token is predicted from a context token (:func:`first_token_context`):
 
-A teacher cache stores exactly these per-token log-probabilities (NaN at position 0) and byte end offsets, so
-:func:`cache_bits_per_byte` reads the teacher's number straight from it: ``Σ_{u≥1} logprob`` over
-``offsets[-1] − offsets[0]`` per document. It equals :func:`model_bits_per_byte` of the teacher on the cached
-texts (up to fp32 rounding).
+1. the tokenizer's own prefix when it adds one (a BOS: SentencePiece models, the ``bytes`` tokenizer);
+2. else its BOS token, prepended, when it has one (GPT-2's ``<|endoftext|>``, which it does not add);
+3. else its EOS token, prepended (the document separator such models saw before a document in pretraining);
+4. else nothing: the first token of each document is left out and its bytes are counted in
+   ``excluded_bytes``, never silently.
+
+Special tokens cover no bytes, but their log-probabilities count (an appended EOS is predicted like any token).
+Byte counts are exact (byte views, never decoded strings), on the text as the tokenizer sees it (after its
+unicode normalization, if it has one). Documents longer than ``max_length`` tokens (the context token and
+special tokens included) are truncated to their first ``max_length`` tokens; the bytes cut off are counted
+in ``truncated_bytes`` (part of ``excluded_bytes``). So ``bytes + excluded_bytes == document_bytes`` always.
+Log-probabilities are log-softmaxes in fp32 over the tokenizer's ids (padded LM-head rows excluded), computed
+from the final hidden states and the LM head in slices of positions so that no ``[batch, length, vocabulary]``
+tensor is materialised.
+
+A teacher cache stores the teacher's per-token log-probabilities on its own encoding (NaN at position 0) and
+byte end offsets, so :func:`cache_bits_per_byte` reads the teacher's number straight from it. It follows the
+convention only when the teacher tokenizer adds a BOS: without one, position 0 of every document has no
+log-probability in the cache, and the bytes of each document's first token are reported as
+``excluded_bytes``. The comparable teacher number then comes from evaluating the teacher as a model
+(``evaluate --model TEACHER``) on the same texts.
 """
 
 from __future__ import annotations
@@ -37,13 +46,15 @@ import torch
 from alm_pipeline.cache.arrow import list_parts
 from alm_pipeline.evaluation.models import EvalError, EvalModel
 from alm_pipeline.modeling import length_batches, pad_batch
-from alm_pipeline.pipeline.byteview import TokenizerMismatchError
+from alm_pipeline.pipeline.byteview import ByteView, TokenizerMismatchError
 
 __all__ = [
     "BITS_PER_BYTE_CONVENTION",
     "HELDOUT",
     "BitsPerByte",
+    "FirstTokenContext",
     "cache_bits_per_byte",
+    "first_token_context",
     "iter_cache_texts",
     "iter_data_texts",
     "model_bits_per_byte",
@@ -51,17 +62,51 @@ __all__ = [
 
 BITS_PER_BYTE_CONVENTION = (
     "bits per byte = sum over every predicted token of -log2 p(token | previous tokens) / sum of the UTF-8 "
-    "bytes those tokens cover, pooled over the corpus; the tokenizer's own special tokens; a document's first "
-    "token is predicted only when a BOS precedes it (without a BOS the first token and its bytes are left out "
-    "of both sums); documents truncated to max_length tokens count only the bytes of the kept tokens"
+    "bytes those tokens cover, pooled over the corpus; every byte of a document is predicted: its first token "
+    "from the tokenizer's own BOS prefix, else its BOS token, else its EOS token (prepended), else (no such "
+    "token) the first token is left out and its bytes are counted in excluded_bytes; the tokenizer's own special "
+    "tokens; documents longer than max_length tokens are truncated and the bytes cut off are counted in "
+    "truncated_bytes (part of excluded_bytes); bytes + excluded_bytes = document_bytes"
 )
 HELDOUT = "heldout"  # --data short name: the bundled held-out documents
 _LN2 = math.log(2.0)
 
 
 @dataclass(frozen=True)
+class FirstTokenContext:
+    """What a model predicts a document's first token from (:func:`first_token_context`)."""
+
+    ids: tuple[int, ...]  # token ids put before the encoded document (empty: the prefix, or no context)
+    predicted: bool  # whether the first text token is predicted (False: its bytes are excluded)
+    description: str
+
+
+def first_token_context(view: ByteView) -> FirstTokenContext:
+    """The context a document's first token is predicted from under the convention (module docstring): the
+    tokenizer's own prefix, else its BOS, else its EOS token (prepended), else none."""
+
+    def token(i: int) -> str:
+        return view.tokenizer.id_to_token(i) or str(i)
+
+    if view.prefix_ids:
+        names = " ".join(repr(token(i)) for i in view.prefix_ids)
+        return FirstTokenContext((), True, f"the tokenizer's own prefix {names} (BOS)")
+    for what, i in (("BOS", view.bos_id), ("EOS", view.eos_id)):
+        if i is not None and 0 <= i < view.vocab_size:
+            return FirstTokenContext(
+                (int(i),), True, f"{what} {token(i)!r}, prepended (the tokenizer does not add it)"
+            )
+    return FirstTokenContext(
+        (),
+        False,
+        "none (the tokenizer has no BOS and no EOS token): each document's first token is not predicted and "
+        "its bytes are counted in excluded_bytes",
+    )
+
+
+@dataclass(frozen=True)
 class BitsPerByte:
-    """Bits per byte over a corpus, with the sums it is made of."""
+    """Bits per byte over a corpus, with the sums it is made of (``bytes + excluded_bytes == document_bytes``)."""
 
     bits_per_byte: float
     bits: float  # Σ −log2 p over the predicted tokens
@@ -71,15 +116,29 @@ class BitsPerByte:
     truncated_docs: int
     tokens_per_byte: float  # predicted tokens / bytes (the tokenizer's compression)
     nats_per_token: float  # mean −ln p per predicted token
+    document_bytes: int  # Σ UTF-8 bytes of the documents (as the tokenizer sees them)
+    excluded_bytes: int  # document bytes not scored: first tokens without a context + truncated bytes
+    truncated_bytes: int  # the part of excluded_bytes cut off by max_length truncation
+    context: str  # what each document's first token is predicted from
 
     @classmethod
     def from_sums(
-        cls, nats: float, nbytes: int, tokens: int, docs: int, truncated: int, what: str
+        cls,
+        nats: float,
+        nbytes: int,
+        tokens: int,
+        docs: int,
+        truncated: int,
+        what: str,
+        *,
+        document_bytes: int,
+        truncated_bytes: int,
+        context: str,
     ) -> BitsPerByte:
         if nbytes <= 0:
             raise EvalError(
                 f"{what}: no predicted byte in {docs} document(s) (every document is a single token without a "
-                "BOS before it, or the source is empty); bits per byte is undefined"
+                "context token before it, or the source is empty); bits per byte is undefined"
             )
         bits = nats / _LN2
         return cls(
@@ -91,6 +150,10 @@ class BitsPerByte:
             truncated_docs=int(truncated),
             tokens_per_byte=tokens / nbytes,
             nats_per_token=nats / max(tokens, 1),
+            document_bytes=int(document_bytes),
+            excluded_bytes=int(document_bytes - nbytes),
+            truncated_bytes=int(truncated_bytes),
+            context=context,
         )
 
     def to_json(self) -> dict:
@@ -159,8 +222,11 @@ def model_bits_per_byte(
     if model.max_positions is not None:
         max_length = min(max_length, model.max_positions)
     view = model.view
+    context = first_token_context(view)
+    before = np.asarray(context.ids, dtype=np.int32)
     pad_id = view.pad_id if view.pad_id is not None and 0 <= view.pad_id < view.vocab_size else 0
     nats, nbytes, tokens, docs, truncated = 0.0, 0, 0, 0, 0
+    document_bytes, truncated_bytes = 0, 0
     t0 = time.time()
     for window in _windows(texts, window_docs):
         seqs: list[np.ndarray] = []
@@ -168,17 +234,24 @@ def model_bits_per_byte(
             ref, text = item if isinstance(item, tuple) else (f"#{docs + i}", item)
             if not isinstance(text, str):
                 raise EvalError(f"document {ref}: text is {type(text).__name__}, expected a string")
+            text = view.normalize_text(text)
             try:
-                enc = view.encode(view.normalize_text(text), max_length=max_length, doc_ref=ref)
+                enc = view.encode(text, max_length=max_length - len(before), doc_ref=ref)
             except (TokenizerMismatchError, UnicodeEncodeError) as err:
                 raise EvalError(
                     f"{err}; the model's tokenizer cannot represent this document exactly"
                 ) from None
             if len(enc.token_ids) == 0:
                 raise EvalError(f"document {ref}: encodes to no token (empty text?)")
-            seqs.append(enc.token_ids)
-            nbytes += int(enc.offsets[-1]) - int(enc.offsets[0])
-            tokens += len(enc.token_ids) - 1
+            ids = np.concatenate([before, enc.token_ids]) if len(before) else enc.token_ids
+            seqs.append(ids)
+            # offsets[0] is 0 after a prefix; without any context it is the unpredicted first token's end
+            first = 0 if context.predicted else int(enc.offsets[0])
+            nbytes += int(enc.offsets[-1]) - first
+            text_bytes = len(text.encode("utf-8"))
+            document_bytes += text_bytes
+            truncated_bytes += text_bytes - int(enc.offsets[-1])
+            tokens += len(ids) - 1
             truncated += int(enc.truncated)
         docs += len(window)
         for batch in length_batches([len(s) for s in seqs], batch_tokens):
@@ -187,7 +260,17 @@ def model_bits_per_byte(
             nats -= float(stats.token_logprob.double().sum())
         if progress:
             progress(f"bits per byte: {docs} documents, {tokens} tokens ({time.time() - t0:.1f}s)")
-    return BitsPerByte.from_sums(nats, nbytes, tokens, docs, truncated, what=f"model {model.path}")
+    return BitsPerByte.from_sums(
+        nats,
+        nbytes,
+        tokens,
+        docs,
+        truncated,
+        what=f"model {model.path}",
+        document_bytes=document_bytes,
+        truncated_bytes=truncated_bytes,
+        context=context.description,
+    )
 
 
 def _open_cache(path: str):
@@ -201,12 +284,17 @@ def _open_cache(path: str):
 
 
 def cache_bits_per_byte(cache_path: str, max_docs: int | None = None) -> tuple[BitsPerByte, dict]:
-    """The teacher's bits per byte read from a teacher cache (module convention: ``logprob`` at positions
-    ``≥ 1`` over the bytes covered by tokens ``≥ 1``, i.e. ``offsets[-1] − offsets[0]``), float64 sums.
-    Returns it with a short description of the cache (path, teacher, tokenizer)."""
+    """The teacher's bits per byte read from a teacher cache: ``logprob`` at positions ``≥ 1`` over the bytes
+    covered by tokens ``≥ 1`` (``offsets[-1] − offsets[0]`` per document), float64 sums. With a BOS-adding
+    teacher tokenizer that is the module's convention; without one, each document's first token has no
+    log-probability in the cache and its bytes are reported in ``excluded_bytes`` (evaluate the teacher as a
+    model for the comparable number). ``document_bytes`` counts the stored texts (already truncated to what the
+    teacher saw; ``truncated_bytes`` is 0). Returns it with a short description of the cache."""
     cache = _open_cache(cache_path)
-    nats, nbytes, tokens, docs, truncated = 0.0, 0, 0, 0, 0
-    for k, table in enumerate(cache.iter_tables(columns=["doc_id", "logprob", "offsets", "truncated"])):
+    nats, nbytes, tokens, docs, truncated, document_bytes = 0.0, 0, 0, 0, 0, 0
+    for k, table in enumerate(
+        cache.iter_tables(columns=["doc_id", "text", "logprob", "offsets", "truncated"])
+    ):
         if max_docs is not None:
             if docs >= max_docs:
                 break
@@ -229,9 +317,19 @@ def cache_bits_per_byte(cache_path: str, max_docs: int | None = None) -> tuple[B
             )
         nats -= float(values.sum())
         nbytes += int((off[off_starts[1:] - 1] - off[off_starts[:-1]]).sum())
+        document_bytes += int(pc.sum(pc.binary_length(table["text"])).as_py() or 0)
         tokens += int(predicted.sum())
         docs += table.num_rows
         truncated += int(pc.sum(table["truncated"]).as_py() or 0)
+    prefix = cache.manifest["tokenizer"].get("prefix_ids") or []
+    if prefix:
+        context = f"the teacher tokenizer's own prefix {prefix} (BOS), as cached"
+    else:
+        context = (
+            "none: the teacher tokenizer adds no BOS, so the cache has no log-probability for a document's first "
+            "token and its bytes are excluded; evaluate the teacher with --model for the number under the common "
+            "convention (its first token predicted from its BOS/EOS token)"
+        )
     info = {
         "path": str(cache.root),
         "teacher": cache.manifest["teacher"]["name"],
@@ -239,4 +337,15 @@ def cache_bits_per_byte(cache_path: str, max_docs: int | None = None) -> tuple[B
         "tokenizer_fingerprint": cache.tokenizer_fingerprint,
         "max_length": cache.manifest["settings"]["max_length"],
     }
-    return BitsPerByte.from_sums(nats, nbytes, tokens, docs, truncated, what=f"cache {cache.root}"), info
+    bpb = BitsPerByte.from_sums(
+        nats,
+        nbytes,
+        tokens,
+        docs,
+        truncated,
+        what=f"cache {cache.root}",
+        document_bytes=document_bytes,
+        truncated_bytes=0,
+        context=context,
+    )
+    return bpb, info

@@ -11,6 +11,8 @@ from tests.factories import write_texts
 
 
 def test_config_and_input_errors(llama_sp_model, gpt2_bl_model, tmp_path):
+    from tests import factories
+
     with pytest.raises(EvalError, match="nothing to evaluate"):
         EvalConfig()
     with pytest.raises(EvalError, match="needs a model"):
@@ -24,5 +26,10 @@ def test_config_and_input_errors(llama_sp_model, gpt2_bl_model, tmp_path):
     single = write_texts(tmp_path / "single.jsonl", ["x"])
     model = load_eval_model(str(llama_sp_model))
     assert model_bits_per_byte(model, ["x"]).bytes == 1  # BOS: the single token is predicted
-    with pytest.raises(EvalError, match="no predicted byte"):
-        run_evaluation(EvalConfig(model=str(gpt2_bl_model), data=str(single)))
+    gpt2 = load_eval_model(str(gpt2_bl_model))
+    assert model_bits_per_byte(gpt2, ["x"]).bytes == 1  # its BOS token, prepended: predicted too
+    bare = factories.make_model(
+        "llama", factories.make_tokenizer("char_bare", tmp_path / "tok"), tmp_path / "bare"
+    )
+    with pytest.raises(EvalError, match="no predicted byte"):  # no BOS, no EOS: nothing predicts "x"
+        run_evaluation(EvalConfig(model=str(bare), data=str(single)))
