@@ -30,22 +30,33 @@ __all__ = ["evaluate", "plot"]
             inspect.Parameter.KEYWORD_ONLY,
             annotation=Annotated[Path | None, typer.Option(help="Also write the JSON result to this file")],
             default=None,
-        )
+        ),
+        inspect.Parameter(
+            "as_json",
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=Annotated[
+                bool, typer.Option("--json", help="Print the JSON result instead of the table")
+            ],
+            default=False,
+        ),
     ],
 )
-def evaluate(config: EvalConfig, output_json: Path | None) -> None:
-    """Bits per byte of any causal LM on any text, the teacher's bits per byte from a cache, and chunk
-    agreement between a student and a cache. Prints JSON.
+def evaluate(config: EvalConfig, output_json: Path | None, as_json: bool) -> None:
+    """Bits per byte of causal LMs on text domains, the teacher's bits per byte from a cache, and chunk agreement
+    (mean |C_S - C_T|, binarised KL) between students and a cached teacher. Prints one table: a row per model,
+    a column per metric (bits_per_byte/DOMAIN, mean_abs_chunk_diff/ALIGNED, binarised_kl/ALIGNED).
 
     Bits per byte = Σ over every predicted token of -log2 p(token | previous tokens) / Σ of the UTF-8 bytes
-    those tokens cover, pooled over the corpus. Each document gets the tokenizer's own special tokens; a
-    document's first token is predicted only when a BOS precedes it (without a BOS, the first token and its
-    bytes are left out of both sums). Documents longer than --max-length tokens are truncated and only the
-    bytes of the kept tokens count. The cache's number uses the same convention (logprob at positions >= 1
-    over the bytes covered by tokens >= 1), so it equals `evaluate --model TEACHER` on the cached texts.
+    those tokens cover, pooled over the corpus. Every byte of a document is predicted: its first token from the
+    tokenizer's own BOS, else from its BOS or EOS token prepended; a tokenizer with neither leaves the first
+    token out and reports its bytes (excluded_bytes). Documents longer than --max-length tokens are truncated
+    (truncated_bytes). The cache's number reads the cached log-probabilities: for a teacher tokenizer without
+    BOS it leaves each document's first token out (reported); `--model TEACHER --cache-texts` gives the
+    teacher's number under the common convention.
     """
     from alm_pipeline.evaluation.models import EvalError
     from alm_pipeline.evaluation.run import run_evaluation, write_json
+    from alm_pipeline.evaluation.table import ResultTable
 
     try:
         result = run_evaluation(config, progress=_say)
@@ -54,16 +65,21 @@ def evaluate(config: EvalConfig, output_json: Path | None) -> None:
     if output_json:
         write_json(output_json, result)
         _say(f"wrote {output_json}")
-    typer.echo(json.dumps(result, indent=2))
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        typer.echo(ResultTable.from_json(result["table"]).to_text())
 
 
 def plot(
     run_dir: Annotated[Path, typer.Argument(help="Training run directory (holding metrics.csv)")],
 ) -> None:
-    """PNG plots of a training run, into RUN_DIR/plots: loss.png (loss, loss_alm, loss_ntp over steps, from
-    metrics.csv), chunk_agreement.png (mean_abs_chunk_logprob_diff over steps, ALM runs) and bits_per_byte.png
-    (the bits per byte that `evaluate --run-dir` wrote to eval.json in the run directory, its final/ folder or
-    its checkpoints, at the evaluated checkpoint's step; the teacher's from the cache as a dashed line)."""
+    """PNG plots of a training run or an evaluation folder, into RUN_DIR/plots: loss.png (loss, loss_alm,
+    loss_ntp over steps, from metrics.csv), chunk_agreement.png (mean_abs_chunk_logprob_diff over steps, ALM
+    runs), bits_per_byte.png (the bits per byte that `evaluate --run-dir` wrote to eval.json in the run
+    directory, its final/ folder or its checkpoints, at the evaluated checkpoint's step; the teacher's from the
+    cache as a dashed line) and eval_table.png (RUN_DIR/eval.json's model × metric table as grouped bars: a
+    panel per metric, a bar per model). A folder with an eval.json and no metrics.csv gets eval_table.png."""
     from alm_pipeline.evaluation.plots import PlotError, plot_run
 
     try:

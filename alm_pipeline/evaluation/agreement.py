@@ -29,7 +29,7 @@ from alm_pipeline.modeling import length_batches, pad_batch
 from alm_pipeline.pipeline.byteview import ByteView
 from alm_pipeline.trainer.loss import ALMGroups, ALMLossConfig, alm_distance, student_chunk_stats
 
-__all__ = ["BINARISED_KL", "ChunkAgreement", "chunk_agreement"]
+__all__ = ["BINARISED_KL", "ChunkAgreement", "chunk_agreement", "same_tokenizer"]
 
 # the binarised KL of the module docstring: the ALM distance with f_KL at τ = 1, on debiased chunk probabilities
 BINARISED_KL = ALMLossConfig(distance="binary_kl", tau=1.0, debias=True, eps=1e-6)
@@ -52,7 +52,7 @@ class ChunkAgreement:
         return asdict(self)
 
 
-def _same_tokenizer(a: ByteView, b: ByteView) -> str | None:
+def same_tokenizer(a: ByteView, b: ByteView) -> str | None:
     """``None`` if the two byte views tokenize identically as far as alignment cares, else a reason."""
     if a.fingerprint == b.fingerprint:
         return None
@@ -91,7 +91,7 @@ def chunk_agreement(
         set_view = load_byte_view(aligned.tokenizer_dir)
     except (OSError, ValueError) as err:
         raise EvalError(f"{aligned.root}: cannot load the aligned set's student tokenizer ({err})") from None
-    reason = _same_tokenizer(model.view, set_view)
+    reason = same_tokenizer(model.view, set_view)
     if reason:
         raise EvalError(
             f"model {model.path} does not use the student tokenizer of aligned set {aligned.root} "

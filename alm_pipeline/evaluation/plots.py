@@ -10,7 +10,11 @@
   checkpoints), each placed at the training step of the model it evaluated (the ``trainer_state.json`` of
   that model's folder, else of the folder holding the ``eval.json``). One line per text source (the ``--data``
   corpus; the teacher cache's texts with ``--cache-texts``), and the teacher's bits per byte read from the
-  cache (``--cache``) as a dashed line. Not written when no ``eval.json`` holds a student's bits per byte.
+  cache (``--cache``) as a dashed line. Not written when no ``eval.json`` holds a student's bits per byte;
+* ``eval_table.png``: the model × metric table of ``RUN_DIR/eval.json`` (``alm-pipeline evaluate --run-dir
+  RUN_DIR``, any number of ``--model``): one panel per metric family (bits per byte, chunk agreement, ...), a
+  group of bars per domain / aligned set / task, one bar per model. Not written when ``RUN_DIR`` has no
+  ``eval.json`` with a table. A folder holding only an ``eval.json`` (no ``metrics.csv``) gets just this plot.
 
 :func:`run_figures` builds the figures (matplotlib's object API, no pyplot, no display, the process-wide
 backend is left alone); :func:`plot_run` writes them, atomically.
@@ -27,7 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from alm_pipeline.evaluation.run import EVAL_FILE
+from alm_pipeline.evaluation.run import CACHE_TEXTS, EVAL_FILE
+from alm_pipeline.evaluation.table import ResultTable, split_column
 from alm_pipeline.trainer.checkpoint import FINAL_DIR, CheckpointError, checkpoint_step, list_checkpoints
 from alm_pipeline.trainer.metrics import METRICS_FILE, read_metrics_csv
 
@@ -35,6 +40,7 @@ __all__ = ["PLOTS_DIR", "PlotError", "PlotResult", "plot_run", "run_figures"]
 
 PLOTS_DIR = "plots"
 CHUNK_DIFF_COLUMN = "mean_abs_chunk_logprob_diff"
+TABLE_PLOT = "eval_table"
 
 
 class PlotError(ValueError):
@@ -92,9 +98,8 @@ def _read_json(path: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def _step_of(result: dict, eval_dir: Path) -> int | None:
+def _step_of(model_path: Any, eval_dir: Path) -> int | None:
     """The training step of the model an ``eval.json`` evaluated (None when it is not a run's checkpoint)."""
-    model_path = (result.get("model") or {}).get("path")
     for folder in ([Path(model_path)] if isinstance(model_path, str) else []) + [eval_dir]:
         try:
             return checkpoint_step(folder)
@@ -121,19 +126,27 @@ def _eval_results(run: Path) -> tuple[list[_EvalPoint], dict[str, float]]:
         teacher = _number(cache.get("bits_per_byte"))
         if teacher is not None:
             teachers[str(cache.get("path"))] = teacher
-        step = _step_of(result, folder)
-        if step is None:
-            continue
-        data = result.get("data") or {}
-        cache_texts = result.get("cache_texts") or {}
-        for series, part in (
-            (f"student on {data.get('path')}", data),
-            (f"student on the texts of {cache.get('path')}", cache_texts),
-        ):
-            value = _number(part.get("bits_per_byte"))
-            if value is not None:
-                points[(step, series)] = _EvalPoint(step, series, value)
+        for entry in (result.get("models") or {}).values():
+            step = _step_of((entry.get("model") or {}).get("path"), folder)
+            if step is None:
+                continue
+            parts = [(f"student on {d}", part) for d, part in (entry.get("bits_per_byte") or {}).items()]
+            parts.append((f"student on the texts of {cache.get('path')}", entry.get(CACHE_TEXTS) or {}))
+            for series, part in parts:
+                value = _number(part.get("bits_per_byte"))
+                if value is not None:
+                    points[(step, series)] = _EvalPoint(step, series, value)
     return sorted(points.values(), key=lambda p: (p.series, p.step)), teachers
+
+
+def _eval_table(folder: Path) -> ResultTable | None:
+    """The model × metric table of ``folder/eval.json`` (None when there is none or it has no value)."""
+    result = _read_json(folder / EVAL_FILE)
+    if not result or not isinstance(result.get("table"), dict):
+        return None
+    table = ResultTable.from_json(result["table"])
+    has_value = any(v is not None for row in table.rows.values() for v in row.values())
+    return table if has_value else None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -193,10 +206,41 @@ def _bits_per_byte_figure(points: list[_EvalPoint], teachers: dict[str, float], 
     return fig
 
 
+def _table_figure(table: ResultTable, title: str):
+    """A grouped bar chart per metric family: x = the family's groups, one bar per model (same colour in every
+    panel; no bar where the model has no value)."""
+    from matplotlib.figure import Figure
+
+    families: dict[str, list[str]] = {}
+    for col in table.columns:
+        family, _ = split_column(col)
+        families.setdefault(family, []).append(col)
+    models = list(table.rows)
+    fig = Figure(figsize=(7.5, 1.0 + 3.2 * len(families)), layout="tight")
+    axes = fig.subplots(len(families), 1, squeeze=False)[:, 0]
+    width = 0.8 / max(len(models), 1)
+    for ax, (family, cols) in zip(axes, families.items(), strict=True):
+        x = np.arange(len(cols))
+        for k, model in enumerate(models):
+            values = [table.value(model, c) for c in cols]
+            if all(v is None for v in values):
+                continue  # the model has nothing in this panel: no legend entry either
+            heights = np.array([np.nan if v is None else v for v in values])
+            offset = (k - (len(models) - 1) / 2) * width
+            ax.bar(x + offset, heights, width, label=model, color=f"C{k % 10}")  # one colour per model
+        ax.set_xlim(-0.5, len(cols) - 0.5)
+        ax.set_xticks(x, [split_column(c)[1] or family for c in cols])
+        ax.set_ylabel(family)
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(loc="best", fontsize="small")
+    axes[0].set_title(title)
+    return fig
+
+
 def run_figures(run_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, str], int]:
     """The figures of a run (see the module docstring) by plot name, the reasons of the plots left out, and
-    the number of metrics rows. Raises :class:`PlotError` when there is nothing to plot (no ``metrics.csv``,
-    no ``step``/``loss`` column, no rows)."""
+    the number of metrics rows. Raises :class:`PlotError` when there is nothing to plot (no ``metrics.csv``
+    and no ``eval.json`` table, no ``step``/``loss`` column, no rows)."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -204,9 +248,18 @@ def run_figures(run_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[s
     run = Path(run_dir)
     if not run.is_dir():
         raise PlotError(f"{run}: no such run directory")
-    cols = _metrics_columns(run)
     figures: dict[str, Any] = {}
     skipped: dict[str, str] = {}
+    table = _eval_table(run)
+    if table is not None:
+        figures[TABLE_PLOT] = _table_figure(table, f"evaluation — {run.name}")
+    if table is not None and not (run / METRICS_FILE).is_file():
+        return figures, skipped, 0  # an evaluation folder, not a training run
+    cols = _metrics_columns(run)
+    if table is None:
+        skipped[TABLE_PLOT] = (
+            f"no {EVAL_FILE} with a table in {run} (`alm-pipeline evaluate --run-dir {run}`)"
+        )
     loss_cols = [c for c in cols if c.startswith("loss")]
     figures["loss"] = _curves_figure(cols, loss_cols, f"training loss — {run.name}", "loss")
     if figures["loss"] is None:

@@ -1,19 +1,27 @@
 """``alm-pipeline evaluate`` as a function: :class:`EvalConfig` says what to compute, :func:`run_evaluation`
-computes it (bits per byte of a model and of a teacher cache, chunk agreement) as one JSON-ready dict, and
-writes it to ``RUN_DIR/eval.json`` when asked (:data:`EVAL_FILE`, read back by :mod:`.plots`)."""
+computes it for every model — bits per byte on every text domain, on a teacher cache's texts, chunk agreement
+with every aligned set whose student tokenizer the model uses — as one JSON-ready dict holding one model ×
+metric table (:class:`~alm_pipeline.evaluation.table.ResultTable`), and writes ``RUN_DIR/eval.json`` and
+``RUN_DIR/eval.csv`` when asked (:data:`EVAL_FILE`, read back by :mod:`.plots`).
+
+Every input is checked before any model loads: option values in :class:`EvalConfig`, then (:func:`plan`) the
+model folders, the text sources, the cache and the aligned sets, and which models each aligned set applies to.
+"""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from alm_pipeline.configs import option
-from alm_pipeline.evaluation.agreement import chunk_agreement
+from alm_pipeline.configs import check_choice, check_int, option
+from alm_pipeline.evaluation.agreement import chunk_agreement, same_tokenizer
 from alm_pipeline.evaluation.bits_per_byte import (
     BITS_PER_BYTE_CONVENTION,
     HELDOUT,
@@ -22,57 +30,85 @@ from alm_pipeline.evaluation.bits_per_byte import (
     iter_data_texts,
     model_bits_per_byte,
 )
-from alm_pipeline.evaluation.models import EvalError, load_eval_model
+from alm_pipeline.evaluation.models import EvalError, load_eval_model, resolve_model_dir
+from alm_pipeline.evaluation.table import CSV_FILE, ResultTable, column
 from alm_pipeline.modeling import DTYPES
 
-__all__ = ["EVAL_FILE", "EvalConfig", "run_evaluation", "write_json"]
+__all__ = [
+    "CSV_FILE",
+    "EVAL_FILE",
+    "TEACHER_ROW",
+    "EvalConfig",
+    "EvalPlan",
+    "plan",
+    "run_evaluation",
+    "write_json",
+]
 
 EVAL_FILE = "eval.json"
+TEACHER_ROW = "teacher (cache)"  # the table row of the teacher's bits per byte read from --cache
+CACHE_TEXTS = "cache_texts"  # the bits-per-byte group of the cached texts
+BPB, ABS_DIFF, KL = "bits_per_byte", "mean_abs_chunk_diff", "binarised_kl"  # metric families
+_NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+_SUFFIXES = (".jsonl.gz", ".jsonl", ".json", ".parquet")
+
+
+def _as_tuple(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str | os.PathLike):
+        return (os.fspath(value),)
+    return tuple(os.fspath(v) for v in value)
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """What :func:`run_evaluation` computes; every part is optional but at least one must be asked for.
+    """What :func:`run_evaluation` computes; at least a model or a cache must be given.
 
-    * ``model`` + ``data``: the model's bits per byte on a corpus (``data`` = a .jsonl/.json/.parquet file or
-      folder, or ``"heldout"`` for the bundled held-out documents). With ``model`` alone (no ``data``,
-      ``cache`` or ``aligned``) the bundled held-out documents are used.
-    * ``cache``: the teacher's bits per byte read from the cache (no model needed); with ``model`` and
-      ``cache_texts`` also the model's bits per byte on the cached texts (the exact bytes the teacher saw), and
-      the gap to the teacher.
-    * ``model`` + ``aligned``: chunk agreement between the model (the student) and the teacher of the aligned
-      set.
-    * ``run_dir``: also write the result to ``run_dir/eval.json``.
+    * ``model`` (repeatable, ``NAME=MODEL`` names the row): each model's bits per byte on every text domain
+      (``data`` and ``domains``; the bundled held-out plays when neither is given and there is no ``cache`` or
+      ``aligned``), on the cached texts (``cache_texts``), and its chunk agreement with every ``aligned`` set
+      whose student tokenizer it uses.
+    * ``cache``: the teacher's bits per byte read from the cache (no model needed), the ``teacher (cache)`` row.
+    * ``run_dir``: also write ``run_dir/eval.json`` and ``run_dir/eval.csv``.
     """
 
-    model: str | None = option(
-        None,
-        "Model to evaluate: a model folder, a short name (smollm2-135m), or a training run directory "
-        "(then its final/ folder, else its latest complete checkpoint, else the only subfolder holding a "
-        "config.json)",
+    model: tuple[str, ...] = option(
+        (),
+        "Model to evaluate, repeat for several (one table row each; NAME=MODEL names the row): a model folder, "
+        "a short name (smollm2-135m), or a training run directory (then its final/ folder, else its latest "
+        "complete checkpoint, else the only subfolder holding a config.json)",
     )
-    data: str | None = option(
+    data: tuple[str, ...] = option(
+        (),
+        "Texts for bits per byte, one domain per option, repeatable (NAME=SOURCE names it): a "
+        ".jsonl/.json/.parquet file or folder (one corpus), or a text domain's held-out split: plays (the "
+        "bundled held-out plays; also `heldout`), maths, code (installed by scripts/setup.sh). Default with "
+        "only --model: plays",
+    )
+    domains: str | None = option(
         None,
-        "Texts for bits per byte: .jsonl/.json/.parquet file or folder, or `heldout` (the bundled "
-        "held-out documents; the default when only --model is given)",
+        "A folder of .jsonl files, one text domain per file, named after it (e.g. .models/domains/heldout)",
     )
     text_field: str = option("text", "Field holding the document text")
     id_field: str | None = option(None, "Field holding a unique document id (default: hash of the text)")
     max_docs: int | None = option(
-        None, "Use only the first N documents of each source (data, cache, aligned set)"
+        None, "Use only the first N documents of each source (domain, cache, aligned set)"
     )
     cache: str | None = option(
         None, "Teacher cache: report the teacher's bits per byte read from it (no model needed)"
     )
     cache_texts: bool = option(
         False,
-        "Also evaluate --model on the cached texts (the bytes the teacher saw) and report the gap "
+        "Also evaluate every --model on the cached texts (the bytes the teacher saw) and report the gap "
         "to the teacher",
     )
-    aligned: str | None = option(
-        None,
-        "Aligned set (from `alm-pipeline align`) whose student tokenizer is the model's: report "
-        "chunk agreement, mean |C_S - C_T| and debiased mean |(C_S+σ_S) - (C_T+σ_T)|",
+    aligned: tuple[str, ...] = option(
+        (),
+        "Aligned set (from `alm-pipeline align`), repeatable (NAME=PATH names its columns): chunk agreement "
+        "of every --model whose tokenizer is its student tokenizer with the cached teacher: mean |C_S - C_T|, "
+        "debiased mean |(C_S+σ_S) - (C_T+σ_T)|, binarised KL at τ=1",
     )
     max_length: int = option(
         1024, "Model tokens per document, special tokens included (longer ones are truncated)"
@@ -85,26 +121,179 @@ class EvalConfig:
         "float32", "Model weights dtype: float32, bfloat16, float16 (log-softmax is always fp32)"
     )
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
-    run_dir: str | None = option(None, "Also write the JSON result to RUN_DIR/eval.json")
+    run_dir: str | None = option(None, "Also write the result to RUN_DIR/eval.json and RUN_DIR/eval.csv")
 
     def __post_init__(self) -> None:
-        if self.max_length < 2:
-            raise EvalError(f"max_length must be >= 2, got {self.max_length}")
-        if self.batch_tokens < 1:
-            raise EvalError(f"batch_tokens must be >= 1, got {self.batch_tokens}")
-        if self.max_logit_elements < 1:
-            raise EvalError(f"max_logit_elements must be >= 1, got {self.max_logit_elements}")
-        if self.max_docs is not None and self.max_docs < 1:
-            raise EvalError(f"max_docs must be >= 1, got {self.max_docs}")
-        if self.dtype not in DTYPES:
-            raise EvalError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        for name in ("model", "data", "aligned"):
+            object.__setattr__(self, name, _as_tuple(getattr(self, name)))
+        try:
+            check_int("--max-length", self.max_length, minimum=2)
+            check_int("--batch-tokens", self.batch_tokens)
+            check_int("--max-logit-elements", self.max_logit_elements)
+            check_int("--max-docs", self.max_docs, allow_none=True)
+            check_choice("--dtype", self.dtype, tuple(DTYPES))
+        except ValueError as err:
+            raise EvalError(str(err)) from None
+        if not _DEVICE.match(self.device):
+            raise EvalError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if not self.text_field:
+            raise EvalError("--text-field must not be empty")
+        for opt, values in (("--model", self.model), ("--data", self.data), ("--aligned", self.aligned)):
+            for value in values:
+                name, source = _split_named(value)
+                if not source or (name is not None and not name):
+                    raise EvalError(f"{opt} {value!r}: expected SOURCE or NAME=SOURCE")
         if self.cache_texts and not self.cache:
-            raise EvalError("cache_texts (--cache-texts) needs a teacher cache (--cache)")
-        if (self.cache_texts or self.aligned or self.data) and not self.model:
-            what = "data" if self.data else ("aligned" if self.aligned else "cache_texts")
+            raise EvalError("--cache-texts needs a teacher cache (--cache)")
+        if (self.cache_texts or self.aligned or self.data or self.domains) and not self.model:
+            what = next(
+                o
+                for o, v in (
+                    ("--data", self.data),
+                    ("--domains", self.domains),
+                    ("--aligned", self.aligned),
+                    ("--cache-texts", self.cache_texts),
+                )
+                if v
+            )
             raise EvalError(f"{what} needs a model to evaluate (--model)")
         if not (self.model or self.cache):
             raise EvalError("nothing to evaluate: give a model (--model) and/or a teacher cache (--cache)")
+
+
+def _split_named(value: str) -> tuple[str | None, str]:
+    """``"NAME=SOURCE"`` → ``(NAME, SOURCE)``; a value whose part before ``=`` is not a plain name (it holds a
+    ``/``, say) is a source without a name."""
+    name, sep, source = value.partition("=")
+    if sep and _NAME.match(name):
+        return name, source
+    if sep and not name:
+        return "", source
+    return None, value
+
+
+def _stem(path: str) -> str:
+    base = Path(path.rstrip("/")).name
+    for suffix in _SUFFIXES:
+        if base.endswith(suffix):
+            return base[: -len(suffix)]
+    return base
+
+
+def _unique(option_name: str, items: list[tuple[str, str]]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for name, given in items:
+        if name in out:
+            raise EvalError(
+                f"{option_name}: two entries are named {name!r} ({out[name]} and {given}); name them with "
+                f"{option_name} NAME=..."
+            )
+        out[name] = given
+    return out
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    """What :func:`run_evaluation` will do, every input checked (:func:`plan`)."""
+
+    models: dict[str, tuple[str, str]]  # row name → (model folder, how it was chosen)
+    domains: dict[str, tuple[str, str]]  # domain name → (source as given, path)
+    aligned: dict[str, str]  # aligned-set name → path
+    applies: dict[str, dict[str, str | None]]  # aligned name → {model name: None (applies) or why not}
+
+
+def _domain_source(source: str, option_name: str) -> str:
+    from alm_pipeline.assets import TEXT_DOMAINS, AssetNotInstalledError, domain_path
+
+    if source == HELDOUT or (source in TEXT_DOMAINS and not Path(source).exists()):
+        try:
+            return domain_path("plays" if source == HELDOUT else source, "heldout")
+        except AssetNotInstalledError as err:
+            raise EvalError(f"{option_name} {source}: {err}") from None
+    if not Path(source).expanduser().exists():
+        raise EvalError(
+            f"{option_name} {source}: no such file or directory (nor a text domain: plays, maths, code)"
+        )
+    return str(Path(source).expanduser())
+
+
+def plan(config: EvalConfig) -> EvalPlan:
+    """Check every input of ``config`` without loading a model (tokenizers are loaded to match aligned sets)."""
+    models: dict[str, tuple[str, str]] = {}
+    named = []
+    for value in config.model:
+        name, spec = _split_named(value)
+        named.append((name or spec, spec))
+    for name, spec in _unique("--model", named).items():
+        try:
+            models[name] = resolve_model_dir(spec)
+        except EvalError as err:
+            raise EvalError(f"--model {spec}: {err}") from None
+        hub_like = spec.count("/") == 1 and not spec.startswith((".", "/", "~"))
+        if models[name][1].startswith("as given") and not hub_like:
+            raise EvalError(f"--model {spec}: no such model folder (nor a Hugging Face Hub id ORG/NAME)")
+    if config.cache and TEACHER_ROW in models:
+        raise EvalError(f"--model: the row name {TEACHER_ROW!r} is the cache's teacher; choose another")
+
+    sources: list[tuple[str, str]] = []
+    for value in config.data:
+        name, source = _split_named(value)
+        default = "plays" if source == HELDOUT else _stem(source)
+        sources.append((name or default, source))
+    if config.domains:
+        folder = Path(config.domains).expanduser()
+        files = sorted(folder.glob("*.jsonl")) if folder.is_dir() else []
+        if not files:
+            raise EvalError(
+                f"--domains {config.domains}: not a folder holding .jsonl files (one per text domain)"
+            )
+        sources += [(_stem(f.name), str(f)) for f in files]
+    if not sources and config.model and not (config.cache or config.aligned):
+        sources = [("plays", HELDOUT)]
+    domains = {
+        name: (source, _domain_source(source, "--data"))
+        for name, source in _unique("--data", sources).items()
+    }
+
+    if config.cache and not (Path(config.cache) / "manifest.json").is_file():
+        raise EvalError(f"--cache {config.cache}: not a teacher cache (no manifest.json)")
+    named = []
+    for value in config.aligned:
+        name, path = _split_named(value)
+        named.append((name or _stem(path), path))
+    aligned = _unique("--aligned", named)
+    applies = _match_aligned_sets(aligned, models)
+    return EvalPlan(models=models, domains=domains, aligned=aligned, applies=applies)
+
+
+def _match_aligned_sets(
+    aligned: dict[str, str], models: dict[str, tuple[str, str]]
+) -> dict[str, dict[str, str | None]]:
+    """For every aligned set, which models use its student tokenizer (None) and why the others do not."""
+    if not aligned:
+        return {}
+    from alm_pipeline.cache.aligned import open_aligned_set
+    from alm_pipeline.cache.store import CacheIntegrityError
+    from alm_pipeline.pipeline.byteview import TokenizerMismatchError, load_byte_view
+
+    views = {}
+    for name, (path, _) in models.items():
+        try:
+            views[name] = load_byte_view(path)
+        except (OSError, ValueError, TokenizerMismatchError) as err:
+            raise EvalError(f"--model {path}: cannot load its tokenizer ({err})") from None
+    out: dict[str, dict[str, str | None]] = {}
+    for set_name, path in aligned.items():
+        try:
+            aligned_set = open_aligned_set(path, verify=False)
+            set_view = load_byte_view(aligned_set.tokenizer_dir)
+        except (CacheIntegrityError, ValueError, OSError) as err:
+            raise EvalError(f"--aligned {path}: {err}") from None
+        out[set_name] = {m: same_tokenizer(view, set_view) for m, view in views.items()}
+        if all(reason is not None for reason in out[set_name].values()):
+            student = aligned_set.manifest["student_tokenizer"]["name"]
+            raise EvalError(f"--aligned {path}: no --model uses its student tokenizer ({student})")
+    return out
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
@@ -120,66 +309,95 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
 def run_evaluation(config: EvalConfig, progress: Callable[[str], None] | None = None) -> dict:
     """Everything ``config`` asks for, as one JSON-ready dict (see :class:`EvalConfig`)::
 
-        {"convention": ..., "model": {...}, "data": {"path", "max_length", <BitsPerByte>},
+        {"convention": ...,
+         "domains": {domain: {"source", "path"}},
+         "models": {row: {"model": {...},
+                          "bits_per_byte": {domain: {"path", "max_length", <BitsPerByte>}},
+                          "cache_texts": {"max_length", <BitsPerByte>, "gap_to_teacher"},
+                          "chunk_agreement": {aligned: {"aligned": {...}, <ChunkAgreement>} or {"skipped": why}}}},
          "cache": {"path", "teacher", ..., <BitsPerByte>},
-         "cache_texts": {<BitsPerByte of the model on the cached texts>, "gap_to_teacher"},
-         "chunk_agreement": {"aligned", ..., <ChunkAgreement>}, "seconds": ...}
+         "table": <ResultTable.to_json()>, "seconds": ...}
 
-    With ``run_dir`` the dict is also written to ``run_dir/eval.json``.
+    Models are loaded one at a time. With ``run_dir`` the dict is also written to ``run_dir/eval.json`` and the
+    table to ``run_dir/eval.csv``.
     """
     say = progress or (lambda msg: None)
     t0 = time.time()
-    result: dict[str, Any] = {"convention": BITS_PER_BYTE_CONVENTION}
-    model = None
-    if config.model:
-        say(f"loading {config.model}")
-        model = load_eval_model(
-            config.model,
-            dtype=config.dtype,
-            device=config.device,
-            max_logit_elements=config.max_logit_elements,
-        )
-        result["model"] = model.describe()
-    max_length = config.max_length
-    if model is not None and model.max_positions is not None and max_length > model.max_positions:
-        say(
-            f"max_length {max_length} is above the model's {model.max_positions} positions: using {model.max_positions}"
-        )
-        max_length = model.max_positions
-    scoring = {"max_length": max_length, "batch_tokens": config.batch_tokens, "progress": say}
+    todo = plan(config)
+    table = ResultTable()
+    result: dict[str, Any] = {
+        "convention": BITS_PER_BYTE_CONVENTION,
+        "domains": {name: {"source": src, "path": path} for name, (src, path) in todo.domains.items()},
+        "models": {},
+    }
 
-    data = config.data
-    if model is not None and not (data or config.cache or config.aligned):
-        data = HELDOUT
-    if model is not None and data:
-        say(f"bits per byte of the model on {data}")
-        texts = iter_data_texts(data, config.text_field, config.id_field, config.max_docs)
-        bpb = model_bits_per_byte(model, texts, **scoring)
-        where = data if data != HELDOUT else f"{HELDOUT} (bundled held-out documents)"
-        result["data"] = {"path": where, "max_length": max_length, **bpb.to_json()}
-
+    teacher_bpb = None
     if config.cache:
         say(f"teacher bits per byte from {config.cache}")
         teacher_bpb, info = cache_bits_per_byte(config.cache, config.max_docs)
         result["cache"] = {**info, **teacher_bpb.to_json()}
-        if config.cache_texts and model is not None:
-            say("bits per byte of the model on the cached texts")
+        table.add(TEACHER_ROW, column(BPB, CACHE_TEXTS), teacher_bpb.bits_per_byte)
+        if teacher_bpb.excluded_bytes:
+            table.notes.append(
+                f"{TEACHER_ROW}: the cache has no log-probability for each document's first token (the teacher "
+                f"tokenizer adds no BOS), so {teacher_bpb.excluded_bytes} of {teacher_bpb.document_bytes} bytes "
+                "are left out; evaluate the teacher with --model --cache-texts for the comparable number"
+            )
+
+    for row, (path, chosen_as) in todo.models.items():
+        table.add_row(row)
+        say(f"loading {row} ({path})")
+        model = load_eval_model(
+            path, dtype=config.dtype, device=config.device, max_logit_elements=config.max_logit_elements
+        )
+        model.source = chosen_as  # how the folder was found from what the user gave
+        entry: dict[str, Any] = {"model": model.describe(), "bits_per_byte": {}}
+        max_length = config.max_length
+        if model.max_positions is not None and max_length > model.max_positions:
+            say(
+                f"{row}: max_length {max_length} is above the model's {model.max_positions} positions: using those"
+            )
+            max_length = model.max_positions
+        scoring = {"max_length": max_length, "batch_tokens": config.batch_tokens, "progress": say}
+        for domain, (_, domain_path) in todo.domains.items():
+            say(f"{row}: bits per byte on {domain}")
+            texts = iter_data_texts(domain_path, config.text_field, config.id_field, config.max_docs)
+            bpb = model_bits_per_byte(model, texts, **scoring)
+            entry["bits_per_byte"][domain] = {"path": domain_path, "max_length": max_length, **bpb.to_json()}
+            table.add(row, column(BPB, domain), bpb.bits_per_byte)
+        if config.cache_texts and teacher_bpb is not None:
+            say(f"{row}: bits per byte on the cached texts")
             bpb = model_bits_per_byte(model, iter_cache_texts(config.cache, config.max_docs), **scoring)
-            result["cache_texts"] = {
+            same_bytes = bpb.bytes == teacher_bpb.bytes
+            entry["cache_texts"] = {
                 "max_length": max_length,
                 **bpb.to_json(),
-                "gap_to_teacher": bpb.bits_per_byte - teacher_bpb.bits_per_byte,
+                # only meaningful on the same bytes (not when the cache leaves first tokens out)
+                "gap_to_teacher": bpb.bits_per_byte - teacher_bpb.bits_per_byte if same_bytes else None,
             }
+            table.add(row, column(BPB, CACHE_TEXTS), bpb.bits_per_byte)
+        if todo.aligned:
+            entry["chunk_agreement"] = {}
+        for set_name, set_path in todo.aligned.items():
+            reason = todo.applies[set_name][row]
+            if reason is not None:
+                entry["chunk_agreement"][set_name] = {"skipped": f"not its student tokenizer: {reason}"}
+                continue
+            say(f"{row}: chunk agreement with {set_name}")
+            agreement, info = chunk_agreement(
+                model, set_path, batch_tokens=config.batch_tokens, max_docs=config.max_docs, progress=say
+            )
+            entry["chunk_agreement"][set_name] = {"aligned": info, **agreement.to_json()}
+            table.add(row, column(ABS_DIFF, set_name), agreement.mean_abs_logprob_diff)
+            table.add(row, column(KL, set_name), agreement.binarised_kl)
+        result["models"][row] = entry
+        del model
+        gc.collect()
 
-    if config.aligned and model is not None:
-        say(f"chunk agreement with {config.aligned}")
-        agreement, info = chunk_agreement(
-            model, config.aligned, batch_tokens=config.batch_tokens, max_docs=config.max_docs, progress=say
-        )
-        result["chunk_agreement"] = {"aligned": info, **agreement.to_json()}
-
+    result["table"] = table.to_json()
     result["seconds"] = round(time.time() - t0, 3)
     if config.run_dir:
         out = write_json(Path(config.run_dir) / EVAL_FILE, result)
-        say(f"wrote {out}")
+        table.write_csv(Path(config.run_dir) / CSV_FILE)
+        say(f"wrote {out} and {CSV_FILE}")
     return result

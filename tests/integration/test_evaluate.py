@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import typer
+from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
 from alm_pipeline.cli.evaluate_cmd import evaluate, plot
@@ -81,14 +82,51 @@ def test_cache_bits_per_byte_equals_the_teacher_on_the_cached_texts(teacher_cach
             batch_tokens=64,
         )
     )
-    assert abs(result["data"]["bits_per_byte"] - teacher.bits_per_byte) < 1e-5
-    assert result["data"]["bytes"] == teacher.bytes
-    assert result["data"]["predicted_tokens"] == teacher.predicted_tokens
+    entry = result["models"][str(llama_sp_model)]
+    assert abs(entry["bits_per_byte"]["cached"]["bits_per_byte"] - teacher.bits_per_byte) < 1e-5
+    assert entry["bits_per_byte"]["cached"]["bytes"] == teacher.bytes
+    assert entry["bits_per_byte"]["cached"]["predicted_tokens"] == teacher.predicted_tokens
     assert abs(result["cache"]["bits_per_byte"] - teacher.bits_per_byte) < 1e-12
-    assert abs(result["cache_texts"]["gap_to_teacher"]) < 1e-5
+    assert abs(entry["cache_texts"]["gap_to_teacher"]) < 1e-5
+    # a BOS teacher: the cache scores every byte of the texts it stores
+    assert teacher.excluded_bytes == 0 and teacher.bytes == teacher.document_bytes
+    assert teacher.document_bytes == sum(len(r["text"].encode()) for r in rows)
+    table = result["table"]
+    assert table["columns"] == ["bits_per_byte/cache_texts", "bits_per_byte/cached"]
+    assert [r["model"] for r in table["rows"]] == ["teacher (cache)", str(llama_sp_model)] and not table[
+        "notes"
+    ]
     # max_docs limits every source the same way
     first, _ = cache_bits_per_byte(str(cache_dir), max_docs=4)
     assert first.docs == 4 and first.bytes < teacher.bytes
+
+
+@pytest.mark.ray
+def test_cache_of_a_teacher_without_bos_reports_its_excluded_bytes(ray_local, gpt2_bl_model, tmp_path):
+    """GPT-2 style teacher (a BOS token it does not add): the cache has no log-probability for each document's
+    first token, so its bits per byte leave those bytes out and say so; the teacher evaluated as a model on the
+    cached texts scores every byte (from its BOS token), and no gap is claimed between the two."""
+    from alm_pipeline.pipeline.teacher_cache import build_teacher_cache
+
+    texts = CACHE_TEXTS[:4]
+    data = write_texts(tmp_path / "corpus.jsonl", texts)
+    build_teacher_cache(
+        teacher_cache_config(gpt2_bl_model, data, tmp_path / "cache", id_field=None, max_length=512)
+    )
+    result = run_evaluation(
+        EvalConfig(model=f"teacher={gpt2_bl_model}", cache=str(tmp_path / "cache"), cache_texts=True)
+    )
+    cache, model = result["cache"], result["models"]["teacher"]["cache_texts"]
+    document_bytes = sum(len(t.encode()) for t in texts)
+    tok = AutoTokenizer.from_pretrained(str(gpt2_bl_model))
+    first = [tok(t, return_offsets_mapping=True)["offset_mapping"][0][1] for t in texts]
+    first_token_bytes = [len(t[:end].encode()) for t, end in zip(texts, first, strict=True)]
+    assert cache["document_bytes"] == model["document_bytes"] == document_bytes
+    assert cache["excluded_bytes"] == sum(first_token_bytes) and cache["context"].startswith("none")
+    assert model["excluded_bytes"] == 0 and model["bytes"] == document_bytes
+    assert model["context"].startswith("BOS '<|endoftext|>', prepended") and model["gap_to_teacher"] is None
+    (note,) = result["table"]["notes"]
+    assert f"{cache['excluded_bytes']} of {document_bytes} bytes are left out" in note
 
 
 @pytest.mark.ray
@@ -101,6 +139,7 @@ def test_chunk_agreement_is_zero_for_self_distillation(
     assert same.docs == len(CACHE_TEXTS) and same.groups > len(CACHE_TEXTS)
     assert info["gamma"] == 0.1
     assert same.mean_abs_logprob_diff < 1e-4 and same.mean_abs_debiased_logprob_diff < 1e-4
+    assert same.binarised_kl < 1e-6
     assert same.teacher_mean_chunk_logprob < -0.1
 
     # same tokenizer, other weights: a real disagreement
@@ -138,9 +177,13 @@ def test_chunk_agreement_is_zero_for_self_distillation(
     assert res.exit_code == 0, res.output
     result = json.loads(out.read_text())
     assert result == json.loads((run / "eval.json").read_text())
-    assert result["model"]["path"] == str(run / "final")
-    assert result["chunk_agreement"]["mean_abs_logprob_diff"] < 1e-4
-    assert "data" not in result  # --aligned alone: no bits per byte on the default held-out set
+    (entry,) = result["models"].values()
+    assert entry["model"]["path"] == str(run / "final")
+    assert entry["chunk_agreement"][aligned_dir.name]["mean_abs_logprob_diff"] < 1e-4
+    assert not entry["bits_per_byte"]  # --aligned alone: no bits per byte on the default held-out set
+    assert (run / "eval.csv").read_text().splitlines()[0] == (
+        f"model,mean_abs_chunk_diff/{aligned_dir.name},binarised_kl/{aligned_dir.name}"
+    )
 
 
 def train_tiny_run(aligned: Path, student: Path, output: Path, steps: int):
@@ -186,11 +229,12 @@ def test_plots_of_a_real_training_run(teacher_cache, llama_sp_model, tmp_path):
                 run_dir=str(ckpt),
             )
         )
-        student_bpb.append(result["cache_texts"]["bits_per_byte"])
+        student_bpb.append(result["models"][str(ckpt)]["cache_texts"]["bits_per_byte"])
     teacher_bpb = result["cache"]["bits_per_byte"]
 
     figures, skipped, n_rows = run_figures(run)
-    assert set(figures) == {"loss", "chunk_agreement", "bits_per_byte"} and not skipped and n_rows == 3
+    assert set(figures) == {"loss", "chunk_agreement", "bits_per_byte"} and n_rows == 3
+    assert list(skipped) == ["eval_table"]  # the evaluations are in the checkpoints, not in the run folder
     steps = [r["step"] for r in rows]
     (ax,) = figures["loss"].axes
     lines = {line.get_label(): line for line in ax.get_lines()}

@@ -1,7 +1,10 @@
-"""``alm-pipeline evaluate`` and ``alm-pipeline plot`` (alm_pipeline.cli.evaluate_cmd)."""
+"""``alm-pipeline evaluate`` and ``alm-pipeline plot`` (alm_pipeline.cli.evaluate_cmd): one model × metric table
+for several models and text domains, eval.json + eval.csv, the bar chart, and every bad option refused before
+any model loads."""
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -11,7 +14,17 @@ import typer
 from typer.testing import CliRunner
 
 from alm_pipeline.cli.evaluate_cmd import evaluate, plot
-from tests.factories import EVAL_TEXTS, reference_bits_per_byte, write_texts
+from alm_pipeline.evaluation.table import ResultTable
+from tests.factories import EVAL_TEXTS, png_size, reference_bits_per_byte, write_texts
+
+runner = CliRunner()
+
+
+def _app() -> typer.Typer:
+    app = typer.Typer()
+    app.command("evaluate")(evaluate)
+    app.command("plot")(plot)
+    return app
 
 
 def _write_metrics(run: Path) -> None:
@@ -24,19 +37,18 @@ def _write_metrics(run: Path) -> None:
 
 
 def test_cli_evaluate_and_plot(gpt2_bl_model, tmp_path):
-    app = typer.Typer()
-    app.command("evaluate")(evaluate)
-    app.command("plot")(plot)
-    runner = CliRunner()
+    app = _app()
     data = write_texts(tmp_path / "d.jsonl", EVAL_TEXTS)
     res = runner.invoke(
-        app, ["evaluate", "--model", str(gpt2_bl_model), "--data", str(data), "--max-length", "48"]
+        app, ["evaluate", "--model", str(gpt2_bl_model), "--data", str(data), "--max-length", "48", "--json"]
     )
     assert res.exit_code == 0, res.output
     result = json.loads(res.stdout)
     expected, _, _ = reference_bits_per_byte(gpt2_bl_model, EVAL_TEXTS, 48)
-    assert result["data"]["bits_per_byte"] == pytest.approx(expected, rel=1e-6)
-    assert result["model"]["lm_head"] == "sliced" and "BOS" in result["convention"]
+    (entry,) = result["models"].values()
+    assert entry["bits_per_byte"]["d"]["bits_per_byte"] == pytest.approx(expected, rel=1e-6)
+    assert entry["model"]["lm_head"] == "sliced" and "BOS" in result["convention"]
+    assert np.isfinite(entry["bits_per_byte"]["d"]["bits_per_byte"])
 
     res = runner.invoke(app, ["evaluate", "--data", str(data)])
     assert res.exit_code == 2 and "needs a model" in res.stderr
@@ -46,7 +58,112 @@ def test_cli_evaluate_and_plot(gpt2_bl_model, tmp_path):
     res = runner.invoke(app, ["plot", str(run)])
     assert res.exit_code == 0, res.output
     assert sorted(p.name for p in (run / "plots").iterdir()) == ["chunk_agreement.png", "loss.png"]
-    assert "skipped bits_per_byte.png" in res.stderr
+    assert "skipped bits_per_byte.png" in res.stderr and "skipped eval_table.png" in res.stderr
     res = runner.invoke(app, ["plot", str(tmp_path / "nowhere")])
     assert res.exit_code == 2 and "no such run directory" in res.stderr
-    assert np.isfinite(result["data"]["bits_per_byte"])
+
+
+def test_several_models_and_domains_make_one_table(gpt2_bl_model, llama_sp_model, tmp_path):
+    """Two models × three domains (two --data, one of them named, and a --domains folder): one table, each cell
+    equal to the plain computation; eval.json and eval.csv in --run-dir; `plot` draws the grouped bars."""
+    app = _app()
+    prose, verse = EVAL_TEXTS[:3], EVAL_TEXTS[3:]
+    write_texts(tmp_path / "prose.jsonl", prose)
+    write_texts(tmp_path / "verse.jsonl", verse)
+    folder = tmp_path / "domains"
+    folder.mkdir()
+    write_texts(folder / "all.jsonl", EVAL_TEXTS)
+    out = tmp_path / "eval"
+    args = ["evaluate", "--model", f"gpt2={gpt2_bl_model}", "--model", str(llama_sp_model)]
+    args += ["--data", str(tmp_path / "prose.jsonl"), "--data", f"poems={tmp_path / 'verse.jsonl'}"]
+    args += ["--domains", str(folder), "--max-length", "48", "--run-dir", str(out)]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    result = json.loads((out / "eval.json").read_text())
+    rows = ["gpt2", str(llama_sp_model)]
+    columns = ["bits_per_byte/prose", "bits_per_byte/poems", "bits_per_byte/all"]
+    assert list(result["models"]) == rows and result["table"]["columns"] == columns
+    table = ResultTable.from_json(result["table"])
+    for row, model_dir in zip(rows, [gpt2_bl_model, llama_sp_model], strict=True):
+        for col, texts in zip(columns, [prose, verse, EVAL_TEXTS], strict=True):
+            expected, nbytes, _ = reference_bits_per_byte(model_dir, texts, 48)
+            assert table.value(row, col) == pytest.approx(expected, rel=1e-6)
+            domain = col.split("/")[1]
+            assert result["models"][row]["bits_per_byte"][domain]["bytes"] == nbytes
+    # the printed table: a header and one line per model, every value shown
+    lines = res.stdout.strip().splitlines()
+    assert lines[0].split("|")[1].strip() == "model" and len(lines) == 2 + len(rows)
+    assert f"{table.value('gpt2', columns[1]):.4f}" in lines[2]
+    with open(out / "eval.csv", newline="") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert [r["model"] for r in csv_rows] == rows
+    assert float(csv_rows[1]["bits_per_byte/all"]) == table.value(rows[1], "bits_per_byte/all")
+
+    res = runner.invoke(app, ["plot", str(out)])
+    assert res.exit_code == 0, res.output
+    assert res.stdout.split() == [str(out / "plots" / "eval_table.png")]
+    width, height = png_size(out / "plots" / "eval_table.png")
+    assert width == 900 and height > 100
+
+
+def test_agreement_columns_for_the_models_that_use_the_student_tokenizer(
+    small_aligned, gpt2_bl_model, tokenizer_dirs, tmp_path
+):
+    """--aligned applies to the models whose tokenizer is the aligned set's student tokenizer; the others get a
+    'skipped' entry and an empty cell; an aligned set that no model can use is refused before any model loads."""
+    from tests import factories
+
+    student = factories.make_model("llama", tokenizer_dirs["byte_level_small"], tmp_path / "student")
+    app = _app()
+    args = ["evaluate", "--model", f"student={student}", "--model", f"other={gpt2_bl_model}"]
+    res = runner.invoke(app, [*args, "--aligned", f"small={small_aligned}", "--max-docs", "4", "--json"])
+    assert res.exit_code == 0, res.output
+    result = json.loads(res.stdout)
+    agreement = result["models"]["student"]["chunk_agreement"]["small"]
+    assert agreement["docs"] == 4 and agreement["binarised_kl"] > 0
+    assert "not its student tokenizer" in result["models"]["other"]["chunk_agreement"]["small"]["skipped"]
+    table = ResultTable.from_json(result["table"])
+    assert table.columns == ["mean_abs_chunk_diff/small", "binarised_kl/small"]
+    assert table.value("student", "binarised_kl/small") == agreement["binarised_kl"]
+    assert table.value("other", "binarised_kl/small") is None
+    res = runner.invoke(app, ["evaluate", "--model", str(gpt2_bl_model), "--aligned", str(small_aligned)])
+    assert res.exit_code == 2 and "no --model uses its student tokenizer" in res.output
+    assert "loading" not in res.output
+
+
+BAD_EVALUATE_OPTIONS = [
+    (["--max-length", "1"], "--max-length must be an integer >= 2"),
+    (["--batch-tokens", "0"], "--batch-tokens must be an integer >= 1"),
+    (["--max-logit-elements", "0"], "--max-logit-elements must be an integer >= 1"),
+    (["--max-docs", "0"], "--max-docs must be an integer >= 1"),
+    (["--dtype", "float8"], "unknown --dtype 'float8'"),
+    (["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N"),
+    (["--text-field", ""], "--text-field must not be empty"),
+    (["--data", "no-such.jsonl"], "--data no-such.jsonl: no such file or directory"),
+    (["--data", "=x.jsonl"], "--data '=x.jsonl': expected SOURCE or NAME=SOURCE"),
+    (["--data", "maths"], "--data maths: Asset 'text-domains' is not installed"),
+    (["--domains", "EMPTY"], "--domains EMPTY: not a folder holding .jsonl files"),
+    (["--model", "no/such/model"], "--model no/such/model: no such model folder"),
+    (["--model", "MODEL"], "--model: two entries are named"),
+    (["--cache", "no-cache"], "--cache no-cache: not a teacher cache"),
+    (["--cache-texts"], "--cache-texts needs a teacher cache (--cache)"),
+    (["--aligned", "no-aligned"], "--aligned no-aligned:"),
+]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"), BAD_EVALUATE_OPTIONS, ids=[a[0] for a, _ in BAD_EVALUATE_OPTIONS]
+)
+def test_evaluate_options_are_checked_before_any_model_loads(
+    gpt2_bl_model, tmp_path, monkeypatch, args, message
+):
+    """Each bad option is a one-line error naming it (exit 2), before any model loads or anything is written."""
+    monkeypatch.setenv("ALM_PIPELINE_HOME", str(tmp_path / "empty-home"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "EMPTY").mkdir()
+    args = [str(gpt2_bl_model) if a == "MODEL" else a for a in args]
+    out = tmp_path / "never"
+    res = runner.invoke(_app(), ["evaluate", "--model", str(gpt2_bl_model), "--run-dir", str(out), *args])
+    assert res.exit_code == 2, res.output
+    assert message in res.output and len(res.output.strip().splitlines()) == 1, res.output
+    assert "loading" not in res.output and not out.exists()
