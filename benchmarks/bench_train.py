@@ -9,7 +9,9 @@ Adam step — of every mode, in alternating order (forward, then reversed); each
 time are reported, and its ratio to ``ntp_hf`` is taken per round:
 
 * ``ntp_hf``        — plain next-token training: ``model(input_ids, labels=...)`` (transformers' own loss)
-* ``ntp``           — next-token loss through the trainer's path (body + fused fp32 LM-head statistics)
+* ``ntp``           — next-token loss through the trainer's path (body + fused fp32 LM-head statistics), ℓ and σ
+  computed (what an SFT run cost before σ was skipped)
+* ``sft``           — next-token loss alone as the trainer runs it now (``--no-alm --next-token-loss``): ℓ only
 * ``alm``           — cached ALM, the trainer's default at this size (fused statistics, fp32 probabilities kept
   for the backward: they fit ``--logits-memory-mib``)
 * ``alm_recompute`` — cached ALM recomputing the LM head's logits in the backward (what the trainer does when the
@@ -18,6 +20,13 @@ time are reported, and its ratio to ``ntp_hf`` is taken per round:
   reference implementation the fused one is tested against
 * ``alm_online``    — online ALM: the teacher's forward (no grad) + its ℓ_T/σ_T + group sums on every step, then
   the ``alm`` student step (the chunk alignment itself is precomputed for both ALM variants)
+* ``hybrid_fixed``  — ALM + next-token loss with fixed weights: one backward of the sum per micro-batch
+* ``hybrid_gradmag`` — ALM + next-token loss with GradMag as the trainer runs it (``gradmag.GradMagStep``: one
+  backward per loss and micro-batch into separate gradients, one set of weights per optimizer step)
+* ``hybrid_gradmag_mb`` — the trainer's former GradMag: weights per micro-batch (``gradmag_combine``: two
+  backward passes to the last block, then one backward of the weighted sum)
+
+The three ``hybrid_*`` modes cut the batch into ``--micro-batches`` micro-batches (the others run it in one).
 
 Peak memory, measured for each mode in its own fresh process: on CUDA ``torch.cuda.max_memory_allocated``; on
 CPU the peak resident set size sampled every 5 ms during one step after a warm-up step (process RSS, so it includes the weights, the optimizer state and the teacher copy).
@@ -42,7 +51,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from harness import Runs, print_table, run_paired  # noqa: E402
 
-MODES = ["ntp_hf", "ntp", "alm", "alm_recompute", "alm_ref", "alm_online"]
+MODES = ["ntp_hf", "ntp", "sft", "alm", "alm_recompute", "alm_ref", "alm_online"]
+HYBRID = ["hybrid_fixed", "hybrid_gradmag", "hybrid_gradmag_mb"]
 
 
 # --------------------------------------------------------------------------------------------------------- data
@@ -139,6 +149,7 @@ def build_steps(args, modes: list[str], data: Path) -> tuple[dict, dict]:
     from alm_pipeline.assets import resolve_model
     from alm_pipeline.trainer.data import AlignedRows, build_micro_batch
     from alm_pipeline.trainer.forward import StudentForward, disable_dropout, micro_batch_token_stats
+    from alm_pipeline.trainer.gradmag import GradMagStep, gradmag_combine
     from alm_pipeline.trainer.loss import (
         ALMGroups,
         ALMLossConfig,
@@ -146,6 +157,7 @@ def build_steps(args, modes: list[str], data: Path) -> tuple[dict, dict]:
         next_token_loss,
         student_token_stats,
     )
+    from alm_pipeline.trainer.model_surgery import last_layer_parameters
     from alm_pipeline.trainer.student import StudentConfig, load_student, transformer_layers
 
     torch.set_num_threads(args.threads)
@@ -163,17 +175,19 @@ def build_steps(args, modes: list[str], data: Path) -> tuple[dict, dict]:
     disable_dropout(model)
     model.train()
 
-    def wrapper_for(recompute: bool, fused: bool):
+    def wrapper_for(recompute: bool, fused: bool, sigma: bool = True):
         return StudentForward(
             model,
             bundle.view.boundary_mask,
             slice_size=args.slice_size,
             checkpoint_slices=recompute,
             fused=fused,
+            boundary_logprobs=sigma,
         ).to(device)
 
     wrappers = {
         "ntp": wrapper_for(False, True),
+        "sft": wrapper_for(False, True, sigma=False),
         "alm": wrapper_for(False, True),
         "alm_online": wrapper_for(False, True),
         "alm_recompute": wrapper_for(True, True),
@@ -182,6 +196,37 @@ def build_steps(args, modes: list[str], data: Path) -> tuple[dict, dict]:
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-6, betas=(0.9, 0.95))
     cfg = ALMLossConfig()
     n_groups = mb.num_groups
+    n_pred = int((rows.lengths - 1).sum())
+    parts = np.array_split(np.arange(rows.num_docs), args.micro_batches)
+    micro = [
+        build_micro_batch(rows, np.arange(rows.num_docs), [[int(i)] for i in p]).to(device) for p in parts
+    ]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    last = last_layer_parameters(model)
+    per_step = GradMagStep(["alm", "ntp"], trainable, last)
+
+    def hybrid_step(mode: str) -> float:
+        """ALM + next-token loss over the micro-batches, combined as ``mode`` says; the loss is not weighted."""
+        total = 0.0
+        for part in micro:
+            lp, sigma = wrappers["alm"](
+                part.input_ids, part.attention_mask, attention_mask=part.attention_mask.long()
+            )
+            stats = micro_batch_token_stats(lp, sigma, part)
+            losses = {
+                "alm": alm_loss(stats, part.groups, cfg, num_groups_global=n_groups).loss,
+                "ntp": next_token_loss(stats, num_tokens_global=n_pred).loss,
+            }
+            if mode == "hybrid_fixed":
+                (losses["alm"] + losses["ntp"]).backward()
+            elif mode == "hybrid_gradmag_mb":
+                gradmag_combine(losses, last).loss.backward()
+            else:
+                per_step.backward(losses)
+            total += float(losses["alm"].detach() + losses["ntp"].detach())
+        if mode == "hybrid_gradmag":
+            per_step.finish()
+        return total
 
     teacher = None
     if "alm_online" in modes:
@@ -229,7 +274,9 @@ def build_steps(args, modes: list[str], data: Path) -> tuple[dict, dict]:
     def make_step(mode: str):
         def step() -> float:
             opt.zero_grad(set_to_none=True)
-            if mode == "ntp_hf":
+            if mode in HYBRID:
+                loss = torch.tensor(hybrid_step(mode))
+            elif mode == "ntp_hf":
                 labels = mb.input_ids.masked_fill(~mb.attention_mask, -100)
                 loss = model(
                     input_ids=mb.input_ids, attention_mask=mb.attention_mask.long(), labels=labels
@@ -238,12 +285,13 @@ def build_steps(args, modes: list[str], data: Path) -> tuple[dict, dict]:
                 wrapper = wrappers[mode]
                 lp, sigma = wrapper(mb.input_ids, mb.attention_mask, attention_mask=mb.attention_mask.long())
                 stats = micro_batch_token_stats(lp, sigma, mb)
-                if mode == "ntp":
+                if mode in ("ntp", "sft"):
                     loss = next_token_loss(stats).loss
                 else:
                     groups = teacher_groups() if mode == "alm_online" else mb.groups
                     loss = alm_loss(stats, groups, cfg, num_groups_global=n_groups).loss
-            loss.backward()
+            if mode not in HYBRID:
+                loss.backward()
             opt.step()
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -298,7 +346,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--slice-size", type=int, default=1024)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--modes", default=",".join(MODES), help=f"any of {','.join(MODES + HYBRID)}")
+    ap.add_argument(
+        "--micro-batches",
+        type=int,
+        default=2,
+        help="micro-batches of the hybrid_* modes (documents split evenly)",
+    )
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     ap.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_data", type=Path, default=None, help=argparse.SUPPRESS)
@@ -327,6 +381,7 @@ def main() -> None:
             "slice_size",
             "device",
             "modes",
+            "micro_batches",
         ):
             cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
         if args.num_layers:
@@ -378,6 +433,13 @@ def main() -> None:
             for mode, r in results.items()
         ],
     )
+    for mode, other, what in (
+        ("sft", "ntp", "next-token step computing σ too"),
+        ("hybrid_gradmag", "hybrid_gradmag_mb", "GradMag weighted per micro-batch (former)"),
+        ("hybrid_gradmag", "hybrid_fixed", "fixed weights"),
+    ):
+        if mode in results and other in results:
+            print(f"{mode} / {what}: {runs.ratio(mode, other).format()}")
     if "alm" in results:
         for other, what in (
             ("ntp_hf", "plain next-token step"),

@@ -208,9 +208,13 @@ class ComputeConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """The objective (reference §5, §6, §9): ALM and/or the student's next-token loss."""
+    """The objective (reference §5, §6, §9): ALM (default), ALM + the student's next-token loss
+    (``--next-token-loss``), or the next-token loss alone (SFT: ``--no-alm --next-token-loss``; the student's σ
+    and the chunk statistics are then not computed)."""
 
-    alm: bool = option(True, "The ALM loss (turn off only for a next-token-only baseline)")
+    alm: bool = option(
+        True, "The ALM loss; --no-alm --next-token-loss: next-token training alone (SFT, σ not computed)"
+    )
     distance: Distance = option(
         "binary_kl",
         "ALM distance: binary_kl (default), binary_ce, binary_tvd, binary_kl_tau_limit, abs_tau_limit",
@@ -227,7 +231,10 @@ class LossConfig:
         if self.distance not in DISTANCES:
             raise ValueError(f"unknown distance {self.distance!r}; choose one of {', '.join(DISTANCES)}")
         if not self.alm and not self.next_token_loss:
-            raise ValueError("nothing to train: enable the ALM loss and/or the next-token loss")
+            raise ValueError(
+                "nothing to train: --no-alm turns the ALM loss off; add --next-token-loss for next-token "
+                "training alone (SFT)"
+            )
 
     def alm_config(self, aligned_debias: bool) -> ALMLossConfig:
         return ALMLossConfig(

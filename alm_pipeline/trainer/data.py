@@ -452,6 +452,6 @@ def build_micro_batch(
 def dummy_micro_batch(pad_id: int = 0) -> MicroBatch:
     """A micro-batch with one padding token, no prediction and no group: it adds exactly zero to every loss and
     gradient. Workers with fewer micro-batches in a step run these so that every worker makes the same number
-    of forward/backward passes (FSDP's collectives and GradMag's all-reduce need that)."""
+    of forward/backward passes (DDP's gradient sync and FSDP's collectives need that)."""
     mb = build_micro_batch(AlignedRows.empty(), [], [], pad_id=pad_id)
     return mb

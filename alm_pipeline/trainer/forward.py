@@ -47,7 +47,8 @@ def _head_weight_and_bias(hf_model: nn.Module) -> tuple[torch.Tensor, torch.Tens
 
 
 class StudentForward(nn.Module):
-    """``(input_ids, ...) → (ℓ_S, σ_S)`` per position, memory-bounded (see :func:`student_token_stats`).
+    """``(input_ids, ...) → (ℓ_S, σ_S)`` per position, memory-bounded (see :func:`student_token_stats`);
+    ``boundary_logprobs=False`` (the next-token loss alone): ``(ℓ_S, None)``, σ is not computed.
 
     Runs the model body once (no ``[B, T, V]`` logits tensor), then the LM head + fp32 log-softmax statistics in
     slices of positions. Applies the config's logit rules (:class:`~alm_pipeline.modeling.LogitRules`:
@@ -62,6 +63,7 @@ class StudentForward(nn.Module):
         slice_size: int = 1024,
         checkpoint_slices: bool = True,
         fused: bool = True,
+        boundary_logprobs: bool = True,
     ):
         super().__init__()
         self.model = model
@@ -71,6 +73,9 @@ class StudentForward(nn.Module):
         self.slice_size = slice_size
         self.checkpoint_slices = checkpoint_slices
         self.fused = fused
+        self.boundary_logprobs = boundary_logprobs
+        if not (fused or boundary_logprobs):
+            raise ValueError("the reference (unfused) statistics always compute σ; use fused=True")
 
     def hf_model(self) -> nn.Module:
         m = self.model
@@ -82,7 +87,7 @@ class StudentForward(nn.Module):
         stats_mask: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         hf = self.hf_model()
         body = getattr(hf, hf.base_model_prefix)
         out = body(
@@ -101,14 +106,19 @@ class StudentForward(nn.Module):
         }
         if self.fused:
             stats = fused_token_stats(
-                input_ids, self.boundary_mask, keep_probs=not self.checkpoint_slices, **kwargs
+                input_ids,
+                self.boundary_mask,
+                keep_probs=not self.checkpoint_slices,
+                boundary_logprobs=self.boundary_logprobs,
+                **kwargs,
             )
         else:
             stats = student_token_stats(
                 input_ids, self.boundary_mask, checkpoint_slices=self.checkpoint_slices, **kwargs
             )
         # fresh tensors, not views (FSDP2 hooks the outputs; in-place ops on a view would bypass them)
-        return stats.token_logprob.clone(), stats.boundary_logprob.clone()
+        sigma = stats.boundary_logprob
+        return stats.token_logprob.clone(), None if sigma is None else sigma.clone()
 
     @torch.no_grad()
     def self_check(self, input_ids: torch.Tensor, tol: float = 1e-3) -> float:
@@ -133,9 +143,11 @@ class StudentForward(nn.Module):
         return diff
 
 
-def micro_batch_token_stats(lp: torch.Tensor, sigma: torch.Tensor, mb: MicroBatch) -> StudentTokenStats:
+def micro_batch_token_stats(
+    lp: torch.Tensor, sigma: torch.Tensor | None, mb: MicroBatch
+) -> StudentTokenStats:
     """Per-token statistics of a micro-batch; the first token of every document has no log-prob (in a packed row
-    the previous position belongs to another document)."""
+    the previous position belongs to another document). ``sigma`` None: no σ (next-token loss only)."""
     mask = mb.attention_mask
     token_mask = torch.zeros_like(mask)
     token_mask[:, 1:] = mask[:, :-1] & mask[:, 1:]

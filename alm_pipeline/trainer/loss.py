@@ -261,6 +261,10 @@ def student_chunk_stats(
     two prefix sums loses nothing); gathers only, no loop over groups, no host sync. Masked positions
     (``v = 0``, padding) hold an exact 0 in ``token_logprob`` and so add nothing.
     """
+    if stats.boundary_logprob is None:
+        raise ValueError(
+            "the ALM loss needs the student's σ (token statistics computed with boundary_logprobs)"
+        )
     lp = stats.token_logprob.to(dtype)
     device = lp.device
     prefix = F.pad(torch.cumsum(lp, dim=1), (1, 0))  # prefix[b, t] = Σ_{v<t} ℓ[b, v]

@@ -38,13 +38,14 @@ class StudentTokenStats:
     Attributes:
         token_logprob: ``ℓ_S[b, v] = log p_S(s_v | s_<v)``, fp32 (fp64 for fp64 inputs), ``≤ 0``; exactly 0 where ``token_mask`` is
             False (position 0, padding, or a token whose predecessor is padding).
-        boundary_logprob: ``σ_S[b, v] = log Σ_{w∈B} p_S(w | s_≤v)``, fp32, ``≤ 0``; 0 at padding.
+        boundary_logprob: ``σ_S[b, v] = log Σ_{w∈B} p_S(w | s_≤v)``, fp32, ``≤ 0``; 0 at padding. ``None`` when
+            it was not asked for (:func:`fused_token_stats` with ``boundary_logprobs=False``).
         token_mask: bool, where ``token_logprob`` is defined (``v ≥ 1`` and positions ``v−1``, ``v`` unpadded).
         position_mask: bool, the attention mask (where ``boundary_logprob`` is defined).
     """
 
     token_logprob: Tensor
-    boundary_logprob: Tensor
+    boundary_logprob: Tensor | None
     token_mask: Tensor
     position_mask: Tensor
 
@@ -79,21 +80,23 @@ class _Layout:
         next_ids = torch.where(has_next, next_ids, torch.zeros_like(next_ids))
         return cls(pos_mask, has_next, next_ids, pos_mask.reshape(-1).nonzero().squeeze(-1))
 
-    def assemble(self, target: Tensor, sigma: Tensor) -> StudentTokenStats:
+    def assemble(self, target: Tensor, sigma: Tensor | None) -> StudentTokenStats:
         """Per-position results (``[N]``, in ``flat_pos`` order, unclipped) as :class:`StudentTokenStats`:
-        position p's target log-prob is ℓ at p + 1 (kept only when p + 1 is a real token); both clipped ``≤ 0``."""
+        position p's target log-prob is ℓ at p + 1 (kept only when p + 1 is a real token); both clipped ``≤ 0``
+        (``sigma`` None: no σ)."""
         bsz, seq = self.pos_mask.shape
         target = target.clamp(max=0.0)
-        sigma = sigma.clamp(max=0.0)
         zeros = torch.zeros(bsz * seq, dtype=target.dtype, device=target.device)
         keep = self.has_next.reshape(-1).index_select(0, self.flat_pos)
         token_lp = zeros.index_copy(0, (self.flat_pos + 1)[keep], target[keep])
-        boundary_lp = zeros.index_copy(0, self.flat_pos, sigma)
+        boundary_lp = None
+        if sigma is not None:
+            boundary_lp = zeros.index_copy(0, self.flat_pos, sigma.clamp(max=0.0)).view(bsz, seq)
         token_mask = torch.zeros_like(self.pos_mask)
         token_mask[:, 1:] = self.has_next[:, :-1]
         return StudentTokenStats(
             token_logprob=token_lp.view(bsz, seq),
-            boundary_logprob=boundary_lp.view(bsz, seq),
+            boundary_logprob=boundary_lp,
             token_mask=token_mask,
             position_mask=self.pos_mask,
         )
@@ -226,6 +229,9 @@ class _LMHeadStats(torch.autograd.Function):
     0/0), and since ``p = q·e^σ`` on B, ``∂/∂z = e·c + g_ℓ·onehot(next)`` with ``c = −(g_ℓ + g_σ)`` off B and
     ``c = g_σ − (g_ℓ + g_σ)·e^σ`` on B: one masked multiply.
 
+    ``boundary=None`` computes ℓ only (σ is returned as None): the log-softmax and its backward, a plain
+    cross-entropy (``e = p``, ``∂/∂z = −g_ℓ·p + g_ℓ·onehot(next)``).
+
     ``keep=True`` keeps ``e`` (fp32, ``rows × V``; and ``z`` with soft-capping) for the backward; ``keep=False`` keeps only
     ``lse`` and σ and recomputes the slice's logits in the backward (memory ``O(slice × V)``, one more LM-head
     matmul). The matmul runs in the dtype autocast would use at forward time (in the backward too); statistics
@@ -239,20 +245,24 @@ class _LMHeadStats(torch.autograd.Function):
             compute_dtype = torch.get_autocast_dtype(hidden.device.type)
         n = hidden.shape[0]
         target = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        sigma = torch.empty_like(target)
+        with_sigma = boundary is not None
+        sigma = torch.empty_like(target) if with_sigma else None
         lse_all = torch.empty_like(target)
-        boundary_ids = boundary.nonzero().squeeze(-1)
+        boundary_ids = boundary.nonzero().squeeze(-1) if with_sigma else None
         kept = []
         with torch.autocast(hidden.device.type, enabled=False):
             for lo in range(0, n, slice_size):
                 z = _LMHeadStats._logits(hidden[lo : lo + slice_size], weight, bias, compute_dtype, softcap)
                 lse = torch.logsumexp(z, dim=-1)
                 target[lo : lo + slice_size] = z.gather(1, next_ids[lo : lo + slice_size, None])[:, 0] - lse
-                # σ = lse_B − lse: both max-shifted logsumexps, finite however small p(B) is
-                sigma[lo : lo + slice_size] = torch.logsumexp(z.index_select(1, boundary_ids), dim=-1) - lse
+                sig = None
+                if with_sigma:
+                    # σ = lse_B − lse: both max-shifted logsumexps, finite however small p(B) is
+                    sig = sigma[lo : lo + slice_size]
+                    sig[:] = torch.logsumexp(z.index_select(1, boundary_ids), dim=-1) - lse
                 lse_all[lo : lo + slice_size] = lse
                 if keep:
-                    e = _LMHeadStats._scaled_probs(z, lse, sigma[lo : lo + slice_size], boundary, softcap)
+                    e = _LMHeadStats._scaled_probs(z, lse, sig, boundary, softcap)
                     kept.append((e, z if softcap else None))
         ctx.save_for_backward(hidden, weight, bias, next_ids, boundary, lse_all, sigma)
         ctx.kept = kept
@@ -262,10 +272,12 @@ class _LMHeadStats(torch.autograd.Function):
     @staticmethod
     def _scaled_probs(z, lse, sigma, boundary, softcap):
         """``e = exp(z − lse − σ·1_B)``: ``p`` off B, ``p/P_B = exp(z − lse_B)`` on B; every exponent is ``≤ 0``
-        (up to rounding), so ``e ≤ 1`` and nothing is 0/0 or ∞·0 however peaked the row is. In place on ``z``
-        unless soft-capping's backward still needs ``z``."""
+        (up to rounding), so ``e ≤ 1`` and nothing is 0/0 or ∞·0 however peaked the row is (``sigma`` None:
+        ``e = p``). In place on ``z`` unless soft-capping's backward still needs ``z``."""
         e = z - lse[:, None] if softcap else z.sub_(lse[:, None])
-        return e.addcmul_(sigma[:, None], boundary[None, :], value=-1.0).exp_()
+        if sigma is not None:
+            e.addcmul_(sigma[:, None], boundary[None, :], value=-1.0)
+        return e.exp_()
 
     @staticmethod
     def _logits(h, weight, bias, compute_dtype, softcap):
@@ -279,10 +291,11 @@ class _LMHeadStats(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_target, g_sigma):
         hidden, weight, bias, next_ids, boundary, lse_all, sigma = ctx.saved_tensors
+        with_sigma = boundary is not None
         compute_dtype, softcap, slice_size = ctx.config
         kept = ctx.kept
         g_target = g_target.float() if g_target is not None else torch.zeros_like(lse_all)
-        g_sigma = g_sigma.float() if g_sigma is not None else torch.zeros_like(lse_all)
+        g_sigma = g_sigma.float() if g_sigma is not None and with_sigma else torch.zeros_like(lse_all)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
         d_hidden = torch.empty_like(hidden) if need_h else None
@@ -292,7 +305,7 @@ class _LMHeadStats(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):
             for k, lo in enumerate(range(0, hidden.shape[0], slice_size)):
                 h = hidden[lo : lo + slice_size]
-                sig = sigma[lo : lo + slice_size]
+                sig = sigma[lo : lo + slice_size] if with_sigma else None
                 if kept:
                     e, z = kept[k]
                     kept[k] = None
@@ -300,11 +313,14 @@ class _LMHeadStats(torch.autograd.Function):
                     z = _LMHeadStats._logits(h, weight, bias, compute_dtype, softcap)
                     e = _LMHeadStats._scaled_probs(z, lse_all[lo : lo + slice_size], sig, boundary, softcap)
                 gt = g_target[lo : lo + slice_size]
-                gs = g_sigma[lo : lo + slice_size]
-                g_all = gt + gs
-                # dz = e·(−(g_ℓ + g_σ)) off B, e·(g_σ − (g_ℓ + g_σ)·e^σ) on B, + g_ℓ·onehot(next)
-                on_b = gs - g_all * torch.exp(sig)
-                dz = e.mul_(torch.where(boundary[None, :] > 0, on_b[:, None], (-g_all)[:, None]))
+                if with_sigma:
+                    gs = g_sigma[lo : lo + slice_size]
+                    g_all = gt + gs
+                    # dz = e·(−(g_ℓ + g_σ)) off B, e·(g_σ − (g_ℓ + g_σ)·e^σ) on B, + g_ℓ·onehot(next)
+                    on_b = gs - g_all * torch.exp(sig)
+                    dz = e.mul_(torch.where(boundary[None, :] > 0, on_b[:, None], (-g_all)[:, None]))
+                else:  # dz = −g_ℓ·p + g_ℓ·onehot(next)
+                    dz = e.mul_(-gt[:, None])
                 dz.scatter_add_(1, next_ids[lo : lo + slice_size, None], gt[:, None])
                 if softcap:
                     dz.mul_(1.0 - (z / softcap) ** 2)
@@ -339,10 +355,13 @@ def fused_token_stats(
     logit_softcap: float | None = None,
     slice_size: int = 1024,
     keep_probs: bool = False,
+    boundary_logprobs: bool = True,
 ) -> StudentTokenStats:
     """Drop-in for :func:`student_token_stats` (hidden-state form) with a fused
     backward (:class:`_LMHeadStats`): same outputs, same masking and clipping, ~the cost of a plain cross-entropy.
-    ``keep_probs=False`` recomputes each slice's logits in the backward (bounded memory)."""
+    ``keep_probs=False`` recomputes each slice's logits in the backward (bounded memory).
+    ``boundary_logprobs=False`` computes ℓ only (``boundary_logprob`` is None; ``boundary_mask`` then only gives
+    the vocabulary size), for the next-token loss alone."""
     bsz, seq = input_ids.shape
     device = hidden_states.device
     bmask = _as_bool_mask(boundary_mask, device)
@@ -352,6 +371,13 @@ def fused_token_stats(
     rows = hidden_states.reshape(bsz * seq, -1).index_select(0, lay.flat_pos)
     nxt = lay.next_ids.reshape(-1).index_select(0, lay.flat_pos)
     target, sigma = _LMHeadStats.apply(
-        rows, weight, bias, nxt, bmask.float(), logit_softcap or None, slice_size, keep_probs
+        rows,
+        weight,
+        bias,
+        nxt,
+        bmask.float() if boundary_logprobs else None,
+        logit_softcap or None,
+        slice_size,
+        keep_probs,
     )
     return lay.assemble(target, sigma)

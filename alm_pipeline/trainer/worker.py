@@ -8,8 +8,10 @@ them) and accumulates gradients over them. The ALM loss of a micro-batch is ``Σ
 batch)`` — the count is known to every worker from the plan, so no collective is needed before the backward —
 times the world size (DDP averages gradients), so the gradient is exactly that of the mean over the global batch
 whatever the number of workers or micro-batches. Workers with fewer micro-batches run empty ones so that all make
-the same number of passes. Two losses are combined with :func:`~alm_pipeline.trainer.gradmag.combine_losses`
-(GradMag's per-loss last-block gradients summed over the workers).
+the same number of passes. Two losses are combined with fixed weights (one backward of the weighted sum) or
+with GradMag over the global batch (:class:`~alm_pipeline.trainer.gradmag.GradMagStep`: per-loss gradients
+accumulated apart, all-reduced, weighted once per step). With the ALM loss off (SFT) the student's σ is not
+computed.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from alm_pipeline.trainer.data import (
 )
 from alm_pipeline.trainer.errors import TrainingError
 from alm_pipeline.trainer.forward import StudentForward, disable_dropout, micro_batch_token_stats
-from alm_pipeline.trainer.gradmag import LossCombinationConfig, combine_losses
+from alm_pipeline.trainer.gradmag import GradMagStep, fixed_combine
 from alm_pipeline.trainer.loss import alm_loss, next_token_loss
 from alm_pipeline.trainer.optim import build_optimizer, build_scheduler, set_schedule
 from alm_pipeline.trainer.runtime import RayRuntime, Runtime, aligned_info
@@ -207,7 +209,11 @@ class Worker:
         self.pad_id = next((i for i in (bundle.view.pad_id, bundle.view.eos_id) if i is not None), 0)
         self.recompute_logits = cfg.compute.recompute(bundle.view.vocab_size)
         wrapper = StudentForward(
-            model, bundle.view.boundary_mask, cfg.compute.slice_size, self.recompute_logits
+            model,
+            bundle.view.boundary_mask,
+            cfg.compute.slice_size,
+            self.recompute_logits,
+            boundary_logprobs=cfg.loss.alm,  # σ only for the ALM loss
         ).to(self.device)
         self.wrapper = wrapper
         sample = torch.as_tensor(rows.input_ids(0)[:64], dtype=torch.long, device=self.device)[None]
@@ -215,17 +221,17 @@ class Worker:
         self.packing = cfg.compute.packing and self._packing_works()
 
         self.alm_cfg = cfg.loss.alm_config(self.info["debias"])
-        self.combination = LossCombinationConfig(
-            method=cfg.combine.method, weights={"alm": cfg.combine.alm_weight, "ntp": cfg.combine.ntp_weight}
-        )
+        self.fixed_weights = {"alm": cfg.combine.alm_weight, "ntp": cfg.combine.ntp_weight}
+        self.model = self._wrap(wrapper)
+        self.gradmag: GradMagStep | None = None
         if cfg.gradmag:
             from alm_pipeline.trainer.model_surgery import last_layer_parameters
 
-            self.gradmag_params = last_layer_parameters(model)
-        else:
-            self.gradmag_params = None
-
-        self.model = self._wrap(wrapper)
+            self.gradmag = GradMagStep(
+                ["alm", "ntp"],
+                [p for p in self.model.parameters() if p.requires_grad],
+                last_layer_parameters(model),
+            )
         self.optimizer = build_optimizer([p for p in self.model.parameters() if p.requires_grad], cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim)
         self.start_step = 0
@@ -263,17 +269,27 @@ class Worker:
         a, b = (torch.as_tensor(self.rows.input_ids(d)[:32], dtype=torch.long) for d in docs)
         packed = torch.cat([a, b])[None].to(self.device)
         pos = torch.cat([torch.arange(len(a)), torch.arange(len(b))])[None].to(self.device)
+
+        def per_position(*args, **kwargs) -> torch.Tensor:  # σ, or ℓ when σ is not computed (SFT)
+            lp, sigma = self.wrapper(*args, **kwargs)
+            return (lp if sigma is None else sigma)[0]
+
         with torch.no_grad():
             self.wrapper.eval()
             try:
                 mask = torch.ones_like(packed, dtype=torch.bool)
-                _, sig_packed = self.wrapper(packed, mask, position_ids=pos)
-                _, sig_a = self.wrapper(a[None].to(self.device), mask[:, : len(a)])
-                _, sig_b = self.wrapper(b[None].to(self.device), mask[:, : len(b)])
+                got = per_position(packed, mask, position_ids=pos)
+                ref = torch.cat(
+                    [
+                        per_position(a[None].to(self.device), mask[:, : len(a)]),
+                        per_position(b[None].to(self.device), mask[:, : len(b)]),
+                    ]
+                )
             finally:
                 self.wrapper.train()
-        ref = torch.cat([sig_a[0], sig_b[0]])
-        diff = float((sig_packed[0] - ref).abs().max())
+        keep = torch.ones_like(got, dtype=torch.bool)
+        keep[len(a)] = False  # ℓ of b's first token: predicted from a's last one in the packed row
+        diff = float((got - ref)[keep].abs().max())
         ok = diff <= (1e-3 if not self.config.compute.bf16 else 5e-2)
         if not ok and self.rt.rank == 0:
             logger.warning(
@@ -335,20 +351,16 @@ class Worker:
             model.set_requires_gradient_sync(last)
         return contextlib.nullcontext()
 
-    def _combine(self, losses: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        """One loss: itself (weight 1, whatever the fixed weights). Two: GradMag or the fixed weights, GradMag's
-        per-loss last-block gradients summed over the workers so that every worker uses the same weights."""
-        if len(losses) == 1:
-            ((name, loss),) = losses.items()
-            return loss, {name: 1.0}
-        combined = combine_losses(
-            losses, self.combination, self.gradmag_params, reduce_gradients=self._sum_over_workers
-        )
-        return combined.loss, {n: float(w) for n, w in combined.weights.items()}
+    def _fixed_weights(self, names) -> dict[str, float]:
+        """One loss: weight 1 (whatever the fixed weights); two: ``--alm-weight`` / ``--ntp-weight``."""
+        names = list(names)
+        return {names[0]: 1.0} if len(names) == 1 else {n: self.fixed_weights[n] for n in names}
 
-    def _sum_over_workers(self, tensor: torch.Tensor) -> torch.Tensor:
+    def _average_over_workers(self, tensor: torch.Tensor) -> torch.Tensor:
+        """As DDP reduces gradients (the losses are scaled by the world size): the mean over the workers."""
         if self.rt.distributed and self.rt.world_size > 1:
             dist.all_reduce(tensor)
+            tensor /= self.rt.world_size
         return tensor
 
     def _step(self, step: int) -> dict:
@@ -370,13 +382,15 @@ class Worker:
         n_pred = int((rows.lengths[batch] - 1).sum())
         n_tokens = int(rows.lengths[batch].sum())
         scale = float(rt.world_size)
-        # [Σ distances, Σ nll, Σ total loss, padded tokens, Σ weight_alm, Σ weight_ntp, Σ |ΔC|·groups]
-        # accumulated on the device: no host synchronisation per micro-batch
-        sums = torch.zeros(7, dtype=torch.float64, device=self.device)
+        # [Σ distances, Σ nll, Σ ALM loss, Σ next-token loss, padded tokens, Σ |ΔC|·groups], accumulated on the
+        # device: no host synchronisation per micro-batch
+        sums = torch.zeros(6, dtype=torch.float64, device=self.device)
         amp = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.compute.bf16)
+        weights: dict[str, float] = {}
         for k, mb in enumerate(micro):
             mb = mb.to(self.device)
-            with self._sync(k == n_micro - 1):
+            # GradMag reduces its per-loss gradients itself, after the last micro-batch
+            with self._sync(k == n_micro - 1 and self.gradmag is None):
                 with amp:
                     lp, sigma = self.model(
                         mb.input_ids,
@@ -384,26 +398,32 @@ class Worker:
                         attention_mask=None if mb.packed else mb.attention_mask.long(),
                         position_ids=mb.position_ids if mb.packed else None,
                     )
-                stats = micro_batch_token_stats(lp.float(), sigma.float(), mb)
+                stats = micro_batch_token_stats(lp.float(), None if sigma is None else sigma.float(), mb)
                 losses: dict[str, torch.Tensor] = {}
                 if cfg.loss.alm:
                     out = alm_loss(stats, mb.groups, self.alm_cfg, num_groups_global=n_groups)
                     losses["alm"] = out.loss * scale
                     sums[0] += out.loss_sum.double()
-                    sums[6] += out.mean_abs_logprob_diff.double() * out.num_groups
+                    sums[2] += losses["alm"].detach().double() / scale
+                    sums[5] += out.mean_abs_logprob_diff.double() * out.num_groups
                 if cfg.loss.next_token_loss:
                     nt = next_token_loss(stats, num_tokens_global=n_pred)
                     losses["ntp"] = nt.loss * scale
                     sums[1] += nt.loss_sum.double()
-                total, weights = self._combine(losses)
-                total.backward()
-            sums[2] += total.detach().double() / scale
-            sums[3] += mb.padded_tokens if mb.num_docs else 0
-            sums[4] += weights.get("alm", 0.0)
-            sums[5] += weights.get("ntp", 0.0)
+                    sums[3] += losses["ntp"].detach().double() / scale
+                if self.gradmag is not None:
+                    self.gradmag.backward(losses)
+                else:
+                    weights = self._fixed_weights(losses)
+                    fixed_combine(losses, weights).loss.backward()
+            sums[4] += mb.padded_tokens if mb.num_docs else 0
+        if self.gradmag is not None:  # the weights of the global batch; .grad = Σ w·∇L
+            weights, _ = self.gradmag.finish(self._average_over_workers)
         if rt.distributed and rt.world_size > 1:
             dist.all_reduce(sums)
         sums = sums.cpu()
+        # the global batch's loss: Σ w_i·L_i over the global per-loss losses
+        loss = weights.get("alm", 0.0) * float(sums[2]) + weights.get("ntp", 0.0) * float(sums[3])
         self._debug_poison_gradient(step)
         if cfg.optim.max_grad_norm is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_params(), cfg.optim.max_grad_norm)
@@ -412,11 +432,11 @@ class Worker:
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
             grad_norm = grad_norm.full_tensor()
         lr = float(self.optimizer.param_groups[0]["lr"])
-        # The gradients are already reduced over the workers (DDP in backward, FSDP's norm is global) and the
-        # loss is all-reduced, so every worker takes the same decision. A non-finite step is not applied: the
-        # weights and the optimizer state stay as they are; the scheduler and the step counter still advance,
-        # so the batch plan and the schedule stay functions of (seed, step).
-        finite = math.isfinite(float(grad_norm)) and math.isfinite(float(sums[2]))
+        # The gradients are already reduced over the workers (DDP in backward, GradMag in finish, FSDP's norm is
+        # global) and the loss is all-reduced, so every worker takes the same decision. A non-finite step is not
+        # applied: the weights and the optimizer state stay as they are; the scheduler and the step counter still
+        # advance, so the batch plan and the schedule stay functions of (seed, step).
+        finite = math.isfinite(float(grad_norm)) and math.isfinite(loss)
         if finite:
             self.optimizer.step()
             self.nonfinite_in_a_row = 0
@@ -427,7 +447,7 @@ class Worker:
         self.optimizer.zero_grad(set_to_none=True)
         if not finite:
             limit = cfg.optim.max_nonfinite_steps
-            what = f"gradient norm {float(grad_norm)}, loss {float(sums[2])}"
+            what = f"gradient norm {float(grad_norm)}, loss {loss}"
             if self.nonfinite_in_a_row >= limit:
                 raise TrainingError(
                     f"{self.nonfinite_in_a_row} optimizer steps in a row (up to step {step + 1}) had a "
@@ -443,16 +463,15 @@ class Worker:
                     },
                 )
         dt = time.perf_counter() - t0
-        passes = n_micro * rt.world_size
-        row: dict[str, Any] = {"step": step + 1, "loss": float(sums[2])}
+        row: dict[str, Any] = {"step": step + 1, "loss": loss}
         if cfg.loss.alm:
             row["loss_alm"] = float(sums[0]) / max(n_groups, 1)
         if cfg.loss.next_token_loss:
             row["loss_ntp"] = float(sums[1]) / max(n_pred, 1)
         if cfg.loss.alm and cfg.loss.next_token_loss:
-            row["weight_alm"] = float(sums[4]) / passes
-            row["weight_ntp"] = float(sums[5]) / passes
-        padded = float(sums[3])
+            row["weight_alm"] = weights["alm"]
+            row["weight_ntp"] = weights["ntp"]
+        padded = float(sums[4])
         row.update(
             {
                 "valid_chunks": n_groups,
@@ -468,7 +487,7 @@ class Worker:
             }
         )
         if cfg.loss.alm:
-            row["mean_abs_chunk_logprob_diff"] = float(sums[6]) / max(n_groups, 1)
+            row["mean_abs_chunk_logprob_diff"] = float(sums[5]) / max(n_groups, 1)
         row["skipped_steps"] = self.skipped_steps
         return row
 

@@ -55,6 +55,35 @@ def test_ray_train_two_workers_match_one_worker(ray_local, small_aligned, gpt2_b
 
 
 @pytest.mark.ray
+def test_ray_train_two_workers_match_one_worker_with_gradmag(
+    ray_local, small_aligned, gpt2_bl_model, tmp_path
+):
+    """ALM + next-token loss with GradMag: 2 DDP workers give the 1-worker losses, weights and gradient norms, and
+    the same parameters (one set of weights per step, from the per-loss gradients all-reduced over the workers)."""
+    from safetensors.torch import load_file
+
+    kw = {
+        "init_from": str(gpt2_bl_model),
+        "steps": 3,
+        "checkpoint_every": 3,
+        "next_token_loss": True,
+        "adam_eps": 1e-6,  # see tests/unit/trainer/test_worker.py: no blown-up rounding noise in Adam's first step
+    }
+    one = train_local(train_config(small_aligned, tmp_path / "one", **kw))
+    two = run_training(train_config(small_aligned, tmp_path / "two", num_workers=2, **kw))
+    assert two.info["world_size"] == 2
+    w = losses(one.history, "weight_ntp")
+    assert np.all((w > 0) & (w < 1)), w
+    for key in ("loss", "loss_alm", "loss_ntp", "weight_alm", "weight_ntp", "grad_norm"):
+        np.testing.assert_allclose(losses(two.history, key), losses(one.history, key), rtol=2e-5, err_msg=key)
+    (a,) = (tmp_path / "one" / "final").glob("*.safetensors")
+    (b,) = (tmp_path / "two" / "final").glob("*.safetensors")
+    ref = load_file(a)
+    for name, value in load_file(b).items():
+        np.testing.assert_allclose(value.numpy(), ref[name].numpy(), rtol=0, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.ray
 def test_cli_kill_then_resume_reaches_the_same_step_and_loss(
     ray_local, small_aligned, gpt2_bl_model, tmp_path
 ):

@@ -36,6 +36,10 @@ def test_config_validation_messages(self_aligned, tmp_path):
         )
     with pytest.raises(ValueError, match="--resume and --overwrite"):
         CheckpointConfig(resume=True, overwrite=True)
+    with pytest.raises(ValueError, match="--no-alm .* add --next-token-loss"):
+        train_config(self_aligned, tmp_path, student="x", alm=False)
+    sft = train_config(self_aligned, tmp_path, student="x", alm=False, next_token_loss=True)
+    assert not sft.loss.alm and sft.loss.next_token_loss and not sft.gradmag
 
 
 def test_config_tree_round_trips_through_json_and_zero_means_off(tmp_path):

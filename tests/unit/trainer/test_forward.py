@@ -59,6 +59,53 @@ def test_fused_token_stats_equal_reference_values_and_gradients(keep_probs, soft
         torch.testing.assert_close(g_got.double(), g_ref.double(), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("keep_probs", [False, True])
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_fused_token_logprobs_without_sigma_equal_reference(keep_probs, softcap):
+    """``boundary_logprobs=False`` (next-token training alone): no σ, and ℓ with its gradients as the reference
+    (padding, padded vocabulary rows, bias, soft-capping, several slices)."""
+    from alm_pipeline.trainer.loss import student_token_stats
+    from alm_pipeline.trainer.token_stats import fused_token_stats
+
+    gen = torch.Generator().manual_seed(1)
+    bsz, seq, hid, vocab = 3, 11, 16, 37
+    ids = torch.randint(0, vocab, (bsz, seq), generator=gen)
+    mask = torch.ones(bsz, seq, dtype=torch.bool)
+    mask[1, 5:] = False
+    boundary = torch.rand(vocab, generator=gen) < 0.4
+    tensors = (
+        torch.randn(bsz, seq, hid, generator=gen, dtype=torch.float64),
+        torch.randn(vocab + 5, hid, generator=gen, dtype=torch.float64),
+        torch.randn(vocab + 5, generator=gen, dtype=torch.float64),
+    )
+    w_lp = torch.randn(bsz, seq, generator=gen, dtype=torch.float64)
+    results = []
+    for fn, kw in (
+        (student_token_stats, {}),
+        (fused_token_stats, {"keep_probs": keep_probs, "boundary_logprobs": False}),
+    ):
+        hidden, weight, bias = (t.clone().requires_grad_() for t in tensors)
+        st = fn(
+            ids,
+            boundary,
+            hidden_states=hidden,
+            lm_head_weight=weight,
+            lm_head_bias=bias,
+            attention_mask=mask,
+            logit_softcap=softcap,
+            slice_size=4,
+            **kw,
+        )
+        (st.token_logprob * w_lp).sum().backward()
+        results.append((st, hidden.grad, weight.grad, bias.grad))
+    (ref, *ref_grads), (got, *got_grads) = results
+    assert got.boundary_logprob is None and ref.boundary_logprob is not None
+    assert torch.equal(ref.token_mask, got.token_mask)
+    torch.testing.assert_close(got.token_logprob.double(), ref.token_logprob.double(), atol=1e-5, rtol=1e-5)
+    for g_ref, g_got in zip(ref_grads, got_grads, strict=True):
+        torch.testing.assert_close(g_got.double(), g_ref.double(), atol=1e-4, rtol=1e-4)
+
+
 def test_student_forward_matches_model_logits(self_aligned, gpt2_bl_model):
     from transformers import AutoModelForCausalLM
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from alm_pipeline.trainer.gradmag import (
+    GradMagStep,
     LossCombinationConfig,
     combine_losses,
     fixed_combine,
@@ -66,3 +69,89 @@ def test_fixed_combination():
         fixed_combine({"alm": a}, {"sft": 1.0})
     with pytest.raises(ValueError, match="params"):
         combine_losses({"alm": a, "sft": b}, LossCombinationConfig())
+
+
+# ------------------------------------------------------------------------ GradMagStep: one set of weights per step
+
+
+class _TwoLayers(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first = torch.nn.Linear(5, 7)
+        self.last = torch.nn.Linear(7, 3)
+        self.unused = torch.nn.Linear(2, 2)  # trainable, but in no loss: its .grad must stay None
+
+    def forward(self, x):
+        return self.last(torch.tanh(self.first(x)))
+
+
+def _two_layer_model(seed: int = 0) -> _TwoLayers:
+    torch.manual_seed(seed)
+    return _TwoLayers().double()
+
+
+def _losses(model, x, y, n_total):
+    """Two losses of a slice of the batch, normalised by the whole batch (as the trainer's micro-batches)."""
+    out = model(x)
+    return {
+        "a": ((out - y) ** 2).sum() / n_total,
+        "b": (out.logsumexp(-1) - out[:, 0]).sum() / n_total,
+    }
+
+
+@pytest.mark.parametrize("slices", [1, 3])
+def test_gradmag_step_weights_the_global_batch_once(slices):
+    """Over several micro-batches, GradMagStep leaves in .grad exactly ∇(w̃_a·L_a + w̃_b·L_b) of the whole batch,
+    the weights from the whole batch's last-layer gradient norms (as gradmag_weights on the full-batch losses)."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(12, 5, generator=gen, dtype=torch.float64)
+    y = torch.randn(12, 3, generator=gen, dtype=torch.float64)
+    ref_model, model = _two_layer_model(), _two_layer_model()
+    full = _losses(ref_model, x, y, 12)
+    w_ref, norms_ref = gradmag_weights(full, ref_model.last.parameters())
+    assert abs(float(w_ref[0]) - 0.5) > 0.05  # unequal weights: the case under test
+
+    step = GradMagStep(["a", "b"], model.parameters(), model.last.parameters())
+    for part in torch.arange(12).chunk(slices):
+        step.backward(_losses(model, x[part], y[part], 12))
+        assert all(p.grad is None for p in model.parameters())  # kept apart until finish
+    weights, norms = step.finish()
+    # (the norms are fp32 sums on both sides, in another order)
+    assert weights == pytest.approx(dict(zip("ab", w_ref.tolist(), strict=True)), rel=1e-6)
+    assert norms == pytest.approx(dict(zip("ab", norms_ref.tolist(), strict=True)), rel=1e-6)
+    (weights["a"] * full["a"] + weights["b"] * full["b"]).backward()  # the gradient, with those weights
+    for p_ref, p in zip(ref_model.parameters(), model.parameters(), strict=True):
+        if p_ref.grad is None:
+            assert p.grad is None
+        else:
+            torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-12, atol=1e-15)
+    assert model.unused.weight.grad is None
+
+    # the next step starts from nothing; `reduce` sees each loss's flat gradients once (here: doubles them, as
+    # two workers with the same batch would) and the weights, a ratio of norms, stay the same
+    seen = []
+
+    def reduce(flat):
+        seen.append(flat.numel())
+        return flat * 2
+
+    step.backward(_losses(model, x, y, 12))
+    again, _ = step.finish(reduce)
+    n_params = sum(p.numel() for p in model.parameters())
+    assert seen == [n_params, n_params]
+    assert again == pytest.approx(weights, rel=1e-12)
+
+
+def test_gradmag_step_non_finite_gradient_stays_non_finite():
+    """A NaN in one loss's gradient must reach .grad (the trainer then skips the step), whatever its weight."""
+    model = _two_layer_model()
+    step = GradMagStep(["a", "b"], model.parameters(), model.last.parameters())
+    x = torch.randn(4, 5, dtype=torch.float64)
+    losses = _losses(model, x, torch.zeros(4, 3, dtype=torch.float64), 4)
+    losses["b"] = losses["b"] * float("nan")
+    step.backward(losses)
+    weights, norms = step.finish()
+    assert weights == {"a": 1.0, "b": 0.0} and not math.isfinite(norms["b"])
+    assert not torch.isfinite(model.first.weight.grad).all()
+    with pytest.raises(ValueError, match="last-layer parameters"):
+        GradMagStep(["a", "b"], model.first.parameters(), model.last.parameters())
