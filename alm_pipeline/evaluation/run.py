@@ -4,6 +4,7 @@ writes it to ``RUN_DIR/eval.json`` when asked (:data:`EVAL_FILE`, read back by :
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -125,8 +126,17 @@ def run_evaluation(config: EvalConfig, progress: Callable[[str], None] | None = 
          "cache_texts": {<BitsPerByte of the model on the cached texts>, "gap_to_teacher"},
          "chunk_agreement": {"aligned", ..., <ChunkAgreement>}, "seconds": ...}
 
-    With ``run_dir`` the dict is also written to ``run_dir/eval.json``.
+    With ``run_dir`` the dict is also written to ``run_dir/eval.json``, under a lock on ``run_dir`` held for the
+    whole evaluation (:mod:`alm_pipeline.locking`: one writer per folder).
     """
+    if config.run_dir:
+        from alm_pipeline.locking import output_lock
+
+        with output_lock(config.run_dir, "evaluate"):
+            result = run_evaluation(dataclasses.replace(config, run_dir=None), progress)
+            out = write_json(Path(config.run_dir) / EVAL_FILE, result)
+        (progress or (lambda msg: None))(f"wrote {out}")
+        return result
     say = progress or (lambda msg: None)
     t0 = time.time()
     result: dict[str, Any] = {"convention": BITS_PER_BYTE_CONVENTION}
@@ -179,7 +189,4 @@ def run_evaluation(config: EvalConfig, progress: Callable[[str], None] | None = 
         result["chunk_agreement"] = {"aligned": info, **agreement.to_json()}
 
     result["seconds"] = round(time.time() - t0, 3)
-    if config.run_dir:
-        out = write_json(Path(config.run_dir) / EVAL_FILE, result)
-        say(f"wrote {out}")
     return result
