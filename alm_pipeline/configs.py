@@ -10,7 +10,7 @@ import dataclasses
 import math
 from typing import Any
 
-__all__ = ["check_choice", "check_int", "check_number", "option"]
+__all__ = ["check_choice", "check_int", "check_number", "check_positive", "option"]
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", cli: str | None = None, **kw: Any) -> Any:  # noqa: A002
@@ -42,6 +42,16 @@ def check_number(
     if not ok or value < low or (high is not None and value > high):
         bound = f">= {low:g}" if high is None else f"in [{low:g}, {high:g}]"
         raise ValueError(f"{name} must be a number {bound}, got {value!r}")
+
+
+def check_positive(name: str, value: Any, allow_none: bool = False) -> None:
+    """Raise ``ValueError`` naming the setting unless ``value`` is a finite number ``> 0`` (or None, if
+    allowed)."""
+    if value is None and allow_none:
+        return
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

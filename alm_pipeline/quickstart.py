@@ -245,6 +245,15 @@ def _bits_per_byte(models: dict[str, str], config: QuickstartConfig, say) -> dic
 def run_quickstart(
     config: QuickstartConfig, progress: Callable[[str], None] | None = None
 ) -> QuickstartResult:
+    """Run the stages (see the module docstring) under a lock on ``config.output`` (each stage also locks its own
+    folder inside): a second quickstart into the same folder is refused at once."""
+    from alm_pipeline.locking import output_lock
+
+    with output_lock(Path(config.output).absolute(), "quickstart"):
+        return _run(config, progress)
+
+
+def _run(config: QuickstartConfig, progress: Callable[[str], None] | None) -> QuickstartResult:
     from alm_pipeline.assets import is_installed, resolve_model
     from alm_pipeline.cache import open_cache
     from alm_pipeline.cache.aligned import open_aligned_set

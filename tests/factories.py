@@ -9,8 +9,12 @@ users hit (``AutoTokenizer`` / ``AutoModelForCausalLM``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -462,3 +466,33 @@ def train_config(aligned: Path, output: Path, **kw) -> TrainConfig:
 
 def losses(rows: list[dict], key: str = "loss") -> np.ndarray:
     return np.array([r[key] for r in rows], dtype=np.float64)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# output locks
+
+
+_HOLD_LOCK = """
+import sys
+from alm_pipeline.locking import output_lock
+with output_lock(sys.argv[1], sys.argv[2]):
+    print("locked", flush=True)
+    sys.stdin.read()  # until the test closes stdin
+"""
+
+
+@contextlib.contextmanager
+def lock_held_elsewhere(folder: Path, command: str = "train") -> Iterator[subprocess.Popen]:
+    """Another process (a real one) holds the output lock of ``folder`` while the block runs."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCK, str(folder), command],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        yield proc
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)

@@ -13,7 +13,7 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -29,9 +29,40 @@ class CacheIntegrityError(ValueError):
     """A shard or manifest on disk is missing, corrupted, or does not match what was expected."""
 
 
+def temporary_sibling(path: Path) -> Path:
+    """A fresh name next to ``path`` for a file or folder to be renamed onto it (hidden, unique per process and
+    call). Unlike ``mkstemp``/``mkdtemp``, whose results are private (0600/0700), what is created under this name
+    gets the user's umask, like every other output."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def current_umask() -> int:
+    """This process's umask (read from ``/proc`` where possible: setting it to read it is not thread-safe)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(root: Path) -> None:
+    """Give ``root`` and everything under it the modes a plain ``open``/``mkdir`` would (0666/0777 minus the
+    umask). For folders written by libraries that create files privately: safetensors writes 0600."""
+    mask = current_umask()
+    for path in [root, *root.rglob("*")]:
+        if path.is_symlink():
+            continue
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = temporary_sibling(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # mode 0666 minus the umask
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

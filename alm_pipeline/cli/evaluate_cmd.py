@@ -57,10 +57,11 @@ def evaluate(config: EvalConfig, output_json: Path | None, as_json: bool) -> Non
     from alm_pipeline.evaluation.models import EvalError
     from alm_pipeline.evaluation.run import run_evaluation, write_json
     from alm_pipeline.evaluation.table import ResultTable
+    from alm_pipeline.locking import OutputError
 
     try:
         result = run_evaluation(config, progress=_say)
-    except (EvalError, ValueError, FileNotFoundError) as err:
+    except (EvalError, OutputError, ValueError, FileNotFoundError) as err:
         _fail(str(err))
     if output_json:
         write_json(output_json, result)

@@ -35,11 +35,12 @@ def teacher_cache(config: TeacherCacheConfig) -> None:
 
     Writes Parquet shards + manifest.json. Re-running the same command resumes an interrupted run.
     """
+    from alm_pipeline.locking import OutputError
     from alm_pipeline.pipeline.teacher_cache import TeacherCacheError, build_teacher_cache
 
     try:
         summary = build_teacher_cache(config, progress=say)
-    except (TeacherCacheError, ValueError, FileNotFoundError) as err:
+    except (TeacherCacheError, OutputError, ValueError, FileNotFoundError) as err:
         fail(str(err))
     say(
         f"done: {summary.docs} documents, {summary.tokens} tokens in {summary.shards_total} shards "
@@ -52,11 +53,12 @@ def teacher_cache(config: TeacherCacheConfig) -> None:
 def align(config: AlignConfig) -> None:
     """Map a teacher cache onto student tokenizers' chunk boundaries (one read of the cache for all of them)."""
     from alm_pipeline.cache import store
+    from alm_pipeline.locking import OutputError
     from alm_pipeline.pipeline.align_stage import AlignError, build_aligned_sets, coverage_report_lines
 
     try:
         summaries = build_aligned_sets(config, progress=say)
-    except (AlignError, ValueError) as err:
+    except (AlignError, OutputError, ValueError) as err:
         fail(str(err))
     for summary in summaries:
         manifest = store.read_json(Path(summary.path) / store.MANIFEST)

@@ -27,6 +27,7 @@ def train(config: TrainConfig) -> None:
     (Hugging Face folders + optimizer state) to OUTPUT/checkpoints, the final model to OUTPUT/final, and
     per-step metrics to OUTPUT/metrics.csv and OUTPUT/tensorboard.
     """
+    from alm_pipeline.locking import OutputError
     from alm_pipeline.optional import MissingDependencyError
     from alm_pipeline.trainer.checkpoint import CheckpointError
     from alm_pipeline.trainer.driver import run_training
@@ -36,6 +37,7 @@ def train(config: TrainConfig) -> None:
         result = run_training(config, say=say)
     except (
         TrainingError,
+        OutputError,
         CheckpointError,
         MissingDependencyError,
         NotImplementedError,

@@ -10,6 +10,7 @@ model folders, the text sources, the cache and the aligned sets, and which model
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import os
@@ -319,8 +320,18 @@ def run_evaluation(config: EvalConfig, progress: Callable[[str], None] | None = 
          "table": <ResultTable.to_json()>, "seconds": ...}
 
     Models are loaded one at a time. With ``run_dir`` the dict is also written to ``run_dir/eval.json`` and the
-    table to ``run_dir/eval.csv``.
+    table to ``run_dir/eval.csv``, under a lock on ``run_dir`` held for the whole evaluation
+    (:mod:`alm_pipeline.locking`: one writer per folder).
     """
+    if config.run_dir:
+        from alm_pipeline.locking import output_lock
+
+        with output_lock(config.run_dir, "evaluate"):
+            result = run_evaluation(dataclasses.replace(config, run_dir=None), progress)
+            out = write_json(Path(config.run_dir) / EVAL_FILE, result)
+            ResultTable.from_json(result["table"]).write_csv(Path(config.run_dir) / CSV_FILE)
+        (progress or (lambda msg: None))(f"wrote {out} and {CSV_FILE}")
+        return result
     say = progress or (lambda msg: None)
     t0 = time.time()
     todo = plan(config)
@@ -396,8 +407,4 @@ def run_evaluation(config: EvalConfig, progress: Callable[[str], None] | None = 
 
     result["table"] = table.to_json()
     result["seconds"] = round(time.time() - t0, 3)
-    if config.run_dir:
-        out = write_json(Path(config.run_dir) / EVAL_FILE, result)
-        table.write_csv(Path(config.run_dir) / CSV_FILE)
-        say(f"wrote {out} and {CSV_FILE}")
     return result

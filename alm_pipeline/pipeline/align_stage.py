@@ -10,6 +10,7 @@ training straight from a cache.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -26,6 +27,7 @@ from alm_pipeline.cache.arrow import list_array, list_parts, take_rows
 from alm_pipeline.cache.dataset import OutputRefusedError
 from alm_pipeline.cache.teacher import TeacherCache, open_cache
 from alm_pipeline.configs import check_int, check_number, option
+from alm_pipeline.locking import output_lock
 from alm_pipeline.pipeline.align import CoverageStats
 from alm_pipeline.pipeline.align_batch import align_batch, coverage_batch, merge_batch
 from alm_pipeline.pipeline.byteview import ByteView, TokenizerMismatchError, load_byte_view
@@ -51,6 +53,7 @@ class AlignSettings:
     min_coverage: float = option(0.8, "Warn when chunks cover less of the text than this")
 
     def __post_init__(self) -> None:
+        check_number("--gamma", self.gamma, 0, 1)
         check_int("--max-student-length", self.max_student_length, allow_none=True)
         check_number("--min-coverage", self.min_coverage, 0, 1)
 
@@ -225,8 +228,6 @@ def build_aligned_sets(
     say = progress or (lambda msg: None)
     if not config.student_tokenizers:
         raise AlignError("no student tokenizer given")
-    if not 0.0 <= config.settings.gamma <= 1.0:
-        raise AlignError(f"gamma must be in [0, 1], got {config.settings.gamma}")
     try:
         cache = open_cache(config.cache, verify=True)
     except (store.CacheIntegrityError, ValueError) as err:
@@ -236,6 +237,20 @@ def build_aligned_sets(
     if len(set(names)) != len(names):
         names = [f"{n}-{v.fingerprint[:8]}" for n, v in zip(names, views, strict=True)]
     out_root = Path(config.output).absolute()
+    with contextlib.ExitStack() as locks:  # one writer per aligned set, for the whole run
+        for name in names:
+            locks.enter_context(output_lock(out_root / name, "align"))
+        return _build_sets(config, cache, views, names, out_root, say)
+
+
+def _build_sets(
+    config: AlignConfig,
+    cache: TeacherCache,
+    views: list[ByteView],
+    names: list[str],
+    out_root: Path,
+    say: Callable[[str], None],
+) -> list[AlignedSetSummary]:
     num_shards = len(cache.shards)
     sets: list[_SetOutput] = []
     for student, name, view in zip(config.student_tokenizers, names, views, strict=True):

@@ -43,8 +43,11 @@ class CorpusConfig:
             object.__setattr__(self, "path", bundled_corpus_path())
 
     def describe(self) -> dict:
+        """The corpus as a cache's identity records it (a local path made absolute, so that ``data.jsonl`` and
+        ``/abs/data.jsonl`` are the same corpus)."""
+        path = Path(self.path)
         return {
-            "path": str(self.path),
+            "path": str(path.resolve()) if path.exists() else str(self.path),
             "text_field": self.text_field,
             "id_field": self.id_field,
             "split": self.split,
@@ -66,24 +69,42 @@ class CorpusStats:
     skipped_empty: int = 0
     skipped_duplicate_text: int = 0
     skipped_examples: list[str] = field(default_factory=list)
+    skipped_files: int = 0  # files of a corpus folder that no reader handles (.csv, .txt, ...)
+    skipped_file_examples: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return {**asdict(self), "skipped_examples": self.skipped_examples[:20]}
+
+    def skip_file(self, path: Path) -> None:
+        self.skipped_files += 1
+        if len(self.skipped_file_examples) < 20:
+            self.skipped_file_examples.append(str(path))
 
 
 def text_hash_id(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:24]
 
 
-def iter_records(config: CorpusConfig) -> Iterator[tuple[dict, str]]:
-    """Raw records with a source reference, in a deterministic order."""
+def iter_records(config: CorpusConfig, stats: CorpusStats | None = None) -> Iterator[tuple[dict, str]]:
+    """Raw records with a source reference, in a deterministic order. Files of a corpus folder that no reader
+    handles are counted in ``stats.skipped_files``."""
     path = Path(config.path)
     if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
         yield from _iter_saved_dataset(path, config)
     elif path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and _reader_for(p) is not None)
+        found = sorted(p for p in path.rglob("*") if p.is_file())
+        files = [p for p in found if _reader_for(p) is not None]
+        skipped = [p for p in found if _reader_for(p) is None]
         if not files:
-            raise CorpusError(f"{path}: no .jsonl/.json/.parquet files found in the directory")
+            listed = (
+                f" (it holds {', '.join(p.name for p in skipped[:5])}{' ...' if len(skipped) > 5 else ''})"
+            )
+            raise CorpusError(
+                f"{path}: no .jsonl/.json/.parquet files found in the directory" + (listed if skipped else "")
+            )
+        if stats is not None:
+            for p in skipped:
+                stats.skip_file(p)
         for f in files:
             yield from _reader_for(f)(f)
     elif path.is_file():
@@ -103,7 +124,7 @@ def iter_documents(config: CorpusConfig, stats: CorpusStats | None = None) -> It
     """Validated, de-duplicated documents (see module docstring for the rules)."""
     stats = stats if stats is not None else CorpusStats()
     seen_ids: dict[str, str] = {}
-    for record, source in iter_records(config):
+    for record, source in iter_records(config, stats):
         stats.read += 1
         if not isinstance(record, dict):
             raise CorpusError(f"{source}: expected an object with a {config.text_field!r} field")

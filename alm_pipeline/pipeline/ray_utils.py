@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 
 from alm_pipeline.configs import check_int, option
+
+# what ray.init accepts as a cluster address
+_ADDRESS = re.compile(r"^(auto|local|(ray://)?\[?[A-Za-z0-9_.:-]+\]?:\d+)$")
+MIN_OBJECT_STORE = 75 * 1024 * 1024  # Ray refuses a smaller object store
 
 
 @dataclass(frozen=True)
@@ -23,12 +28,21 @@ class RayConfig:
     log_to_driver: bool = option(False, "Show Ray worker logs", cli="verbose")
 
     def __post_init__(self) -> None:
+        if self.address is not None and not _ADDRESS.match(self.address):
+            raise ValueError(f"--address must be auto, HOST:PORT or ray://HOST:PORT, got {self.address!r}")
         check_int("--num-cpus", self.num_cpus, allow_none=True)
-        check_int("--object-store-memory", self.object_store_memory, allow_none=True)  # Ray's floor
+        check_int(
+            "--object-store-memory", self.object_store_memory, minimum=MIN_OBJECT_STORE, allow_none=True
+        )
 
 
 def ensure_ray(config: RayConfig = RayConfig()) -> None:
-    """Initialise Ray once per process; a no-op when it is already up."""
+    """Initialise Ray once per process; a no-op when it is already up.
+
+    The local instance started when no address is given keeps Ray's token authentication (Ray's default for a new
+    local cluster; a token is created in ``~/.ray/auth_token``): its processes listen on every network interface,
+    and without a token anyone who can reach them could run code in them. ``RAY_AUTH_MODE=disabled`` opts out
+    (tests do, on a machine without other users)."""
     import ray
 
     if ray.is_initialized():
@@ -38,12 +52,20 @@ def ensure_ray(config: RayConfig = RayConfig()) -> None:
     # Workers must find this package: it is installed in the environment (pip install -e .), so no
     # runtime_env is needed locally; on a cluster the image or runtime_env provides it.
     if address:
-        ray.init(address=address, **common)
+        try:
+            ray.init(address=address, **common)
+        except ConnectionError as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise RayConnectionError(
+                f"--address {address}: cannot connect to a Ray cluster ({first})"
+            ) from None
     else:
-        # A private local instance started for this run: token auth protects shared clusters, not this.
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(num_cpus=config.num_cpus, object_store_memory=config.object_store_memory, **common)
     configure_ray_data()
+
+
+class RayConnectionError(ValueError):
+    """The Ray cluster at the given address cannot be reached (or refuses this client)."""
 
 
 def configure_ray_data(progress_bars: bool = False) -> None:

@@ -1,6 +1,7 @@
 """The ``teacher-cache`` stage: corpus → (Ray Data) tokenize → score → write Parquet shards + manifest.
 
-Plan of a run:
+Plan of a run (after checking that the teacher loads, under an exclusive lock on the output folder:
+:mod:`alm_pipeline.locking`):
 
 1. **Stage** (driver, one pass): read and validate the corpus, apply the teacher tokenizer's unicode
    normalization, and write it as fixed-size input shards (``shard_size`` documents each, in corpus order)
@@ -41,6 +42,8 @@ from alm_pipeline.cache.teacher import (
     write_boundary_tokens,
 )
 from alm_pipeline.configs import check_choice, check_int, check_number, option
+from alm_pipeline.locking import output_lock
+from alm_pipeline.model_files import ModelFilesError, check_model
 from alm_pipeline.modeling import DTYPES
 from alm_pipeline.pipeline.byteview import ByteView, TokenizerMismatchError, byte_view_from_hf
 from alm_pipeline.pipeline.corpus import CorpusConfig, CorpusError, CorpusStats, iter_documents
@@ -179,17 +182,42 @@ def build_teacher_cache(
     t0 = time.time()
     out = Path(config.output).absolute()
     teacher_path = _resolve_teacher(config.teacher)
+    try:  # a teacher that cannot load fails here, not in a Ray actor after the corpus was staged
+        check_model(teacher_path, "--teacher")
+    except ModelFilesError as err:
+        raise TeacherCacheError(str(err)) from None
     view = _teacher_byte_view(teacher_path)
+    with output_lock(out, "teacher-cache"):
+        return _build(config, out, teacher_path, view, say, t0)
 
+
+def _build(
+    config: TeacherCacheConfig,
+    out: Path,
+    teacher_path: str,
+    view: ByteView,
+    say: Callable[[str], None],
+    t0: float,
+) -> CacheRunSummary:
     say(f"reading corpus {config.corpus.path}")
     timings: dict = {"setup": time.time() - t0}
     staged = _stage_corpus(config, view, out / STAGING)
     timings["stage_corpus"] = time.time() - t0 - timings["setup"]
+    skipped = staged.stats.skipped_files
+    if skipped:
+        names = staged.stats.skipped_file_examples[:5]
+        say(
+            f"skipped {skipped} file(s) of the corpus folder that are not .jsonl/.json/.parquet: "
+            f"{', '.join(names)}{' ...' if skipped > len(names) else ''}"
+        )
     if staged.num_docs == 0:
         raise TeacherCacheError(f"{config.corpus.path}: no usable documents ({staged.stats.to_json()})")
     identity = {
         "format_version": FORMAT_VERSION,
-        "teacher": {"name": config.teacher, "weights_digest": _weights_digest(teacher_path)},
+        "teacher": {
+            "name": _teacher_identity(config.teacher, teacher_path),
+            "weights_digest": _weights_digest(teacher_path),
+        },
         "tokenizer_fingerprint": view.fingerprint,
         "corpus": {
             **config.corpus.describe(),
@@ -239,9 +267,20 @@ def build_teacher_cache(
 
 
 def _resolve_teacher(name: str) -> str:
+    """A short asset name's folder, or a local folder made absolute (Ray actors do not share this process's
+    working directory); a hub id as given."""
     from alm_pipeline.assets import resolve_model
 
-    return resolve_model(name)
+    path = resolve_model(name)
+    return str(Path(path).resolve()) if Path(path).exists() else path
+
+
+def _teacher_identity(name: str, teacher_path: str) -> str:
+    """The teacher as the cache's identity records it: a short asset name or hub id as given, a local folder as
+    its absolute path (so that ``teacher`` and ``./teacher`` are the same teacher)."""
+    from alm_pipeline.assets import ASSETS
+
+    return name if name in ASSETS or not Path(teacher_path).exists() else teacher_path
 
 
 def _teacher_byte_view(teacher_path: str) -> ByteView:

@@ -23,11 +23,12 @@ import os
 import pickle
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from alm_pipeline.cache.store import apply_umask, temporary_sibling
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ __all__ = [
     "CheckpointError",
     "checkpoint_name",
     "checkpoint_step",
+    "damaged_checkpoints",
     "export_final",
     "find_latest_checkpoint",
     "is_complete",
@@ -97,37 +99,60 @@ def read_trainer_state(path: str | os.PathLike[str]) -> dict:
         raise CheckpointError(f"{state_file}: unreadable ({err})") from None
 
 
-def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[tuple[int, Path]]:
-    """Complete checkpoints under ``<run_dir>/checkpoints`` as ``(step, path)``, oldest first."""
+def _checkpoint_dirs(run_dir: str | os.PathLike[str]) -> list[Path]:
     root = Path(run_dir) / CHECKPOINTS_DIR
     if not root.is_dir():
         return []
+    return sorted(e for e in root.iterdir() if e.is_dir() and _NAME.match(e.name))
+
+
+def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[tuple[int, Path]]:
+    """Complete checkpoints under ``<run_dir>/checkpoints`` as ``(step, path)``, oldest first."""
     found = []
-    for entry in root.iterdir():
-        if not entry.is_dir() or not _NAME.match(entry.name):
-            continue
+    for entry in _checkpoint_dirs(run_dir):
         try:
             state = read_trainer_state(entry)
         except CheckpointError:
             continue
-        if not _files_complete(entry, state):
-            continue
-        found.append((int(state["step"]), entry))
+        if _files_problem(entry, state) is None:
+            found.append((int(state["step"]), entry))
     return sorted(found)
 
 
-def _files_complete(root: Path, state: dict) -> bool:
+def damaged_checkpoints(run_dir: str | os.PathLike[str]) -> list[tuple[Path, str]]:
+    """Checkpoints under ``<run_dir>/checkpoints`` that have a ``trainer_state.json`` but fail the completeness
+    check, as ``(path, what is wrong)``, oldest first. (A folder without ``trainer_state.json`` is a checkpoint
+    whose writing was cut short, not a damaged one.)"""
+    out = []
+    for entry in _checkpoint_dirs(run_dir):
+        if not (entry / TRAINER_STATE).exists():
+            continue
+        try:
+            problem = _files_problem(entry, read_trainer_state(entry))
+        except CheckpointError as err:
+            problem = str(err)
+        if problem is not None:
+            out.append((entry, problem))
+    return out
+
+
+def _files_problem(root: Path, state: dict) -> str | None:
+    """What makes the checkpoint at ``root`` incomplete (a listed file missing or of another size), or None."""
+    if "step" not in state:
+        return f"{TRAINER_STATE} records no step"
     for name, size in (state.get("files") or {}).items():
         f = root / name
-        if not f.is_file() or f.stat().st_size != size:
-            return False
-    return True
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, {TRAINER_STATE} recorded {size}"
+    return None
 
 
 def is_complete(path: str | os.PathLike[str]) -> bool:
     """``trainer_state.json`` is there and every file it lists has its recorded size."""
     try:
-        return _files_complete(Path(path), read_trainer_state(path))
+        return _files_problem(Path(path), read_trainer_state(path)) is None
     except CheckpointError:
         return False
 
@@ -173,6 +198,7 @@ def write_checkpoint(
         torch.save(scheduler_state, out / SCHEDULER_FILE)
     if rng_state is not None:
         torch.save(rng_state, out / RNG_FILE)
+    apply_umask(out)  # safetensors writes its files 0600; outputs get the user's umask
     # sizes of everything else: a checkpoint copied (by Ray Train, to its storage) only in part is not complete
     files = {
         str(f.relative_to(out)): f.stat().st_size
@@ -228,10 +254,11 @@ def export_final(checkpoint: str | os.PathLike[str], dest: str | os.PathLike[str
     src = Path(checkpoint)
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    tmp = temporary_sibling(dest)
+    tmp.mkdir()  # the user's umask, as every output (mkdtemp would make it private)
     try:
         for entry in src.iterdir():
-            if entry.name in _TRAINING_ONLY:
+            if entry.name in _TRAINING_ONLY or entry.name.startswith("."):  # e.g. a lock file
                 continue
             if entry.is_dir():
                 shutil.copytree(

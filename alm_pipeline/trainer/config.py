@@ -11,7 +11,6 @@ Ray Train loop config).
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import types
 import typing
@@ -19,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from alm_pipeline.configs import check_int, option
+from alm_pipeline.configs import check_choice, check_int, check_number, check_positive, option
 from alm_pipeline.pipeline.ray_utils import RayConfig
 from alm_pipeline.trainer.loss import DISTANCES, ALMLossConfig, Distance
 
@@ -39,6 +38,11 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+
+def _flag(field_name: str) -> str:
+    """The command-line option of a field whose option name is the field name: ``batch_size`` → ``--batch-size``."""
+    return "--" + field_name.replace("_", "-")
 
 
 def _absolute(p: str | None) -> str | None:
@@ -80,6 +84,8 @@ class DataConfig:
                 "--student-tokenizer / --gamma / --max-student-length are alignment settings for --cache; an aligned "
                 "set already fixes them"
             )
+        check_number("--gamma", self.gamma, 0, 1, allow_none=True)
+        check_int("--max-student-length", self.max_student_length, allow_none=True)
 
 
 @dataclass(frozen=True)
@@ -108,10 +114,10 @@ class StudentSpec:
                 "give exactly one student: --student PATH (an existing model with the student tokenizer) or "
                 "--init-from PATH (tokenizer transfer from that model)"
             )
-        if self.embedding_init != "fvt":
-            raise ValueError(f"unknown --embedding-init {self.embedding_init!r}; supported: fvt")
-        for name in ("num_layers", "lora_rank"):
-            check_int(name, getattr(self, name), allow_none=True)
+        check_choice("--embedding-init", self.embedding_init, ("fvt",))
+        check_int("--num-layers", self.num_layers, allow_none=True)
+        check_int("--lora-rank", self.lora_rank, allow_none=True)
+        check_positive("--lora-alpha", self.lora_alpha, allow_none=True)
 
 
 @dataclass(frozen=True)
@@ -143,23 +149,18 @@ class OptimConfig:
         if self.max_grad_norm == 0:  # 0 = no clipping, as None
             object.__setattr__(self, "max_grad_norm", None)
         for name in ("steps", "batch_size", "max_nonfinite_steps"):
-            check_int(name, getattr(self, name))
-        if self.warmup_steps is not None and (
-            not isinstance(self.warmup_steps, int) or self.warmup_steps < 0
-        ):
-            raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
-        for name in ("lr", "adam_eps"):
+            check_int(_flag(name), getattr(self, name))
+        check_int("--seed", self.seed, minimum=0)
+        check_int("--warmup-steps", self.warmup_steps, minimum=0, allow_none=True)
+        check_positive("--lr", self.lr)
+        check_positive("--adam-eps", self.adam_eps)
+        for name in ("adam_beta1", "adam_beta2"):
             v = getattr(self, name)
-            if not (math.isfinite(v) and v > 0):
-                raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
-        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
-            raise ValueError("Adam betas must be in [0, 1)")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        if self.max_grad_norm is not None and not (self.max_grad_norm > 0):
-            raise ValueError(
-                f"max_grad_norm must be > 0 (or None to disable clipping), got {self.max_grad_norm!r}"
-            )
+            check_number(_flag(name), v, 0, 1)
+            if v == 1:
+                raise ValueError(f"{_flag(name)} must be < 1, got {v!r}")
+        check_number("--weight-decay", self.weight_decay, 0)
+        check_positive("--max-grad-norm", self.max_grad_norm, allow_none=True)
 
     @property
     def warmup(self) -> int:
@@ -194,10 +195,8 @@ class ComputeConfig:
     )
 
     def __post_init__(self) -> None:
-        for name in ("micro_batch_tokens", "logits_memory_mib"):
-            check_int(name, getattr(self, name))
-        if self.slice_size < 1:
-            raise ValueError("slice_size must be >= 1")
+        for name in ("micro_batch_tokens", "logits_memory_mib", "slice_size"):
+            check_int(_flag(name), getattr(self, name))
 
     def recompute(self, vocab_size: int) -> bool:
         """Whether the LM head's logits are recomputed in the backward for a student of this vocabulary."""
@@ -226,10 +225,8 @@ class LossConfig:
     )
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.tau) and self.tau > 0):
-            raise ValueError(f"tau must be a finite number > 0, got {self.tau!r}")
-        if self.distance not in DISTANCES:
-            raise ValueError(f"unknown distance {self.distance!r}; choose one of {', '.join(DISTANCES)}")
+        check_positive("--tau", self.tau)
+        check_choice("--distance", self.distance, tuple(DISTANCES))
         if not self.alm and not self.next_token_loss:
             raise ValueError(
                 "nothing to train: --no-alm turns the ALM loss off; add --next-token-loss for next-token "
@@ -257,8 +254,9 @@ class CombineConfig:
     ntp_weight: float = option(1.0, "Fixed weight of the next-token loss")
 
     def __post_init__(self) -> None:
-        if self.method not in ("gradmag", "fixed"):
-            raise ValueError(f"unknown loss combination {self.method!r}; choose gradmag or fixed")
+        check_choice("--loss-combination", self.method, ("gradmag", "fixed"))
+        check_number("--alm-weight", self.alm_weight, 0)
+        check_number("--ntp-weight", self.ntp_weight, 0)
 
 
 @dataclass(frozen=True)
@@ -275,17 +273,16 @@ class DistributedConfig:
     )
     torch_threads: int | None = option(None, "torch threads per worker (default: cores/workers)")
     max_failures: int = option(
-        0, "Restart failed workers from the latest checkpoint up to N times (Ray FailureConfig)"
+        0, "Restart failed workers from the latest checkpoint up to N times (Ray FailureConfig; -1: no limit)"
     )
     ray: RayConfig = field(default_factory=RayConfig)
 
     def __post_init__(self) -> None:
-        check_int("num_workers", self.num_workers)
-        check_int("torch_threads", self.torch_threads, allow_none=True)
-        if self.strategy not in ("ddp", "fsdp"):
-            raise ValueError(f"unknown strategy {self.strategy!r}; choose ddp or fsdp")
-        if self.cpus_per_worker is not None and not (self.cpus_per_worker > 0):
-            raise ValueError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker!r}")
+        check_int("--num-workers", self.num_workers)
+        check_int("--torch-threads", self.torch_threads, allow_none=True)
+        check_choice("--strategy", self.strategy, ("ddp", "fsdp"))
+        check_positive("--cpus-per-worker", self.cpus_per_worker, allow_none=True)
+        check_int("--max-failures", self.max_failures, minimum=-1)
 
 
 @dataclass(frozen=True)
@@ -298,10 +295,10 @@ class CheckpointConfig:
     overwrite: bool = option(False, "Delete an earlier run's checkpoints and metrics in --output")
 
     def __post_init__(self) -> None:
+        check_int("--checkpoint-every", self.every)
+        check_int("--keep-checkpoints", self.keep, minimum=0, allow_none=True)
         if self.keep == 0:  # 0 = keep all, as None
             object.__setattr__(self, "keep", None)
-        check_int("checkpoint_every", self.every)
-        check_int("keep_checkpoints", self.keep, allow_none=True)
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite exclude each other")
 
@@ -319,7 +316,11 @@ class LoggingConfig:
     )
 
     def __post_init__(self) -> None:
-        check_int("log_every", self.log_every)
+        check_int("--log-every", self.log_every)
+        if self.wandb_project is not None and not self.wandb_project.strip():
+            raise ValueError("--wandb-project must not be empty")
+        if self.wandb_run_name is not None and self.wandb_project is None:
+            raise ValueError("--wandb-run-name needs --wandb-project")
 
     @property
     def wandb(self) -> bool:
@@ -339,9 +340,9 @@ class DebugConfig:
     nan_grad_steps: int = option(1, "Testing: with --nan-grad-at-step, poison this many steps in a row")
 
     def __post_init__(self) -> None:
-        check_int("fail_at_step", self.fail_at_step, allow_none=True)
-        check_int("nan_grad_at_step", self.nan_grad_at_step, allow_none=True)
-        check_int("nan_grad_steps", self.nan_grad_steps)
+        check_int("--fail-at-step", self.fail_at_step, allow_none=True)
+        check_int("--nan-grad-at-step", self.nan_grad_at_step, allow_none=True)
+        check_int("--nan-grad-steps", self.nan_grad_steps)
 
 
 @dataclass(frozen=True)
@@ -362,9 +363,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         dist_cfg = self.distributed
+        if not str(self.output).strip():
+            raise ValueError("--output must not be empty")
         if self.optim.batch_size < dist_cfg.num_workers:
             raise ValueError(
-                f"batch_size ({self.optim.batch_size}) must be >= num_workers ({dist_cfg.num_workers})"
+                f"--batch-size ({self.optim.batch_size}) must be >= --num-workers ({dist_cfg.num_workers})"
             )
         if dist_cfg.strategy == "fsdp" and self.student.lora_rank is not None:
             raise ValueError("FSDP with LoRA is not supported; LoRA students train with DDP (--strategy ddp)")

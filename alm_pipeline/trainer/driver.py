@@ -14,6 +14,8 @@ cache aligned on the fly, ``data.cache`` + ``data.student_tokenizer``).
   (``<output>/checkpoints/checkpoint-NNNNNN``). ``checkpoint.resume`` continues from the latest one, and Ray
   Train's ``FailureConfig(max_failures)`` restarts failed workers from it; since the data order is a function of
   the step, a resumed run repeats an uninterrupted run's loss curve.
+* **One writer**: both hold an exclusive lock on ``output`` for the whole run (:mod:`alm_pipeline.locking`); the
+  student model, the data source and every option are checked before the lock is taken and before Ray starts.
 * :func:`train_local` runs the same worker loop in this process without Ray (one worker, or inside an existing
   ``torch.distributed`` process group): for notebooks, debugging and tests.
 """
@@ -35,6 +37,7 @@ from typing import Any
 import torch.distributed as dist
 
 from alm_pipeline.cache.aligned import TRAINER_COLUMNS
+from alm_pipeline.locking import output_lock
 from alm_pipeline.optional import check
 from alm_pipeline.trainer import checkpoint as ckpt_io
 from alm_pipeline.trainer.config import TrainConfig
@@ -93,30 +96,41 @@ def metric_columns(config: TrainConfig) -> list[str]:
     return cols
 
 
-def _prepare_output(config: TrainConfig) -> Path | None:
+def _prepare_output(config: TrainConfig, say: Callable[[str], None]) -> Path | None:
     """Check the run directory against resume/overwrite; returns the checkpoint to continue from (or None)."""
     out = Path(config.output)
-    ckpts = ckpt_io.list_checkpoints(out)
     if config.checkpoint.overwrite:
         for name in (ckpt_io.CHECKPOINTS_DIR, ckpt_io.FINAL_DIR, "tensorboard"):
             shutil.rmtree(out / name, ignore_errors=True)
         for name in ("metrics.csv", RUN_FILE, FAIL_MARKER):
             (out / name).unlink(missing_ok=True)
-        ckpts = []
+    ckpts = ckpt_io.list_checkpoints(out)
+    damaged = ckpt_io.damaged_checkpoints(out)
+    named = "; ".join(f"{path.name}: {problem}" for path, problem in damaged)
     if config.checkpoint.resume:
+        if not ckpts and damaged:
+            raise TrainingError(
+                f"--resume: no checkpoint under {out / ckpt_io.CHECKPOINTS_DIR} passes its completeness check "
+                f"({named}); they are damaged or were copied only in part. Nothing was changed: restore them, or "
+                "start over with --overwrite (which deletes them)"
+            )
         if not ckpts:
-            logger.warning("--resume: %s holds no checkpoint yet; starting from step 0", out)
+            say(f"--resume: {out} holds no checkpoint yet; starting from step 0")
             shutil.rmtree(out / ckpt_io.CHECKPOINTS_DIR, ignore_errors=True)
             return None
-        latest = ckpts[-1][1]
+        step, latest = ckpts[-1]
+        if damaged:
+            say(f"--resume: skipping checkpoints that fail their completeness check ({named})")
         theirs = ckpt_io.read_trainer_state(latest).get("data_identity", {})
         diffs = ckpt_io.identity_diffs(theirs, config.data_identity(), recorded_only=True)
         if diffs:
             raise TrainingError(ckpt_io.settings_differ(latest, diffs))
+        _forget_missing_checkpoints(out, latest, step, say)
         return latest
-    if ckpts:
+    if ckpts or damaged:
+        what = f"latest: step {ckpts[-1][0]}" if ckpts else f"all failing their completeness check: {named}"
         raise TrainingError(
-            f"{out} already holds checkpoints of a run (latest: step {ckpts[-1][0]}); pass --resume to continue it, "
+            f"{out} already holds checkpoints of a run ({what}); pass --resume to continue it, "
             "--overwrite to start over, or choose another --output"
         )
     # leftovers without a complete checkpoint (a run killed before its first one): Ray Train would restore its
@@ -126,15 +140,65 @@ def _prepare_output(config: TrainConfig) -> Path | None:
     return None
 
 
+# Ray Train's record of a run's checkpoints (ray.train.v2 CHECKPOINT_MANAGER_SNAPSHOT_FILENAME), restored by a
+# TorchTrainer started on the same storage folder
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def _snapshot_names(node: Any) -> set[str]:
+    if isinstance(node, dict):
+        found = {node["checkpoint_dir_name"]} if isinstance(node.get("checkpoint_dir_name"), str) else set()
+        return found.union(*(_snapshot_names(v) for v in node.values()))
+    if isinstance(node, list):
+        return set().union(*(_snapshot_names(v) for v in node))
+    return set()
+
+
+def _forget_missing_checkpoints(out: Path, latest: Path, step: int, say: Callable[[str], None]) -> None:
+    """Ray Train restores its record of the run's checkpoints and fails when one it names is gone (deleted by
+    hand): drop that record, so the run resumes from ``latest`` (the newest checkpoint that exists), and say so."""
+    snapshot = out / ckpt_io.CHECKPOINTS_DIR / RAY_SNAPSHOT
+    if not snapshot.exists():
+        return
+    try:
+        names = _snapshot_names(json.loads(snapshot.read_text()))
+    except (OSError, ValueError):
+        names = None
+    missing = None if names is None else sorted(n for n in names if not (snapshot.parent / n).is_dir())
+    if missing == []:
+        return
+    snapshot.unlink()
+    gone = "unreadable" if missing is None else f"naming {', '.join(missing)}, which no longer exist"
+    say(
+        f"Ray Train's record of the run's checkpoints was {gone}; resuming from {latest.name} (step {step}), the "
+        "newest checkpoint that exists"
+    )
+
+
+def _check_models(config: TrainConfig) -> None:
+    """The student (or the model of a tokenizer transfer) loads: config and weight files, before Ray starts."""
+    from alm_pipeline.assets import resolve_model
+    from alm_pipeline.model_files import ModelFilesError, check_model
+
+    for option, name in (("--student", config.student.student), ("--init-from", config.student.init_from)):
+        if name is None:
+            continue
+        try:
+            check_model(resolve_model(name), option)
+        except (ModelFilesError, FileNotFoundError) as err:
+            raise TrainingError(str(err)) from None
+
+
 def _check_source(config: TrainConfig) -> dict:
+    from alm_pipeline.cache.store import CacheIntegrityError
+
     if config.data.aligned is not None:
         from alm_pipeline.cache.aligned import open_aligned_set
-        from alm_pipeline.cache.store import CacheIntegrityError
 
         try:
             aligned = open_aligned_set(config.data.aligned, verify=True)
-        except (CacheIntegrityError, FileNotFoundError) as err:
-            raise TrainingError(str(err)) from None
+        except (CacheIntegrityError, FileNotFoundError, ValueError) as err:
+            raise TrainingError(f"--aligned {err}") from None
         try:
             aligned.check_cache()
         except CacheIntegrityError as err:
@@ -148,6 +212,20 @@ def _check_source(config: TrainConfig) -> dict:
             "files": [str(f) for f in aligned.shard_files()],
             "summary": aligned.summary(),
         }
+    # on-the-fly alignment: the student tokenizer loads and the cache opens (its shards are verified later)
+    from alm_pipeline.assets import resolve_model
+    from alm_pipeline.cache.teacher import open_cache
+    from alm_pipeline.pipeline.byteview import TokenizerMismatchError, load_byte_view
+
+    tok = config.data.student_tokenizer
+    try:
+        load_byte_view(tok if tok == "bytes" else resolve_model(tok))
+    except (TokenizerMismatchError, OSError, ValueError) as err:
+        raise TrainingError(f"--student-tokenizer {tok}: cannot load it ({err})") from None
+    try:
+        open_cache(config.data.cache, verify=False)
+    except (CacheIntegrityError, FileNotFoundError, ValueError) as err:
+        raise TrainingError(f"--cache {err}") from None
     return {"kind": "stream"}
 
 
@@ -262,6 +340,8 @@ def _default_say(message: str) -> None:
 
 def _finish(config: TrainConfig, driver: _MetricsSink, start_step: int, t0: float) -> TrainResult:
     out = Path(config.output)
+    # Ray Train prunes only the checkpoints it knows of (not those of a run resumed without its record)
+    ckpt_io.prune_checkpoints(out, config.checkpoint.keep)
     last = ckpt_io.find_latest_checkpoint(out)
     final = _export_final(last, out / ckpt_io.FINAL_DIR) if last is not None else None
     rows = driver.logger.rows
@@ -305,7 +385,15 @@ def train_local(config: TrainConfig, say: Callable[[str], None] | None = None) -
     t0 = time.monotonic()
     distributed = dist.is_available() and dist.is_initialized()
     rank = dist.get_rank() if distributed else 0
-    resume_from = _prepare_output(config) if rank == 0 else None
+    with output_lock(config.output, "train") if rank == 0 else contextlib.nullcontext():
+        return _train_here(config, say, t0, distributed, rank)
+
+
+def _train_here(
+    config: TrainConfig, say: Callable[[str], None], t0: float, distributed: bool, rank: int
+) -> TrainResult:
+    """train_local's work (rank 0 under the output's lock)."""
+    resume_from = _prepare_output(config, say) if rank == 0 else None
     if distributed:
         holder = [str(resume_from) if resume_from else None]
         dist.broadcast_object_list(holder, src=0)
@@ -326,7 +414,32 @@ def train_local(config: TrainConfig, say: Callable[[str], None] | None = None) -
 
 
 def run_training(config: TrainConfig, say: Callable[[str], None] | None = None) -> TrainResult:
-    """Train with Ray Train (see the module docstring). Raises :class:`TrainingError` with the cause."""
+    """Train with Ray Train (see the module docstring). Raises :class:`TrainingError` with the cause, and
+    :class:`~alm_pipeline.locking.OutputError` when the output is being written by another run or cannot be
+    written. Every input is checked before Ray starts."""
+    config = config.resolved()
+    _check_extras(config)
+    say = say or _default_say
+    t0 = time.monotonic()
+    _check_models(config)
+    source = _check_source(config)
+    if config.distributed.use_gpu and not _cluster_address(config):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise TrainingError(
+                "--use-gpu: this machine has no CUDA device (and no --address of a cluster was given)"
+            )
+    with output_lock(config.output, "train"):
+        return _fit(config, source, say, t0)
+
+
+def _cluster_address(config: TrainConfig) -> str | None:
+    return config.distributed.ray.address or os.environ.get("RAY_ADDRESS") or None
+
+
+def _fit(config: TrainConfig, source: dict, say: Callable[[str], None], t0: float) -> TrainResult:
+    """run_training's work, under the output's lock."""
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -334,13 +447,7 @@ def run_training(config: TrainConfig, say: Callable[[str], None] | None = None) 
 
     from alm_pipeline.pipeline.ray_utils import ensure_ray
 
-    config = config.resolved()
-    _check_extras(config)
-    say = say or _default_say
-    t0 = time.monotonic()
-    source = _check_source(config)
-    Path(config.output).mkdir(parents=True, exist_ok=True)
-    resume_from = _prepare_output(config)
+    resume_from = _prepare_output(config, say)
     resume_step = ckpt_io.checkpoint_step(resume_from) if resume_from else 0
     ensure_ray(config.distributed.ray)
     cpus = _cpus_per_worker(config)
@@ -358,7 +465,7 @@ def run_training(config: TrainConfig, say: Callable[[str], None] | None = None) 
                 f"has {have.get(name, 0.0):g}; use fewer --num-workers"
                 + (" or a smaller --cpus-per-worker" if name == "CPU" else "")
             )
-            if not (config.distributed.ray.address or os.environ.get("RAY_ADDRESS")):
+            if not _cluster_address(config):
                 raise TrainingError(message)
             say(f"warning: {message} (waiting for the cluster to grow)")
     if source["kind"] == "aligned":

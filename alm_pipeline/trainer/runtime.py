@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from alm_pipeline.cache.aligned import TRAINER_COLUMNS
+from alm_pipeline.cache.store import temporary_sibling
 from alm_pipeline.trainer import checkpoint as ckpt_io
 from alm_pipeline.trainer.config import TrainConfig
 from alm_pipeline.trainer.data import AlignedRows
@@ -135,7 +136,8 @@ class LocalRuntime(Runtime):
         final = root / ckpt_io.checkpoint_name(step)
         if self.rank == 0:
             root.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+            tmp = temporary_sibling(final)
+            tmp.mkdir()  # the user's umask (mkdtemp would make the checkpoint folder private)
             try:
                 write(tmp)
                 shutil.rmtree(final, ignore_errors=True)

@@ -52,6 +52,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from alm_pipeline.cache.store import apply_umask
 from alm_pipeline.modeling import DTYPES
 from alm_pipeline.pipeline.byteview import ByteView, byte_view_from_hf
 from alm_pipeline.trainer.fvt import FvtPlan
@@ -532,4 +533,5 @@ def save_student(bundle: StudentBundle, path: str | os.PathLike[str], merge_lora
     (out / "student_info.json").write_text(
         json.dumps(bundle.info.to_dict(), indent=2) + "\n", encoding="utf-8"
     )
+    apply_umask(out)  # safetensors writes its files 0600; outputs get the user's umask
     return out

@@ -12,6 +12,7 @@ from transformers import AutoTokenizer
 from alm_pipeline.cache.aligned import ALIGNED_SCHEMA, open_aligned_set
 from alm_pipeline.cache.store import CacheIntegrityError
 from alm_pipeline.cache.teacher import open_cache
+from alm_pipeline.locking import OutputLockedError
 from alm_pipeline.pipeline.align_stage import (
     AlignConfig,
     AlignError,
@@ -20,7 +21,7 @@ from alm_pipeline.pipeline.align_stage import (
     stream_aligned,
 )
 from alm_pipeline.pipeline.teacher_cache import build_teacher_cache
-from tests.factories import BAD_INPUT_DOCS, teacher_cache_config, write_jsonl
+from tests.factories import BAD_INPUT_DOCS, lock_held_elsewhere, teacher_cache_config, write_jsonl
 
 pytestmark = pytest.mark.ray
 
@@ -106,8 +107,21 @@ def test_resume_and_refusal(cache_dir, tmp_path):
     assert again.shards_written == 0 and again.shards_reused == first.shards_written
     with pytest.raises(AlignError, match=r"settings\.gamma: set has 0\.1, this run has 0\.5"):
         _align(cache_dir, tmp_path / "out", ["bytes"], gamma=0.5)
-    with pytest.raises(AlignError, match=r"gamma must be in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"--gamma must be a number in \[0, 1\]"):
         _align(cache_dir, tmp_path / "other", ["bytes"], gamma=2.0)
+
+
+def test_an_aligned_set_another_process_writes_is_refused(cache_dir, tmp_path, tokenizer_dirs):
+    """One writer per aligned set: while another process holds one of the sets, the run is refused at once naming
+    it, and writes none of its sets; another student's set in the same folder is not in the way."""
+    out = tmp_path / "out"
+    with lock_held_elsewhere(out / "bytes", "align") as holder:
+        with pytest.raises(OutputLockedError, match=f"alm-pipeline align \\(pid {holder.pid} "):
+            _align(cache_dir, out, [str(tokenizer_dirs["char"]), "bytes"])
+        assert sorted(p.name for p in out.iterdir()) == ["bytes", "tok_char"]
+        assert not (out / "tok_char" / "manifest.json").exists()
+        (summary,) = _align(cache_dir, out, [str(tokenizer_dirs["char"])])
+        assert summary.shards_written == len(open_cache(cache_dir).shards)
 
 
 def test_low_coverage_is_flagged(cache_dir, tmp_path):

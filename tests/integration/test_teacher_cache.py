@@ -83,6 +83,29 @@ def test_refusal_on_different_settings_and_overwrite(ray_local, tmp_path, gpt2_b
     assert again.shards_reused == again.shards_total and again.shards_written == 0
 
 
+def test_relative_then_absolute_paths_resume_and_skipped_files_are_reported(
+    ray_local, tmp_path, gpt2_bl_model, monkeypatch
+):
+    """The same corpus folder and teacher given relatively, then absolutely: the second run resumes the cache
+    (before: refused as a different corpus and teacher). Files of the folder no reader handles are counted and
+    named (before: skipped silently)."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    write_jsonl(corpus / "docs.jsonl", BAD_INPUT_DOCS[:4])
+    (corpus / "extra.csv").write_text("text\nnot read\n")
+    (corpus / "README.txt").write_text("not read either")
+    monkeypatch.chdir(tmp_path)
+    teacher = os.path.relpath(gpt2_bl_model, tmp_path)
+    said: list[str] = []
+    first = build_teacher_cache(_config(teacher, "corpus", tmp_path / "cache"), progress=said.append)
+    skipped = [m for m in said if m.startswith("skipped 2 file(s) of the corpus folder")]
+    assert len(skipped) == 1 and "extra.csv" in skipped[0] and "README.txt" in skipped[0], said
+    stats = open_cache(tmp_path / "cache").manifest["corpus"]["stats"]
+    assert stats["skipped_files"] == 2
+    again = build_teacher_cache(_config(gpt2_bl_model, corpus, tmp_path / "cache"))
+    assert again.shards_reused == again.shards_total == first.shards_total and again.shards_written == 0
+
+
 def test_corrupted_shard_and_wrong_version_are_refused(ray_local, tmp_path, gpt2_bl_model):
     data = write_jsonl(tmp_path / "c.jsonl", BAD_INPUT_DOCS[:5])
     build_teacher_cache(_config(gpt2_bl_model, data, tmp_path / "cache"))

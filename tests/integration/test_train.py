@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,11 +16,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from alm_pipeline.locking import output_lock
 from alm_pipeline.trainer.checkpoint import find_latest_checkpoint, list_checkpoints, read_trainer_state
 from alm_pipeline.trainer.config import (
     DataConfig,
 )
-from alm_pipeline.trainer.driver import run_training, train_local
+from alm_pipeline.trainer.driver import RAY_SNAPSHOT, run_training, train_local
 from alm_pipeline.trainer.errors import TrainingError
 from alm_pipeline.trainer.metrics import read_metrics_csv
 from tests.factories import corpus_texts, losses, train_config, write_aligned_set
@@ -175,3 +177,70 @@ def test_stream_from_cache_bytes_student_restarts_after_failure(ray_local, gpt2_
     curve = read_metrics_csv(tmp_path / "stream" / "metrics.csv")
     assert [r["step"] for r in curve] == [1, 2, 3, 4, 5]
     np.testing.assert_allclose([r["loss"] for r in curve], losses(ref.history), rtol=1e-5)
+
+
+@pytest.mark.ray
+def test_a_second_train_into_one_output_is_refused_while_the_first_finishes_intact(
+    ray_local, small_aligned, gpt2_bl_model, tmp_path
+):
+    """Two real ``alm-pipeline train`` processes with different --lr into one --output: the second is refused at
+    once (exit 2) naming the first, which finishes with its own model, checkpoints and metrics. Before: both ran
+    and exited 0, and only one run's results remained."""
+    out = tmp_path / "run"
+
+    def command(lr: str) -> list[str]:
+        return [
+            sys.executable, "-m", "alm_pipeline.cli.main", "train",
+            "--aligned", str(small_aligned), "--init-from", str(gpt2_bl_model), "--output", str(out),
+            "--steps", "12", "--batch-size", "4", "--lr", lr, "--warmup-steps", "1", "--checkpoint-every", "4",
+            "--keep-checkpoints", "0", "--torch-threads", "1", "--no-tensorboard", "--log-every", "50",
+            "--address", ray_local.get_runtime_context().gcs_address,
+        ]  # fmt: skip
+
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    first = subprocess.Popen(
+        command("3e-3"), env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while output_lock(out, "train").holder().get("pid") != first.pid:
+            assert first.poll() is None and time.monotonic() < deadline, "the first run never took the lock"
+            time.sleep(0.05)
+        second = subprocess.run(command("1e-2"), env=env, capture_output=True, text=True, timeout=300)
+        assert first.poll() is None, "the first run ended before the second one tried: nothing was tested"
+        log = first.communicate(timeout=400)[0].decode(errors="replace")
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    assert second.returncode == 2, second.stderr[-3000:]
+    errors = [line for line in second.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in second.stderr, second.stderr[-3000:]
+    assert f"{out} is being written by another run: alm-pipeline train (pid {first.pid} " in errors[0]
+    assert first.returncode == 0, log[-3000:]
+    run = json.loads((out / "run.json").read_text())
+    assert run["config"]["optim"]["lr"] == 3e-3 and run["steps"] == 12
+    assert [r["step"] for r in read_metrics_csv(out / "metrics.csv")] == list(range(1, 13))
+    assert [s for s, _ in list_checkpoints(out)] == [4, 8, 12]
+    assert (out / "final" / "model.safetensors").exists()
+    assert output_lock(out, "train").holder() == {}  # released
+
+
+@pytest.mark.ray
+def test_resume_after_the_newest_checkpoint_was_deleted_by_hand(
+    ray_local, small_aligned, gpt2_bl_model, tmp_path
+):
+    """Ray Train's record of the run still names a checkpoint deleted by hand: --resume continues from the newest
+    checkpoint that exists and says which (before: the run failed inside Ray Train)."""
+    out = tmp_path / "run"
+    kw = {"init_from": str(gpt2_bl_model), "steps": 6, "checkpoint_every": 2, "keep_checkpoints": 0}
+    run_training(train_config(small_aligned, out, **kw))
+    snapshot = out / "checkpoints" / RAY_SNAPSHOT
+    assert "checkpoint-000006" in snapshot.read_text()  # the case this test is about
+    shutil.rmtree(out / "checkpoints" / "checkpoint-000006")
+    said: list[str] = []
+    resumed = run_training(train_config(small_aligned, out, resume=True, **kw), say=said.append)
+    assert resumed.start_step == 4 and resumed.steps == 6
+    expected = "naming checkpoint-000006, which no longer exist; resuming from checkpoint-000004 (step 4)"
+    assert any(expected in m for m in said), said
+    assert [s for s, _ in list_checkpoints(out)] == [2, 4, 6]
+    assert [r["step"] for r in read_metrics_csv(out / "metrics.csv")] == list(range(1, 7))

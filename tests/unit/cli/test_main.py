@@ -3,11 +3,18 @@ not a cache, quickstart checks its settings before anything runs."""
 
 from __future__ import annotations
 
+import shlex
+import shutil
+import subprocess
+import sys
+
 import pytest
 from typer.testing import CliRunner
 
 from alm_pipeline.cli.main import app
+from alm_pipeline.locking import LOCK_FILE
 from alm_pipeline.quickstart import QuickstartConfig
+from tests.factories import lock_held_elsewhere, write_jsonl
 
 runner = CliRunner()
 
@@ -103,6 +110,10 @@ def test_teacher_cache_options_are_checked_before_anything_runs(tmp_path, args, 
     [
         (["--max-student-length", "0"], "--max-student-length must be an integer >= 1"),
         (["--min-coverage", "1.5"], "--min-coverage must be a number in [0, 1]"),
+        (["--gamma", "1.5"], "--gamma must be a number in [0, 1]"),
+        (["--num-cpus", "0"], "--num-cpus must be an integer >= 1"),
+        (["--address", "nowhere"], "--address must be auto, HOST:PORT or ray://HOST:PORT"),
+        ([], "no-cache: not a teacher cache (no manifest.json)"),
     ],
 )
 def test_align_options_are_checked_before_anything_runs(tmp_path, args, message):
@@ -122,3 +133,100 @@ def test_align_options_are_checked_before_anything_runs(tmp_path, args, message)
     )
     assert result.exit_code == 2, result.output
     assert message in result.output and not out.exists()
+
+
+def _error_line(output: str) -> str:
+    """The command's one error line (progress lines may precede it; a traceback must not)."""
+    assert "Traceback" not in output, output
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, output
+    return errors[0]
+
+
+def test_teacher_that_cannot_load_is_refused_before_any_work(tmp_path, gpt2_bl_model, tokenizer_dirs):
+    """A teacher folder with only a tokenizer, or with a truncated model.safetensors, is a one-line error naming it
+    before the corpus is staged or Ray starts (before: an ActorDiedError after staging, in 130-230 log lines)."""
+    import ray
+
+    data = write_jsonl(tmp_path / "c.jsonl", [{"text": "a document"}])
+    truncated = tmp_path / "truncated"
+    shutil.copytree(gpt2_bl_model, truncated)
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    ray_before = ray.is_initialized()
+    for teacher, message in (
+        (tokenizer_dirs["byte_level"], "not a model folder (no config.json"),
+        (truncated, "model.safetensors is corrupt or truncated"),
+    ):
+        out = tmp_path / f"out-{teacher.name}"
+        result = runner.invoke(
+            app, ["teacher-cache", "--teacher", str(teacher), "--data", str(data), "--output", str(out)]
+        )
+        assert result.exit_code == 2, result.output
+        assert message in _error_line(result.output) and str(teacher) in result.output
+        assert not out.exists() and ray.is_initialized() == ray_before
+
+
+def _held_output_commands(tmp_path, gpt2_bl_model) -> dict[str, list[str]]:
+    data = write_jsonl(tmp_path / "c.jsonl", [{"text": "a document"}])
+    return {
+        "teacher-cache": ["teacher-cache", "--teacher", str(gpt2_bl_model), "--data", str(data), "--output"],
+        "quickstart": ["quickstart", "--student", "bytes", "--output"],
+        "evaluate": ["evaluate", "--model", str(gpt2_bl_model), "--run-dir"],
+    }
+
+
+@pytest.mark.parametrize("command", ["teacher-cache", "quickstart", "evaluate"])
+def test_an_output_another_process_writes_is_refused_at_once(tmp_path, gpt2_bl_model, command):
+    """While another process holds the output (here a real one holding its lock), the command is refused at once
+    with a one-line error naming the holder, and writes nothing there (align: tests/integration/
+    test_align_stage.py; train: tests/unit/cli/test_train_cmd.py and, with two real runs, tests/integration/
+    test_train.py)."""
+    import ray
+
+    out = tmp_path / "out"
+    args = _held_output_commands(tmp_path, gpt2_bl_model)[command]
+    ray_before = ray.is_initialized()
+    with lock_held_elsewhere(out, "quickstart") as holder:
+        before = sorted(p.name for p in out.iterdir())
+        result = runner.invoke(app, [*args, str(out)])
+        after = sorted(p.name for p in out.iterdir())
+    assert result.exit_code == 2, result.output
+    line = _error_line(result.output)
+    assert f"{out} is being written by another run: alm-pipeline quickstart (pid {holder.pid}" in line
+    assert after == before == [LOCK_FILE] and ray.is_initialized() == ray_before
+
+
+def test_an_output_that_is_a_file_is_a_one_line_error(tmp_path, gpt2_bl_model):
+    """Before: a raw Python traceback (exit 1) once the command first wrote there."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    for command, args in _held_output_commands(tmp_path, gpt2_bl_model).items():
+        result = runner.invoke(app, [*args, str(a_file)])
+        assert result.exit_code == 2, (command, result.output)
+        assert f"{a_file}: exists and is not a folder" in _error_line(result.output)
+        assert a_file.read_text() == "not a folder"
+
+
+def _read_only_dir_supported(tmp_path) -> bool:
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    script = f"mount -t tmpfs -o ro tmpfs {probe} && touch {probe}/x"
+    done = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True)
+    return done.returncode != 0 and "Read-only file system" in done.stderr
+
+
+def test_an_output_on_a_read_only_filesystem_is_a_one_line_error(tmp_path, gpt2_bl_model):
+    """A real read-only filesystem (a tmpfs mounted read-only in a private mount namespace): one error line, exit 2
+    (before: a traceback from the corpus staging, exit 1)."""
+    if shutil.which("unshare") is None or not _read_only_dir_supported(tmp_path):
+        pytest.skip("needs `unshare -m` and mount (root in a container)")
+    data = write_jsonl(tmp_path / "c.jsonl", [{"text": "a document"}])
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    cli = [sys.executable, "-m", "alm_pipeline.cli.main", "teacher-cache", "--teacher", str(gpt2_bl_model)]
+    cli += ["--data", str(data), "--output", str(ro / "cache")]
+    script = f"mount -t tmpfs -o ro tmpfs {ro} && exec {shlex.join(cli)}"
+    done = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert f"{ro / 'cache'}: cannot write the output here (Read-only file system)" in _error_line(done.stderr)

@@ -104,6 +104,38 @@ def test_missing_path_is_clear(tmp_path):
         _docs(tmp_path / "nope.jsonl")
 
 
+def test_a_folder_corpus_counts_and_names_the_files_it_skips(tmp_path):
+    """Before: .csv/.txt files in a corpus folder were skipped without a word."""
+    folder = tmp_path / "corpus"
+    (folder / "sub").mkdir(parents=True)
+    _jsonl(folder / "a.jsonl", [{"text": "one"}])
+    _jsonl(folder / "sub" / "b.jsonl", [{"text": "two"}])
+    (folder / "table.csv").write_text("text\nthree\n")
+    (folder / "sub" / "notes.txt").write_text("four")
+    docs, stats = _docs(folder)
+    assert [d.text for d in docs] == ["one", "two"]
+    assert stats.skipped_files == 2
+    assert sorted(stats.skipped_file_examples) == sorted(
+        [str(folder / "table.csv"), str(folder / "sub/notes.txt")]
+    )
+    assert stats.to_json()["skipped_files"] == 2
+    only_other = tmp_path / "other"
+    only_other.mkdir()
+    (only_other / "table.csv").write_text("x")
+    with pytest.raises(
+        CorpusError, match=r"no .jsonl/.json/.parquet files found in the directory \(it holds table.csv\)"
+    ):
+        _docs(only_other)
+
+
+def test_a_local_corpus_is_identified_by_its_absolute_path(tmp_path, monkeypatch):
+    """The same file given relatively and absolutely is the same corpus (before: a cache refused to resume)."""
+    _jsonl(tmp_path / "c.jsonl", [{"text": "one"}])
+    monkeypatch.chdir(tmp_path)
+    assert CorpusConfig(path="c.jsonl").describe() == CorpusConfig(path=str(tmp_path / "c.jsonl")).describe()
+    assert CorpusConfig(path="user/hub-dataset").describe()["path"] == "user/hub-dataset"
+
+
 def test_split_at_lines_keeps_whole_lines_within_the_byte_budget():
     text = "To be, or not to be:\nthat is the question.\n\nWhether 'tis nobler — in the mind\n" + "é" * 30
     for budget in (8, 25, 40, 200):

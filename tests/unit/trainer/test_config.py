@@ -27,7 +27,7 @@ def test_config_validation_messages(self_aligned, tmp_path):
         DataConfig(cache="c")
     with pytest.raises(ValueError, match="embedding-init"):
         StudentSpec(init_from="x", embedding_init="random")
-    with pytest.raises(ValueError, match="batch_size"):
+    with pytest.raises(ValueError, match="--batch-size"):
         TrainConfig(
             data=DataConfig(aligned="a"),
             student=StudentSpec(student="x"),

@@ -3,9 +3,12 @@ packing."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import stat
 
 import numpy as np
+import pytest
 
 from alm_pipeline.cache.aligned import open_aligned_set
 from alm_pipeline.trainer.checkpoint import (
@@ -16,6 +19,7 @@ from alm_pipeline.trainer.checkpoint import (
 )
 from alm_pipeline.trainer.data import BatchPlan, plan_micro_batches
 from alm_pipeline.trainer.driver import train_local
+from alm_pipeline.trainer.errors import TrainingError
 from alm_pipeline.trainer.metrics import read_metrics_csv
 from alm_pipeline.trainer.runtime import read_aligned_rows
 from tests.factories import losses, train_config
@@ -170,3 +174,82 @@ def test_non_finite_gradient_steps_are_skipped_counted_and_stop_the_run(
         )
     stopped = read_metrics_csv(tmp_path / "stop" / "metrics.csv")
     assert [r["skipped_steps"] for r in stopped] == [0, 1, 2]
+
+
+def _train_cli(args: list[str]):
+    import typer
+    from typer.testing import CliRunner
+
+    from alm_pipeline.cli.train_cmd import train
+
+    app = typer.Typer()
+    app.command("train")(train)
+    app.command("other")(lambda: None)
+    return CliRunner().invoke(app, ["train", *args])
+
+
+def test_resume_refuses_when_every_checkpoint_is_damaged(small_aligned, gpt2_bl_model, tmp_path):
+    """Every checkpoint fails its completeness check (a recorded file size differs): --resume is refused, naming
+    them, and nothing is deleted; a fresh run into the folder is refused too. With one intact checkpoint left, the
+    run resumes from it and names the damaged one. Before: '--resume: ... holds no checkpoint yet; starting from
+    step 0', and the run trained over them (a fresh run deleted them silently)."""
+    import ray
+
+    out = tmp_path / "run"
+    kw = {"init_from": str(gpt2_bl_model), "steps": 4, "checkpoint_every": 2, "keep_checkpoints": 0}
+    train_local(train_config(small_aligned, out, **kw))
+    ckpts = [path for _, path in list_checkpoints(out)]
+    assert [p.name for p in ckpts] == ["checkpoint-000002", "checkpoint-000004"]
+    weights = [p / "model.safetensors" for p in ckpts]
+    intact = weights[0].read_bytes()
+    for f in weights:
+        with f.open("ab") as fh:
+            fh.write(b"\0")
+    size = weights[0].stat().st_size
+
+    with pytest.raises(TrainingError) as refused:
+        train_local(train_config(small_aligned, out, resume=True, **kw))
+    message = str(refused.value)
+    assert "--resume: no checkpoint under" in message
+    assert (
+        f"checkpoint-000002: model.safetensors has {size} bytes, trainer_state.json recorded {size - 1}"
+        in message
+    )
+    assert "checkpoint-000004: model.safetensors has" in message
+    assert all(f.stat().st_size == size for f in weights)  # nothing deleted or changed
+
+    ray_before = ray.is_initialized()
+    base = ["--aligned", str(small_aligned), "--init-from", str(gpt2_bl_model), "--output", str(out)]
+    base += ["--steps", "4", "--checkpoint-every", "2", "--keep-checkpoints", "0"]
+    for extra, expected in ((["--resume"], "no checkpoint under"), ([], "already holds checkpoints")):
+        result = _train_cli(base + extra)
+        assert result.exit_code == 2 and expected in result.output, result.output
+        assert "checkpoint-000004: model.safetensors has" in " ".join(result.output.split())
+    assert ray.is_initialized() == ray_before and all(f.stat().st_size == size for f in weights)
+
+    weights[0].write_bytes(intact)  # checkpoint 2 intact again: resumed from, checkpoint 4 named as skipped
+    said: list[str] = []
+    resumed = train_local(train_config(small_aligned, out, resume=True, **kw), say=said.append)
+    assert resumed.start_step == 2 and resumed.steps == 4
+    assert any(
+        "skipping checkpoints that fail their completeness check (checkpoint-000004" in m for m in said
+    )
+
+
+def test_checkpoints_and_the_final_model_get_the_users_umask(small_aligned, gpt2_bl_model, tmp_path):
+    """Outputs get the user's umask (before: checkpoint and final folders were 0700, made with mkdtemp)."""
+    old = os.umask(0o022)
+    try:
+        res = train_local(
+            train_config(small_aligned, tmp_path / "run", init_from=str(gpt2_bl_model), steps=2)
+        )
+    finally:
+        os.umask(old)
+    ckpt = res.last_checkpoint
+    for path, mode in (
+        (ckpt, 0o755),
+        (ckpt / "model.safetensors", 0o644),
+        (res.final_checkpoint, 0o755),
+        (res.final_checkpoint / "config.json", 0o644),
+    ):
+        assert stat.S_IMODE(path.stat().st_mode) == mode, path

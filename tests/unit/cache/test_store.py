@@ -1,0 +1,30 @@
+"""Atomic shard and JSON writes (alm_pipeline.cache.store): files get the user's umask."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pyarrow as pa
+
+from alm_pipeline.cache import store
+
+
+def test_shards_markers_and_manifests_get_the_users_umask(tmp_path):
+    """Before: every atomically written file was 0600 (``mkstemp``), while checkpoints were 0644."""
+    old = os.umask(0o022)
+    try:
+        info = store.write_shard(tmp_path, 0, pa.table({"x": [1, 2, 3]}), tokens=3, stats={})
+        store.atomic_write_json(tmp_path / store.MANIFEST, {"ok": True})
+        os.umask(0o027)
+        store.atomic_write_json(tmp_path / "group.json", {"ok": True})
+    finally:
+        os.umask(old)
+    for path, mode in (
+        (tmp_path / info.file, 0o644),
+        (store.marker_path(tmp_path, 0), 0o644),
+        (tmp_path / store.MANIFEST, 0o644),
+        (tmp_path / "group.json", 0o640),
+    ):
+        assert stat.S_IMODE(path.stat().st_mode) == mode, path
+    assert sorted(p.name for p in tmp_path.rglob("*.tmp")) == []  # no temporary files left
