@@ -326,6 +326,7 @@ def run_evaluation(config: EvalConfig, progress: Callable[[str], None] | None = 
     if config.run_dir:
         from alm_pipeline.locking import output_lock
 
+        plan(config)  # every option and input checked before the lock creates the folder
         with output_lock(config.run_dir, "evaluate"):
             result = run_evaluation(dataclasses.replace(config, run_dir=None), progress)
             out = write_json(Path(config.run_dir) / EVAL_FILE, result)
