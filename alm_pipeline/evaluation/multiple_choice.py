@@ -36,6 +36,9 @@ BIG-bench does. With ``max_examples``, the examples scored are BIG-bench's own s
 5. A sequence longer than ``max_length`` tokens loses its oldest tokens (left truncation, as
    lm-evaluation-harness); the continuation itself is never cut (a choice that does not fit is an error).
 
+The choices of one question share every token before their first scored one, so that prefix runs once and its
+KV cache serves all of them (same numbers as scoring each whole sequence, checked on the first question).
+
 **Metrics** (:class:`MCResult`). Per example, the predicted choice is the argmax (first on ties) of the summed
 log-likelihood (*accuracy*), or of the log-likelihood divided by the UTF-8 bytes of the choice string, without
 the moved whitespace (*accuracy per byte*; lm-evaluation-harness's ``acc_bytes``; its ``acc_norm`` divides by
@@ -305,12 +308,17 @@ def choice_loglikelihoods(
     refs: Sequence[str] | None = None,
     max_length: int | None = None,
     batch_tokens: int = 8192,
+    share_context: bool = True,
 ) -> list[ChoiceScore]:
     """The log-likelihood of each ``(context, continuation)`` under the module's convention, in request order.
 
-    Sequences are sorted by length and packed into batches of at most ``batch_tokens`` padded tokens.
-    ``max_length`` defaults to the model's position limit (2048 when it has none). ``refs[i]`` names request
-    ``i`` in error messages."""
+    With ``share_context`` (default), requests whose sequences share every token before the first scored one
+    (the choices of one question) run that shared prefix once and reuse its KV cache
+    (:meth:`EvalModel.continuation_logprobs`); the first such group is also scored the plain way and, should
+    the two disagree beyond the LM-head self-check tolerance, every request is scored the plain way. The
+    plain way: whole sequences, sorted by length and packed into batches of at most ``batch_tokens`` padded
+    tokens. ``max_length`` defaults to the model's position limit (2048 when it has none). ``refs[i]`` names
+    request ``i`` in error messages."""
     from alm_pipeline.modeling import length_batches, pad_batch
 
     if max_length is None:
@@ -325,16 +333,61 @@ def choice_loglikelihoods(
     ]
     view = model.view
     pad_id = view.pad_id if view.pad_id is not None and 0 <= view.pad_id < view.vocab_size else 0
-    sums = np.zeros(len(encoded), dtype=np.float64)
-    for batch in length_batches([len(e.ids) for e in encoded], batch_tokens):
-        ids, mask = pad_batch([encoded[i].ids for i in batch], pad_id)
-        logprob = model.token_stats(ids, mask).token_logprob.double().cpu()
-        for row, i in enumerate(batch):
-            sums[i] = float(logprob[row, encoded[i].first : len(encoded[i].ids)].sum())
+
+    def plain(indices: list[int]) -> dict[int, float]:
+        out: dict[int, float] = {}
+        for batch in length_batches([len(encoded[i].ids) for i in indices], batch_tokens):
+            rows = [indices[j] for j in batch]
+            ids, mask = pad_batch([encoded[i].ids for i in rows], pad_id)
+            logprob = model.token_stats(ids, mask).token_logprob.double().cpu()
+            for row, i in enumerate(rows):
+                out[i] = float(logprob[row, encoded[i].first : len(encoded[i].ids)].sum())
+        return out
+
+    sums: dict[int, float] = {}
+    if share_context:
+        sums = _shared_prefix_sums(model, encoded, pad_id, plain)
+    sums.update(plain([i for i in range(len(encoded)) if i not in sums]))
     return [
-        ChoiceScore(float(s), len(e.ids) - e.first, e.boundary_token, e.truncated)
-        for s, e in zip(sums, encoded, strict=True)
+        ChoiceScore(sums[i], len(e.ids) - e.first, e.boundary_token, e.truncated)
+        for i, e in enumerate(encoded)
     ]
+
+
+def _shared_prefix_sums(
+    model: EvalModel, encoded: list[_Encoded], pad_id: int, plain: Callable[[list[int]], dict[int, float]]
+) -> dict[int, float]:
+    """Scores of the requests that share their unscored prefix with another request, computed one group at a
+    time through :meth:`EvalModel.continuation_logprobs`; ``{}`` when the model has no such path or the first
+    group disagrees with ``plain``."""
+    from alm_pipeline.modeling import self_check_tolerance
+
+    groups: dict[bytes, list[int]] = {}
+    for i, e in enumerate(encoded):
+        if not e.truncated and e.first >= 1:
+            groups.setdefault(e.ids[: e.first].tobytes(), []).append(i)
+    out: dict[int, float] = {}
+    checked = False
+    for group in (g for g in groups.values() if len(g) >= 2):
+        head = encoded[group[0]]
+        logprobs = model.continuation_logprobs(
+            head.ids[: head.first].tolist(),
+            [encoded[i].ids[encoded[i].first :].tolist() for i in group],
+            pad_id,
+        )
+        if logprobs is None:
+            return {}
+        values = {i: float(lp.double().sum()) for i, lp in zip(group, logprobs, strict=True)}
+        if not checked:
+            reference = plain(group)
+            tolerance = self_check_tolerance(model.dtype) * max(
+                len(encoded[i].ids) - encoded[i].first for i in group
+            )
+            if any(abs(values[i] - reference[i]) > tolerance for i in group):
+                return {}
+            checked = True
+        out.update(values)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------

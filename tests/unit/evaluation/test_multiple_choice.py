@@ -103,6 +103,55 @@ def test_choice_loglikelihoods_match_a_plain_forward(request, model_fixture):
         assert a.loglikelihood == pytest.approx(b.loglikelihood, rel=1e-5, abs=1e-5)
 
 
+# the choices of three questions: each question's prefix is run once (KV cache) for all its choices
+SHARED = (
+    [("Q: Is the sky blue?\nA: ", c) for c in ("Yes", "No", "It depends on the weather", "Café naïve 中文")]
+    + [("Statement: the cat sat\nPlausible/implausible? ", c) for c in ("plausible", "implausible")]
+    + [
+        ("The quick brown fox jum", c)
+        for c in ("ps over the lazy dog", "bled", " quietly")  # joins inside a word
+    ]
+)
+
+
+@pytest.mark.parametrize("model_fixture", ["llama_sp_model", "gpt2_bl_model", "bytes_model"])
+def test_shared_context_gives_the_plain_numbers(request, model_fixture):
+    model_dir = request.getfixturevalue(model_fixture)
+    model = load_eval_model(str(model_dir), max_logit_elements=3000)
+    calls: list[tuple[int, ...]] = []
+    hook = model.body.register_forward_pre_hook(
+        lambda mod, args, kwargs: calls.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
+    try:
+        shared = choice_loglikelihoods(model, SHARED, batch_tokens=64)
+    finally:
+        hook.remove()
+    # the two first questions ran their prefix once ([1, prefix]) and their choices once ([k, longest choice])
+    assert sum(1 for shape in calls if shape[0] == 1) >= 2
+    assert (4, max(s.tokens for s in shared[:4])) in calls
+    assert (2, max(s.tokens for s in shared[4:6])) in calls
+    plain = choice_loglikelihoods(model, SHARED, batch_tokens=64, share_context=False)
+    for (context, continuation), a, b in zip(SHARED, shared, plain, strict=True):
+        assert a.loglikelihood == pytest.approx(b.loglikelihood, rel=1e-5, abs=1e-4), (context, continuation)
+        assert (a.tokens, a.boundary_token) == (b.tokens, b.boundary_token)
+    ll, _, _, _ = reference_loglikelihood(model_dir, *SHARED[3])
+    assert shared[3].loglikelihood == pytest.approx(ll, rel=1e-5, abs=1e-4)
+
+
+def test_full_logits_models_are_scored_the_plain_way(llama_sp_model):
+    from alm_pipeline.evaluation.models import EvalModel
+    from alm_pipeline.pipeline.byteview import load_byte_view
+
+    model = AutoModelForCausalLM.from_pretrained(str(llama_sp_model), dtype=torch.float32)
+    model.config.logit_scale = 2.0  # a logit scale Llama's forward does not apply: the sliced head disagrees
+    wrapped = EvalModel(model, load_byte_view(llama_sp_model))
+    assert wrapped.lm_head == "full_logits" and wrapped.continuation_logprobs([1, 2], [[3], [4]]) is None
+    got = choice_loglikelihoods(wrapped, SHARED[:4])
+    for (context, continuation), score in zip(SHARED[:4], got, strict=True):
+        ll, _, _, _ = reference_loglikelihood(llama_sp_model, context, continuation)
+        assert score.loglikelihood == pytest.approx(ll, rel=1e-5, abs=1e-4)
+
+
 def test_left_truncation_keeps_the_choice(gpt2_bl_model):
     model = load_eval_model(str(gpt2_bl_model))
     context, continuation = "one two three four five six seven eight nine ten. Answer: ", "eleven"
