@@ -243,7 +243,7 @@ BIGBENCH = TaskDataSpec(
     sdist="bigbench-1.0.0.tar.gz",
     sha256="1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2",
     member_dir="bigbench-1.0.0/bigbench/benchmark_tasks",
-    tasks=("causal_judgment", "physical_intuition", "sports_understanding", "strategyqa"),
+    tasks=("phrase_relatedness", "similarities_abstraction", "social_iqa", "winowhy"),
     licence=(
         "Apache-2.0: the Apache-2.0 header of the sdist's setup.py (the sdist has no LICENSE file and its "
         "PKG-INFO says 'License: UNKNOWN'); the upstream repository google/BIG-bench is Apache-2.0"

@@ -126,7 +126,7 @@ def main() -> int:
             task = load_bigbench_task(spec)
             tasks.append(MCTask(task.name, task.examples[: args.examples], task.source))
         names = {task.name: write_lm_eval_task(task, workdir) for task in tasks}
-        header = f"{'model':<18} {'task':<22} {'choices':>7} {'max |Δll|':>10} {'acc ours/lm-eval':>17} {'acc/byte ours/lm-eval':>22} {'boundary':>8}"
+        header = f"{'model':<18} {'task':<26} {'choices':>7} {'max |Δll|':>10} {'acc ours/lm-eval':>17} {'acc/byte ours/lm-eval':>22} {'boundary':>8}"
         print(header)
         for model_name in args.models.split(","):
             t0 = time.time()
@@ -144,7 +144,7 @@ def main() -> int:
                 res = theirs["results"][names[task.name]]
                 r = ours[task.name]
                 print(
-                    f"{model_name:<18} {task.name:<22} {len(mine):>7} {diff:>10.2e} "
+                    f"{model_name:<18} {task.name:<26} {len(mine):>7} {diff:>10.2e} "
                     f"{r.accuracy:>8.3f}/{res['acc,none']:<8.3f} {r.accuracy_per_byte:>11.3f}/{res['acc_bytes,none']:<10.3f}"
                     f" {r.boundary_tokens:>8}"
                 )

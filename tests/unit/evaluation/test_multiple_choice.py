@@ -296,10 +296,13 @@ def test_binomial_stderr_and_subset(bytes_model):
 def test_installed_bigbench_tasks_load():
     for name in BIGBENCH.tasks:
         task = load_bigbench_task(name)
-        assert task.name == name and len(task.examples) >= 80
+        assert task.name == name and len(task.examples) >= 70
         assert all(len(ex.choices) >= 2 for ex in task.examples)
-    sports = load_bigbench_task("sports_understanding")
-    assert sports.examples[0].context == (
-        "Determine whether the following statement or statements are plausible or implausible:"
-        "\nStatement: Jamal Murray was perfect from the line\nPlausible/implausible? "
+    winowhy = load_bigbench_task("winowhy")
+    assert winowhy.examples[0].context == (
+        "Please answer the following questions about which words certain pronouns refer to.\n\nThe city "
+        "councilmen refused the demonstrators a permit because they feared violence. The 'they' refers to the "
+        "city councilmen because city councilmen are administrative so they are more likely to fear.\n"
+        "The above reasoning is "
     )
+    assert winowhy.examples[0].choices == ("correct", "incorrect") and winowhy.duplicates_dropped == 3
