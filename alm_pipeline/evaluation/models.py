@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -190,6 +190,50 @@ class EvalModel:
             # the model's own logits already include any soft-capping / scaling
             logits = self.model(input_ids=ids, attention_mask=mask).logits
             return student_token_stats(ids, self.boundary_mask, logits=logits, **common)
+
+    def continuation_logprobs(
+        self, prefix: Sequence[int], continuations: Sequence[Sequence[int]], pad_id: int = 0
+    ) -> list[torch.Tensor] | None:
+        """``log p`` (fp32) of every token of each continuation after a shared ``prefix`` of token ids: the
+        prefix runs through the body once and its KV cache serves all continuations (one batch). Returns one
+        ``[len(continuation)]`` tensor per continuation, or None where this path is not available (no sliced LM
+        head, or a model body that returns no cache it can repeat). Same numbers as :meth:`token_stats` of
+        ``prefix + continuation`` up to float rounding; callers check that once per model."""
+        if self.lm_head != "sliced" or not prefix or not continuations or min(map(len, continuations)) < 1:
+            return None
+        from alm_pipeline.modeling import pad_batch
+
+        with self._scoring():
+            context = torch.as_tensor(list(prefix), dtype=torch.long, device=self.device)[None]
+            first = self.body(input_ids=context, use_cache=True)
+            cache = getattr(first, "past_key_values", None)
+            if cache is None or not hasattr(cache, "batch_repeat_interleave"):
+                return None
+            k = len(continuations)
+            cache.batch_repeat_interleave(k)
+            ids, mask = pad_batch([list(c) for c in continuations], pad_id)
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            ones = torch.ones(k, 1, dtype=mask.dtype, device=self.device)
+            full_mask = torch.cat([ones.expand(k, len(prefix)), mask], dim=1)
+            hidden = self.body(
+                input_ids=ids, attention_mask=full_mask, past_key_values=cache, use_cache=False
+            ).last_hidden_state
+            # row i: the prefix's last position (it predicts the first continuation token), then the continuation
+            rows_ids = torch.cat([context[:, -1:].expand(k, 1), ids], dim=1)
+            rows_hidden = torch.cat([first.last_hidden_state[:, -1:].expand(k, 1, -1), hidden], dim=1)
+            head = SlicedHead.of_model(self.model, self.vocab)
+            stats = student_token_stats(
+                rows_ids,
+                self.boundary_mask,
+                hidden_states=rows_hidden,
+                lm_head_weight=head.weight,
+                lm_head_bias=head.bias,
+                logit_softcap=head.softcap,
+                attention_mask=torch.cat([ones, mask], dim=1),
+                slice_size=self.slice_size,
+                checkpoint_slices=False,
+            )
+            return [stats.token_logprob[i, 1 : 1 + len(c)] for i, c in enumerate(continuations)]
 
     def _sliced_path_matches(self) -> bool:
         """Whether the sliced LM-head path reproduces the model's own log-softmax."""
