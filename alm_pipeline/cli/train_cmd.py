@@ -21,7 +21,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def train(config: TrainConfig) -> None:
     """Distil a student from cached teacher likelihoods with Ray Train (ALM loss; the teacher is never loaded).
 
-    Defaults: binarised KL, τ = 100, debiasing and γ as stored in the aligned set, no next-token loss unless
+    Defaults: binarised KL, τ = 5, debiasing and γ as stored in the aligned set, no next-token loss unless
     --next-token-loss (then combined with ALM by GradMag; --no-alm --next-token-loss: next-token training
     alone, SFT), fp32 unless --bf16, Adam without weight decay, warm-up then linear decay. Writes checkpoints
     (Hugging Face folders + optimizer state) to OUTPUT/checkpoints, the final model to OUTPUT/final, and

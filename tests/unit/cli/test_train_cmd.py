@@ -19,7 +19,7 @@ def test_cli_help_documents_defaults():
     text = " ".join(out.output.split())
     for needle in (
         "binarised KL",
-        "τ = 100",
+        "τ = 5",
         "as stored in the aligned set",
         "--next-token-loss",
         "--bf16",

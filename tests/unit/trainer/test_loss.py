@@ -477,7 +477,7 @@ def test_config_validation():
         ALMLossConfig(tau=0.0)
     with pytest.raises(ValueError, match="eps"):
         ALMLossConfig(eps=0.0)
-    assert ALMLossConfig().distance == "binary_kl" and ALMLossConfig().tau == 100.0
+    assert ALMLossConfig().distance == "binary_kl" and ALMLossConfig().tau == 5.0
 
 
 # ------------------------------------------------------------------------------------------------ SFT
