@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from alm_pipeline.configs import option
+from alm_pipeline.configs import check_int, check_number, check_positive, option
 from alm_pipeline.pipeline.ray_utils import RayConfig
 from alm_pipeline.trainer.config import (
     CheckpointConfig,
@@ -68,15 +68,19 @@ class QuickstartConfig:
 
     def __post_init__(self) -> None:
         if not self.students:
-            raise ValueError("quickstart needs at least one student tokenizer")
-        for name in ("max_docs", "max_length", "steps", "batch_size", "eval_docs"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.eval_max_bytes < 64:
-            raise ValueError(f"eval_max_bytes must be >= 64, got {self.eval_max_bytes}")
+            raise ValueError("quickstart needs at least one student tokenizer (--student)")
+        if not self.output:
+            raise ValueError("--output must not be empty")
+        for name in ("max_docs", "steps", "batch_size", "eval_docs"):
+            check_int("--" + name.replace("_", "-"), getattr(self, name))
+        check_int("--max-length", self.max_length, minimum=2)
+        check_int("--eval-max-bytes", self.eval_max_bytes, minimum=64)
+        check_number("--gamma", self.gamma, 0, 1)
+        check_positive("--num-cpus-per-actor", self.num_cpus_per_actor)
+        check_positive("--lr", self.lr)
         if self.train_student is not None and self.train_student not in self.students:
             raise ValueError(
-                f"train_student {self.train_student!r} is not one of the student tokenizers "
+                f"--train-student {self.train_student!r} is not one of the student tokenizers "
                 f"({', '.join(self.students)}): it must be aligned first"
             )
 

@@ -57,9 +57,9 @@ def test_quickstart_settings_are_checked_before_anything_runs(tmp_path):
 
     with pytest.raises(ValueError, match="'gpt2-tokenizer' is not one of the student tokenizers .*bytes"):
         QuickstartConfig(students=("bytes",), train_student="gpt2-tokenizer")
-    with pytest.raises(ValueError, match="eval_max_bytes must be >= 64"):
+    with pytest.raises(ValueError, match="--eval-max-bytes must be an integer >= 64"):
         QuickstartConfig(eval_max_bytes=10)
-    with pytest.raises(ValueError, match="steps must be >= 1"):
+    with pytest.raises(ValueError, match="--steps must be an integer >= 1"):
         QuickstartConfig(steps=0)
     out = tmp_path / "never"
     result = runner.invoke(
@@ -67,6 +67,41 @@ def test_quickstart_settings_are_checked_before_anything_runs(tmp_path):
     )
     assert result.exit_code == 2 and "is not one of the student tokenizers" in result.output
     assert not out.exists()
+
+
+BAD_QUICKSTART_OPTIONS = [
+    (["--max-docs", "0"], "--max-docs must be an integer >= 1, got 0"),
+    (["--max-length", "1"], "--max-length must be an integer >= 2, got 1"),
+    (["--steps", "-3"], "--steps must be an integer >= 1, got -3"),
+    (["--batch-size", "0"], "--batch-size must be an integer >= 1, got 0"),
+    (["--eval-docs", "0"], "--eval-docs must be an integer >= 1, got 0"),
+    (["--eval-max-bytes", "10"], "--eval-max-bytes must be an integer >= 64, got 10"),
+    (["--gamma", "1.5"], "--gamma must be a number in [0, 1], got 1.5"),
+    (["--gamma", "nan"], "--gamma must be a number in [0, 1], got nan"),
+    (["--num-cpus-per-actor", "0"], "--num-cpus-per-actor must be a finite number > 0, got 0.0"),
+    (["--lr", "-1e-4"], "--lr must be a finite number > 0, got -0.0001"),
+    (["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
+    (["--output", ""], "--output must not be empty"),
+    (
+        ["--train-student", "gpt2-tokenizer"],
+        "--train-student 'gpt2-tokenizer' is not one of the student tokenizers",
+    ),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_QUICKSTART_OPTIONS)
+def test_quickstart_options_are_checked_before_anything_runs(tmp_path, args, message):
+    """Each bad quickstart option is a one-line CLI error (exit 2) naming it, before Ray starts or any folder is
+    made (before, --gamma 1.5, --lr -1e-4 and --num-cpus-per-actor 0 were accepted and failed later or not at all)."""
+    import ray
+
+    out = tmp_path / "never"
+    ray_before = ray.is_initialized()
+    base = ["quickstart", "--student", "bytes", "--output", str(out)]
+    result = runner.invoke(app, [*base, *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and len(result.output.strip().splitlines()) == 1, result.output
+    assert not out.exists() and ray.is_initialized() == ray_before
 
 
 BAD_TEACHER_CACHE_OPTIONS = [
