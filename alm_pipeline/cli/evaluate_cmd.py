@@ -42,9 +42,10 @@ __all__ = ["evaluate", "plot"]
     ],
 )
 def evaluate(config: EvalConfig, output_json: Path | None, as_json: bool) -> None:
-    """Bits per byte of causal LMs on text domains, the teacher's bits per byte from a cache, and chunk agreement
-    (mean |C_S - C_T|, binarised KL) between students and a cached teacher. Prints one table: a row per model,
-    a column per metric (bits_per_byte/DOMAIN, mean_abs_chunk_diff/ALIGNED, binarised_kl/ALIGNED).
+    """Bits per byte of causal LMs on text domains, the teacher's bits per byte from a cache, chunk agreement
+    (mean |C_S - C_T|, binarised KL) between students and a cached teacher, and zero-shot accuracy on BIG-bench
+    multiple-choice tasks (--task). Prints one table: a row per model (and a `chance` row with --task), a column
+    per metric (bits_per_byte/DOMAIN, mean_abs_chunk_diff/ALIGNED, binarised_kl/ALIGNED, accuracy/TASK).
 
     Bits per byte = Σ over every predicted token of -log2 p(token | previous tokens) / Σ of the UTF-8 bytes
     those tokens cover, pooled over the corpus. Every byte of a document is predicted: its first token from the

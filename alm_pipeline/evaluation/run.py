@@ -1,11 +1,12 @@
 """``alm-pipeline evaluate`` as a function: :class:`EvalConfig` says what to compute, :func:`run_evaluation`
 computes it for every model — bits per byte on every text domain, on a teacher cache's texts, chunk agreement
 with every aligned set whose student tokenizer the model uses — as one JSON-ready dict holding one model ×
-metric table (:class:`~alm_pipeline.evaluation.table.ResultTable`), and writes ``RUN_DIR/eval.json`` and
+metric table (:class:`~alm_pipeline.evaluation.table.ResultTable`), and zero-shot accuracy on multiple-choice
+tasks (:mod:`.multiple_choice`), and writes ``RUN_DIR/eval.json`` and
 ``RUN_DIR/eval.csv`` when asked (:data:`EVAL_FILE`, read back by :mod:`.plots`).
 
 Every input is checked before any model loads: option values in :class:`EvalConfig`, then (:func:`plan`) the
-model folders, the text sources, the cache and the aligned sets, and which models each aligned set applies to.
+model folders, the text sources, the multiple-choice tasks (read and checked), the cache and the aligned sets, and which models each aligned set applies to.
 """
 
 from __future__ import annotations
@@ -32,10 +33,18 @@ from alm_pipeline.evaluation.bits_per_byte import (
     model_bits_per_byte,
 )
 from alm_pipeline.evaluation.models import EvalError, load_eval_model, resolve_model_dir
+from alm_pipeline.evaluation.multiple_choice import (
+    MULTIPLE_CHOICE_CONVENTION,
+    MCTask,
+    load_bigbench_task,
+    score_tasks,
+)
 from alm_pipeline.evaluation.table import CSV_FILE, ResultTable, column
 from alm_pipeline.modeling import DTYPES
 
 __all__ = [
+    "ALL_BIGBENCH",
+    "CHANCE_ROW",
     "CSV_FILE",
     "EVAL_FILE",
     "TEACHER_ROW",
@@ -48,8 +57,11 @@ __all__ = [
 
 EVAL_FILE = "eval.json"
 TEACHER_ROW = "teacher (cache)"  # the table row of the teacher's bits per byte read from --cache
+CHANCE_ROW = "chance"  # the table row of each multiple-choice task's chance accuracy
+ALL_BIGBENCH = "bigbench"  # --task bigbench: every BIG-bench task the set-up step installs
 CACHE_TEXTS = "cache_texts"  # the bits-per-byte group of the cached texts
 BPB, ABS_DIFF, KL = "bits_per_byte", "mean_abs_chunk_diff", "binarised_kl"  # metric families
+ACCURACY = "accuracy"  # multiple-choice accuracy (argmax of the summed log-likelihood), one column per task
 _NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 _SUFFIXES = (".jsonl.gz", ".jsonl", ".json", ".parquet")
@@ -68,9 +80,9 @@ class EvalConfig:
     """What :func:`run_evaluation` computes; at least a model or a cache must be given.
 
     * ``model`` (repeatable, ``NAME=MODEL`` names the row): each model's bits per byte on every text domain
-      (``data`` and ``domains``; the bundled held-out plays when neither is given and there is no ``cache`` or
-      ``aligned``), on the cached texts (``cache_texts``), and its chunk agreement with every ``aligned`` set
-      whose student tokenizer it uses.
+      (``data`` and ``domains``; the bundled held-out plays when neither is given and there is no ``cache``,
+      ``aligned`` or ``tasks``), on the cached texts (``cache_texts``), its chunk agreement with every
+      ``aligned`` set whose student tokenizer it uses, and its zero-shot accuracy on every multiple-choice ``tasks`` entry.
     * ``cache``: the teacher's bits per byte read from the cache (no model needed), the ``teacher (cache)`` row.
     * ``run_dir``: also write ``run_dir/eval.json`` and ``run_dir/eval.csv``.
     """
@@ -86,7 +98,7 @@ class EvalConfig:
         "Texts for bits per byte, one domain per option, repeatable (NAME=SOURCE names it): a "
         ".jsonl/.json/.parquet file or folder (one corpus), or a text domain's held-out split: plays (the "
         "bundled held-out plays; also `heldout`), maths, code (installed by scripts/setup.sh). Default with "
-        "only --model: plays",
+        "only --model (no --cache, --aligned or --task): plays",
     )
     domains: str | None = option(
         None,
@@ -111,6 +123,16 @@ class EvalConfig:
         "of every --model whose tokenizer is its student tokenizer with the cached teacher: mean |C_S - C_T|, "
         "debiased mean |(C_S+σ_S) - (C_T+σ_T)|, binarised KL at τ=1",
     )
+    tasks: tuple[str, ...] = option(
+        (),
+        "Multiple-choice task, repeatable: a BIG-bench task.json file, the name of a task installed by "
+        "scripts/setup.sh (phrase_relatedness, similarities_abstraction, social_iqa, winowhy), or `bigbench` "
+        "for all of these. Zero-shot accuracy per task, with a `chance` row",
+        cli="task",
+    )
+    max_examples_per_task: int | None = option(
+        100, "Score at most N examples of each --task (BIG-bench's own subset, seed 42; 0: all)"
+    )
     max_length: int = option(
         1024, "Model tokens per document, special tokens included (longer ones are truncated)"
     )
@@ -125,13 +147,14 @@ class EvalConfig:
     run_dir: str | None = option(None, "Also write the result to RUN_DIR/eval.json and RUN_DIR/eval.csv")
 
     def __post_init__(self) -> None:
-        for name in ("model", "data", "aligned"):
+        for name in ("model", "data", "aligned", "tasks"):
             object.__setattr__(self, name, _as_tuple(getattr(self, name)))
         try:
             check_int("--max-length", self.max_length, minimum=2)
             check_int("--batch-tokens", self.batch_tokens)
             check_int("--max-logit-elements", self.max_logit_elements)
             check_int("--max-docs", self.max_docs, allow_none=True)
+            check_int("--max-examples-per-task", self.max_examples_per_task, minimum=0, allow_none=True)
             check_choice("--dtype", self.dtype, tuple(DTYPES))
         except ValueError as err:
             raise EvalError(str(err)) from None
@@ -146,7 +169,10 @@ class EvalConfig:
                     raise EvalError(f"{opt} {value!r}: expected SOURCE or NAME=SOURCE")
         if self.cache_texts and not self.cache:
             raise EvalError("--cache-texts needs a teacher cache (--cache)")
-        if (self.cache_texts or self.aligned or self.data or self.domains) and not self.model:
+        for task in self.tasks:
+            if not task.strip():
+                raise EvalError("--task must not be empty")
+        if (self.cache_texts or self.aligned or self.data or self.domains or self.tasks) and not self.model:
             what = next(
                 o
                 for o, v in (
@@ -154,6 +180,7 @@ class EvalConfig:
                     ("--domains", self.domains),
                     ("--aligned", self.aligned),
                     ("--cache-texts", self.cache_texts),
+                    ("--task", self.tasks),
                 )
                 if v
             )
@@ -201,6 +228,7 @@ class EvalPlan:
     domains: dict[str, tuple[str, str]]  # domain name → (source as given, path)
     aligned: dict[str, str]  # aligned-set name → path
     applies: dict[str, dict[str, str | None]]  # aligned name → {model name: None (applies) or why not}
+    tasks: dict[str, MCTask] = dataclasses.field(default_factory=dict)  # task name → its examples (all)
 
 
 def _domain_source(source: str, option_name: str) -> str:
@@ -216,6 +244,37 @@ def _domain_source(source: str, option_name: str) -> str:
             f"{option_name} {source}: no such file or directory (nor a text domain: plays, maths, code)"
         )
     return str(Path(source).expanduser())
+
+
+def _load_tasks(specs: tuple[str, ...]) -> dict[str, MCTask]:
+    """The multiple-choice tasks of ``--task`` by name (``bigbench`` expanded), each file read and checked."""
+    from alm_pipeline.assets import BIGBENCH
+
+    expanded: dict[str, str] = {}  # task spec → the --task value it comes from
+    for given in specs:
+        if given == ALL_BIGBENCH and not Path(given).exists():
+            for name in BIGBENCH.tasks:
+                expanded.setdefault(name, given)
+        else:
+            expanded.setdefault(given, given)
+    tasks: dict[str, MCTask] = {}
+    for spec, given in expanded.items():
+        where = f"--task {given}" if spec == given else f"--task {given} ({spec})"
+        if spec not in BIGBENCH.tasks and not Path(spec).expanduser().is_file():
+            raise EvalError(
+                f"{where}: no such task file, nor a task installed by the set-up step "
+                f"({', '.join(BIGBENCH.tasks)}), nor `{ALL_BIGBENCH}` for all of them"
+            )
+        try:
+            task = load_bigbench_task(spec)
+        except EvalError as err:
+            raise EvalError(f"{where}: {err}") from None
+        if task.name in tasks:
+            raise EvalError(
+                f"--task: two tasks are named {task.name!r} ({tasks[task.name].source} and {task.source})"
+            )
+        tasks[task.name] = task
+    return tasks
 
 
 def plan(config: EvalConfig) -> EvalPlan:
@@ -235,6 +294,8 @@ def plan(config: EvalConfig) -> EvalPlan:
             raise EvalError(f"--model {spec}: no such model folder (nor a Hugging Face Hub id ORG/NAME)")
     if config.cache and TEACHER_ROW in models:
         raise EvalError(f"--model: the row name {TEACHER_ROW!r} is the cache's teacher; choose another")
+    if config.tasks and CHANCE_ROW in models:
+        raise EvalError(f"--model: the row name {CHANCE_ROW!r} is the tasks' chance level; choose another")
 
     sources: list[tuple[str, str]] = []
     for value in config.data:
@@ -249,7 +310,7 @@ def plan(config: EvalConfig) -> EvalPlan:
                 f"--domains {config.domains}: not a folder holding .jsonl files (one per text domain)"
             )
         sources += [(_stem(f.name), str(f)) for f in files]
-    if not sources and config.model and not (config.cache or config.aligned):
+    if not sources and config.model and not (config.cache or config.aligned or config.tasks):
         sources = [("plays", HELDOUT)]
     domains = {
         name: (source, _domain_source(source, "--data"))
@@ -264,7 +325,8 @@ def plan(config: EvalConfig) -> EvalPlan:
         named.append((name or _stem(path), path))
     aligned = _unique("--aligned", named)
     applies = _match_aligned_sets(aligned, models)
-    return EvalPlan(models=models, domains=domains, aligned=aligned, applies=applies)
+    tasks = _load_tasks(config.tasks)
+    return EvalPlan(models=models, domains=domains, aligned=aligned, applies=applies, tasks=tasks)
 
 
 def _match_aligned_sets(
@@ -315,7 +377,9 @@ def run_evaluation(config: EvalConfig, progress: Callable[[str], None] | None = 
          "models": {row: {"model": {...},
                           "bits_per_byte": {domain: {"path", "max_length", <BitsPerByte>}},
                           "cache_texts": {"max_length", <BitsPerByte>, "gap_to_teacher"},
-                          "chunk_agreement": {aligned: {"aligned": {...}, <ChunkAgreement>} or {"skipped": why}}}},
+                          "chunk_agreement": {aligned: {"aligned": {...}, <ChunkAgreement>} or {"skipped": why}},
+                          "multiple_choice": {task: {"max_length", <MCResult>}}}},
+         "multiple_choice": {"convention", "max_examples", "tasks": {task: {"source", "examples", "chance"}}},
          "cache": {"path", "teacher", ..., <BitsPerByte>},
          "table": <ResultTable.to_json()>, "seconds": ...}
 
@@ -342,6 +406,17 @@ def run_evaluation(config: EvalConfig, progress: Callable[[str], None] | None = 
         "domains": {name: {"source": src, "path": path} for name, (src, path) in todo.domains.items()},
         "models": {},
     }
+    max_examples = config.max_examples_per_task or None  # 0 or None: every example
+    subsets = {name: task.subset(max_examples) for name, task in todo.tasks.items()}
+    if subsets:
+        result["multiple_choice"] = {
+            "convention": MULTIPLE_CHOICE_CONVENTION,
+            "max_examples": max_examples,
+            "tasks": {
+                name: {"source": task.source, "examples": len(task.examples), "chance": task.chance}
+                for name, task in subsets.items()
+            },
+        }
 
     teacher_bpb = None
     if config.cache:
@@ -402,10 +477,30 @@ def run_evaluation(config: EvalConfig, progress: Callable[[str], None] | None = 
             entry["chunk_agreement"][set_name] = {"aligned": info, **agreement.to_json()}
             table.add(row, column(ABS_DIFF, set_name), agreement.mean_abs_logprob_diff)
             table.add(row, column(KL, set_name), agreement.binarised_kl)
+        if todo.tasks:
+            entry["multiple_choice"] = {}
+            scores = score_tasks(
+                model,
+                list(todo.tasks.values()),
+                max_examples=max_examples,
+                max_length=max_length,
+                batch_tokens=config.batch_tokens,
+                progress=say,
+            )
+            for name, mc in scores.items():
+                entry["multiple_choice"][name] = {"max_length": max_length, **mc.to_json()}
+                table.add(row, column(ACCURACY, name), mc.accuracy)
         result["models"][row] = entry
         del model
         gc.collect()
 
+    for name, task in subsets.items():
+        table.add(CHANCE_ROW, column(ACCURACY, name), task.chance)
+    if subsets:
+        table.notes.append(
+            f"{ACCURACY}/TASK: zero-shot multiple-choice accuracy on at most {max_examples or 'all'} examples per "
+            f"task; the {CHANCE_ROW!r} row is the expected accuracy of a uniformly random choice"
+        )
     result["table"] = table.to_json()
     result["seconds"] = round(time.time() - t0, 3)
     return result

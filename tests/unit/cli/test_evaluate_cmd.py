@@ -131,6 +131,64 @@ def test_agreement_columns_for_the_models_that_use_the_student_tokenizer(
     assert "loading" not in res.output
 
 
+def _write_task(path: Path, n: int) -> Path:
+    """A BIG-bench JSON task of ``n`` distinct examples with 2 to 4 choices, one of them right."""
+    words = ["red", "green", "blue", "seven", "river", "quiet", "under", "lamp"]
+    examples = []
+    for i in range(n):
+        k = 2 + i % 3
+        choices = [f"{words[(i + j) % len(words)]} {j}" for j in range(k)]
+        scores = {c: 1 if j == i % k else 0 for j, c in enumerate(choices)}
+        examples.append(
+            {"input": f"Question {i}: which one follows {words[i % len(words)]}?", "target_scores": scores}
+        )
+    path.write_text(json.dumps({"examples": examples}))
+    return path
+
+
+def test_multiple_choice_columns_equal_score_tasks(gpt2_bl_model, llama_sp_model, tmp_path):
+    """--task adds an accuracy/TASK column per task: each model's value and JSON entry are score_tasks' result
+    computed directly on the same subset; a `chance` row holds each task's chance level; `plot` draws them."""
+    from alm_pipeline.evaluation.models import load_eval_model
+    from alm_pipeline.evaluation.multiple_choice import load_bigbench_task, score_tasks
+    from alm_pipeline.evaluation.plots import run_figures
+
+    tasks = [_write_task(tmp_path / "colours.json", 9), _write_task(tmp_path / "few.json", 3)]
+    out = tmp_path / "eval"
+    args = ["evaluate", "--model", f"gpt2={gpt2_bl_model}", "--model", f"llama={llama_sp_model}"]
+    args += ["--task", str(tasks[0]), "--task", str(tasks[1]), "--max-examples-per-task", "5"]
+    args += ["--max-length", "48", "--run-dir", str(out)]
+    res = runner.invoke(_app(), args)
+    assert res.exit_code == 0, res.output
+    result = json.loads((out / "eval.json").read_text())
+    table = ResultTable.from_json(result["table"])
+    assert table.columns == ["accuracy/colours", "accuracy/few"]
+    assert list(table.rows) == ["gpt2", "llama", "chance"]
+    loaded = [load_bigbench_task(t) for t in tasks]
+    for row, model_dir in (("gpt2", gpt2_bl_model), ("llama", llama_sp_model)):
+        direct = score_tasks(load_eval_model(str(model_dir)), loaded, max_examples=5, max_length=48)
+        for name, mc in direct.items():
+            assert table.value(row, f"accuracy/{name}") == mc.accuracy
+            assert result["models"][row]["multiple_choice"][name] == {"max_length": 48, **mc.to_json()}
+    assert result["models"]["gpt2"]["multiple_choice"]["colours"]["examples"] == 5  # the subset
+    assert result["models"]["gpt2"]["multiple_choice"]["few"]["examples"] == 3  # all of them
+    chance = {name: direct[name].chance for name in direct}
+    assert chance["colours"] != chance["few"]  # 2 to 4 choices: a different chance per task
+    assert {n: table.value("chance", f"accuracy/{n}") for n in chance} == chance
+    assert {n: t["chance"] for n, t in result["multiple_choice"]["tasks"].items()} == chance
+    assert any("chance" in note for note in table.notes) and "note:" in res.stdout
+
+    figures, _, _ = run_figures(out)
+    (ax,) = figures["eval_table"].axes
+    assert ax.get_ylabel() == "accuracy" and [t.get_text() for t in ax.get_xticklabels()] == [
+        "colours",
+        "few",
+    ]
+    assert [c.get_label() for c in ax.containers] == ["gpt2", "llama", "chance"]
+    heights = [p.get_height() for p in ax.containers[2].patches]
+    assert heights == [chance["colours"], chance["few"]]
+
+
 BAD_EVALUATE_OPTIONS = [
     (["--max-length", "1"], "--max-length must be an integer >= 2"),
     (["--batch-tokens", "0"], "--batch-tokens must be an integer >= 1"),
@@ -148,6 +206,17 @@ BAD_EVALUATE_OPTIONS = [
     (["--cache", "no-cache"], "--cache no-cache: not a teacher cache"),
     (["--cache-texts"], "--cache-texts needs a teacher cache (--cache)"),
     (["--aligned", "no-aligned"], "--aligned no-aligned:"),
+    (["--task", ""], "--task must not be empty"),
+    (["--task", "no-such-task"], "--task no-such-task: no such task file, nor a task installed"),
+    (["--task", "social_iqa"], "--task social_iqa: The BIG-bench task files are not installed"),
+    (
+        ["--task", "bigbench"],
+        "--task bigbench (phrase_relatedness): The BIG-bench task files are not installed",
+    ),
+    (["--task", "bad_task.json"], "--task bad_task.json: bad_task.json: expected a JSON object"),
+    (["--task", "ok.json", "--task", "./ok.json"], "--task: two tasks are named 'ok'"),
+    (["--task", "ok.json", "--model", "chance=MODEL"], "the row name 'chance' is the tasks' chance level"),
+    (["--max-examples-per-task", "-1"], "--max-examples-per-task must be an integer >= 0"),
 ]
 
 
@@ -161,7 +230,9 @@ def test_evaluate_options_are_checked_before_any_model_loads(
     monkeypatch.setenv("ALM_PIPELINE_HOME", str(tmp_path / "empty-home"))
     monkeypatch.chdir(tmp_path)
     (tmp_path / "EMPTY").mkdir()
-    args = [str(gpt2_bl_model) if a == "MODEL" else a for a in args]
+    (tmp_path / "bad_task.json").write_text("{}")
+    _write_task(tmp_path / "ok.json", 2)
+    args = [a.replace("MODEL", str(gpt2_bl_model)) for a in args]
     out = tmp_path / "never"
     res = runner.invoke(_app(), ["evaluate", "--model", str(gpt2_bl_model), "--run-dir", str(out), *args])
     assert res.exit_code == 2, res.output

@@ -6,7 +6,7 @@ import pytest
 
 from alm_pipeline.evaluation.bits_per_byte import model_bits_per_byte
 from alm_pipeline.evaluation.models import EvalError, load_eval_model
-from alm_pipeline.evaluation.run import EvalConfig, run_evaluation
+from alm_pipeline.evaluation.run import EvalConfig, plan, run_evaluation
 from tests.factories import write_texts
 
 
@@ -33,3 +33,19 @@ def test_config_and_input_errors(llama_sp_model, gpt2_bl_model, tmp_path):
     )
     with pytest.raises(EvalError, match="no predicted byte"):  # no BOS, no EOS: nothing predicts "x"
         run_evaluation(EvalConfig(model=str(bare), data=str(single)))
+
+
+def test_task_bigbench_means_every_installed_task(gpt2_bl_model):
+    """--task bigbench reads every task the set-up step installs (checked in plan, no model loaded); naming
+    one of them again adds nothing."""
+    from alm_pipeline.assets import BIGBENCH, task_data_installed
+
+    if not task_data_installed():
+        pytest.skip(
+            "the BIG-bench task files are not installed (python -m alm_pipeline.setup_assets prepare)"
+        )
+    todo = plan(EvalConfig(model=str(gpt2_bl_model), tasks=("winowhy", "bigbench")))
+    assert list(todo.tasks) == ["winowhy", *(t for t in BIGBENCH.tasks if t != "winowhy")]
+    assert all(len(task.examples) > 50 for task in todo.tasks.values())
+    with pytest.raises(EvalError, match=r"--task needs a model"):
+        EvalConfig(cache="c", tasks="bigbench")
