@@ -219,7 +219,8 @@ class LossConfig:
         "ALM distance: binary_kl (default), binary_ce, binary_tvd, binary_kl_tau_limit, abs_tau_limit",
     )
     tau: float = option(
-        5.0, "ALM temperature τ (default 5: the paper's ablation and our experiments; the paper's runs used 100)"
+        5.0,
+        "ALM temperature τ (default 5: the paper's ablation and our experiments; the paper's runs used 100)",
     )
     debias: bool | None = option(None, "Outcome-chunk debiasing (default: as stored in the aligned set)")
     next_token_loss: bool = option(
