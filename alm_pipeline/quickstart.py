@@ -100,7 +100,9 @@ class QuickstartResult:
             "== quickstart results ==",
             f"teacher cache   {c['path']}",
             f"                {c['docs']} docs, {c['tokens']} tokens, {c['bytes_per_token']} bytes/token on disk, "
-            f"teacher bits/byte {c['bits_per_byte']}",
+            f"teacher bits/byte {c['bits_per_byte']}"
+            # without a BOS the cache has no log-probability for a document's first token (see evaluate)
+            + ("" if c["tokenizer"]["prefix_ids"] else " (first token of each document not scored)"),
         ]
         for a in self.aligned:
             out.append(f"aligned set     {a['path']}")

@@ -118,6 +118,8 @@ class TeacherCache(ShardedDataset):
             "bytes_on_disk": totals["bytes_on_disk"],
             "bytes_per_token": round(totals["bytes_on_disk"] / tokens, 3),
             "mean_logprob": round(totals["sum_logprob"] / predicted, 5),
+            # over the tokens after each document's first (without a BOS nothing predicts the first one);
+            # `evaluate --model TEACHER` scores every byte
             "bits_per_byte": round(bits / max(totals["predicted_bytes"], 1), 5),
             "boundary_tokens": self.manifest["boundary_tokens"]["count"],
         }
