@@ -13,6 +13,25 @@ from alm_pipeline.trainer.forward import StudentForward, micro_batch_token_stats
 from alm_pipeline.trainer.runtime import read_aligned_rows
 
 
+def _stats_and_grads(fn, kw, ids, boundary, mask, softcap, tensors, objective):
+    """``fn``'s token statistics of fresh leaf copies of ``tensors`` (hidden, LM-head weight, bias) and the
+    gradients of ``objective(stats)`` with respect to them."""
+    hidden, weight, bias = (t.clone().requires_grad_() for t in tensors)
+    st = fn(
+        ids,
+        boundary,
+        hidden_states=hidden,
+        lm_head_weight=weight,
+        lm_head_bias=bias,
+        attention_mask=mask,
+        logit_softcap=softcap,
+        slice_size=4,
+        **kw,
+    )
+    objective(st).backward()
+    return st, hidden.grad, weight.grad, bias.grad
+
+
 @pytest.mark.parametrize("keep_probs", [False, True])
 @pytest.mark.parametrize("softcap", [None, 3.0])
 def test_fused_token_stats_equal_reference_values_and_gradients(keep_probs, softcap):
@@ -33,22 +52,19 @@ def test_fused_token_stats_equal_reference_values_and_gradients(keep_probs, soft
     bias0 = torch.randn(vocab + 5, generator=gen, dtype=torch.float64)
     w_lp = torch.randn(bsz, seq, generator=gen, dtype=torch.float64)
     w_sig = torch.randn(bsz, seq, generator=gen, dtype=torch.float64)
-    results = []
-    for fn, kw in ((student_token_stats, {}), (fused_token_stats, {"keep_probs": keep_probs})):
-        hidden, weight, bias = (t.clone().requires_grad_() for t in (hidden0, weight0, bias0))
-        st = fn(
+    results = [
+        _stats_and_grads(
+            fn,
+            kw,
             ids,
             boundary,
-            hidden_states=hidden,
-            lm_head_weight=weight,
-            lm_head_bias=bias,
-            attention_mask=mask,
-            logit_softcap=softcap,
-            slice_size=4,
-            **kw,
+            mask,
+            softcap,
+            (hidden0, weight0, bias0),
+            lambda st: (st.token_logprob * w_lp).sum() + (st.boundary_logprob * w_sig).sum(),
         )
-        ((st.token_logprob * w_lp).sum() + (st.boundary_logprob * w_sig).sum()).backward()
-        results.append((st, hidden.grad, weight.grad, bias.grad))
+        for fn, kw in ((student_token_stats, {}), (fused_token_stats, {"keep_probs": keep_probs}))
+    ]
     (ref, *ref_grads), (got, *got_grads) = results
     assert torch.equal(ref.token_mask, got.token_mask) and torch.equal(ref.position_mask, got.position_mask)
     torch.testing.assert_close(got.token_logprob.double(), ref.token_logprob.double(), atol=1e-5, rtol=1e-5)
@@ -79,25 +95,15 @@ def test_fused_token_logprobs_without_sigma_equal_reference(keep_probs, softcap)
         torch.randn(vocab + 5, generator=gen, dtype=torch.float64),
     )
     w_lp = torch.randn(bsz, seq, generator=gen, dtype=torch.float64)
-    results = []
-    for fn, kw in (
-        (student_token_stats, {}),
-        (fused_token_stats, {"keep_probs": keep_probs, "boundary_logprobs": False}),
-    ):
-        hidden, weight, bias = (t.clone().requires_grad_() for t in tensors)
-        st = fn(
-            ids,
-            boundary,
-            hidden_states=hidden,
-            lm_head_weight=weight,
-            lm_head_bias=bias,
-            attention_mask=mask,
-            logit_softcap=softcap,
-            slice_size=4,
-            **kw,
+    results = [
+        _stats_and_grads(
+            fn, kw, ids, boundary, mask, softcap, tensors, lambda st: (st.token_logprob * w_lp).sum()
         )
-        (st.token_logprob * w_lp).sum().backward()
-        results.append((st, hidden.grad, weight.grad, bias.grad))
+        for fn, kw in (
+            (student_token_stats, {}),
+            (fused_token_stats, {"keep_probs": keep_probs, "boundary_logprobs": False}),
+        )
+    ]
     (ref, *ref_grads), (got, *got_grads) = results
     assert got.boundary_logprob is None and ref.boundary_logprob is not None
     assert torch.equal(ref.token_mask, got.token_mask)
