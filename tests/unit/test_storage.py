@@ -1,0 +1,49 @@
+"""alm_pipeline.storage against a local folder and a real S3 server (SeaweedFS)."""
+
+from __future__ import annotations
+
+import pytest
+
+from alm_pipeline.storage import StorageError, location
+
+
+def test_local_paths_and_file_uris_are_the_same_location(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert location("out/x").uri == str(tmp_path / "out" / "x")
+    assert location(f"file://{tmp_path}/out/x").uri == str(tmp_path / "out" / "x")
+    assert location("out/x").is_local
+
+
+@pytest.mark.parametrize("uri", ["hdfs://nn/path", "ftp://host/x", "http://host/x"])
+def test_unknown_scheme_refused_naming_the_uri(uri):
+    with pytest.raises(StorageError, match="unsupported URI scheme"):
+        location(uri)
+
+
+def test_s3_round_trip_and_no_local_folder(s3_bucket, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root = location(f"{s3_bucket}/data/set")
+    assert root.uri == f"{s3_bucket}/data/set" and not root.is_local
+    (root / "manifest.json").write_json({"a": 1})
+    (root / "shards" / "x.bin").write_bytes(b"\x00" * 10)
+    assert (root / "manifest.json").read_json() == {"a": 1}
+    assert (root / "shards" / "x.bin").size() == 10
+    assert [root.child(i).uri for i in root.list(recursive=True) if i.is_file] == [
+        f"{s3_bucket}/data/set/manifest.json",
+        f"{s3_bucket}/data/set/shards/x.bin",
+    ]
+    root.remove_tree()
+    assert not (root / "manifest.json").exists()
+    assert not any(p.name.startswith("s3:") for p in tmp_path.rglob("*"))
+
+
+def test_unreachable_endpoint_is_a_clear_error(monkeypatch):
+    from alm_pipeline import storage
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    storage._filesystem.cache_clear()
+    with pytest.raises(StorageError, match=r"s3://bucket/x: cannot .*cannot reach 127\.0\.0\.1:9"):
+        location("s3://bucket/x").exists()
+    storage._filesystem.cache_clear()
