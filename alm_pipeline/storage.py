@@ -315,3 +315,77 @@ def location(value: str | os.PathLike[str] | Location) -> Location:
     fs_path = parsed.netloc + ("/" + key if key else "")
     canonical = f"{'gs' if scheme == 'gcs' else scheme}://{fs_path}"
     return Location(canonical, "s3" if scheme == "s3" else "gs", fs_path, _filesystem(scheme))
+
+
+# ------------------------------------------------------------------------------------------ local copies
+
+
+def _listing(loc: Location) -> list[tuple[str, int, str]]:
+    """(relative path, size, mtime) of every file under ``loc`` (or of ``loc`` itself when it is a file)."""
+    info = loc.info()
+    if info.type == pafs.FileType.File:
+        return [("", int(info.size), str(info.mtime))]
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"{loc.uri}: no such file or folder")
+    base = len(loc.path.rstrip("/")) + 1
+    return [(i.path[base:], int(i.size), str(i.mtime)) for i in loc.list(recursive=True) if i.is_file]
+
+
+def local_copy(
+    value: str | os.PathLike[str] | Location, cache_dir: str | os.PathLike[str] | None = None
+) -> Path:
+    """A local path holding the file or folder ``value``: itself when it is local, else a copy downloaded into
+    ``cache_dir`` (default ``$ALM_PIPELINE_HOME/remote-cache`` or ``~/.cache/alm-pipeline/remote``) and reused
+    while the remote listing (names, sizes, modification times) is unchanged. For inputs that libraries can
+    only read from a local disk (Hugging Face model folders, evaluation text files)."""
+    import hashlib
+
+    loc = location(value)
+    if loc.is_local:
+        return loc.local_path
+    listing = _listing(loc)
+    root = Path(
+        cache_dir
+        or (
+            Path(os.environ["ALM_PIPELINE_HOME"]) / "remote-cache"
+            if os.environ.get("ALM_PIPELINE_HOME")
+            else Path.home() / ".cache" / "alm-pipeline" / "remote"
+        )
+    )
+    key = hashlib.sha256(loc.uri.encode()).hexdigest()[:16]
+    folder = root / key
+    target = folder / (loc.name or "data")
+    stamp = folder / "listing.json"
+    wanted = json.dumps(listing)
+    if stamp.is_file() and stamp.read_text() == wanted and target.exists():
+        return target
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        if listing == [] or listing[0][0] != "":  # a folder
+            target.mkdir()
+            for rel, _size, _mtime in listing:
+                dest = target / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_bytes(loc.join(rel).read_bytes())
+        else:
+            target.write_bytes(loc.read_bytes())
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    stamp.write_text(wanted)
+    return target
+
+
+def upload_folder(local: str | os.PathLike[str], dest: str | os.PathLike[str] | Location) -> Location:
+    """Copy the local folder ``local`` to ``dest`` file by file (each an atomic write), replacing what is there;
+    returns ``dest``. On a local ``dest`` this is a plain copy."""
+    src = Path(local)
+    loc = location(dest)
+    loc.remove_tree()
+    loc.mkdir()
+    for path in sorted(p for p in src.rglob("*") if p.is_file()):
+        loc.join(path.relative_to(src).as_posix()).write_bytes(path.read_bytes())
+    return loc

@@ -28,7 +28,9 @@ __all__ = ["evaluate", "plot"]
         inspect.Parameter(
             "output_json",
             inspect.Parameter.KEYWORD_ONLY,
-            annotation=Annotated[Path | None, typer.Option(help="Also write the JSON result to this file")],
+            annotation=Annotated[
+                str | None, typer.Option(help="Also write the JSON result to this file (path or URI)")
+            ],
             default=None,
         ),
         inspect.Parameter(
@@ -41,7 +43,7 @@ __all__ = ["evaluate", "plot"]
         ),
     ],
 )
-def evaluate(config: EvalConfig, output_json: Path | None, as_json: bool) -> None:
+def evaluate(config: EvalConfig, output_json: str | None, as_json: bool) -> None:
     """Bits per byte of causal LMs on text domains, the teacher's bits per byte from a cache, chunk agreement
     (mean |C_S - C_T|, binarised KL) between students and a cached teacher, and zero-shot accuracy on BIG-bench
     multiple-choice tasks (--task). Prints one table: a row per model (and a `chance` row with --task), a column
@@ -62,7 +64,7 @@ def evaluate(config: EvalConfig, output_json: Path | None, as_json: bool) -> Non
 
     try:
         result = run_evaluation(config, progress=_say)
-    except (EvalError, OutputError, ValueError, FileNotFoundError) as err:
+    except (EvalError, OutputError, ValueError, OSError) as err:
         _fail(str(err))
     if output_json:
         write_json(output_json, result)

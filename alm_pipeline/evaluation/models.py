@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,10 @@ def resolve_model_dir(spec: str | os.PathLike[str]) -> tuple[str, str]:
     4. anything else that does not exist is returned unchanged (a hub name; loading it needs the network).
     """
     from alm_pipeline.assets import resolve_model
+    from alm_pipeline.storage import is_uri, location
 
+    if is_uri(spec) and not location(spec).is_local:
+        return _remote_model_dir(str(spec))
     try:
         path_str = resolve_model(spec)
     except FileNotFoundError as err:
@@ -88,6 +92,35 @@ def resolve_model_dir(spec: str | os.PathLike[str]) -> tuple[str, str]:
         )
     listing = ", ".join(str(p.relative_to(path)) for p in found[:10])
     raise EvalError(f"{path}: several model folders inside ({listing}); pass the one to evaluate")
+
+
+def _remote_model_dir(uri: str) -> tuple[str, str]:
+    """A model folder on object storage (``s3://``, ``gs://``) by the rules of :func:`resolve_model_dir` (the folder,
+    its ``final/``, its newest checkpoint with a ``config.json``), downloaded to a local copy that Hugging Face
+    can load (:func:`alm_pipeline.storage.local_copy`, reused while unchanged)."""
+    from alm_pipeline.storage import StorageError, local_copy, location
+
+    loc = location(uri)
+    try:
+        if (loc / "config.json").is_file():
+            return str(local_copy(loc)), "model folder (downloaded)"
+        if (loc / FINAL_DIR / "config.json").is_file():
+            return str(local_copy(loc / FINAL_DIR)), f"{FINAL_DIR}/ of the run directory (downloaded)"
+        run = loc.parent if loc.name == CHECKPOINTS_DIR else loc
+        steps = []
+        for info in (run / CHECKPOINTS_DIR).list():
+            match = re.fullmatch(r"checkpoint-(\d+)", info.base_name)
+            if match and (run / CHECKPOINTS_DIR / info.base_name / "config.json").is_file():
+                steps.append((int(match.group(1)), info.base_name))
+    except StorageError as err:
+        raise EvalError(str(err)) from None
+    if not steps:
+        raise EvalError(f"{uri}: no model here — no config.json, no final/ and no checkpoint with one")
+    step, name = max(steps)
+    return (
+        str(local_copy(run / CHECKPOINTS_DIR / name)),
+        f"latest checkpoint of the run directory (step {step}, downloaded)",
+    )
 
 
 class EvalModel:

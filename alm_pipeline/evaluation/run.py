@@ -41,6 +41,7 @@ from alm_pipeline.evaluation.multiple_choice import (
 )
 from alm_pipeline.evaluation.table import CSV_FILE, ResultTable, column
 from alm_pipeline.modeling import DTYPES
+from alm_pipeline.storage import StorageError, is_uri, local_copy, location
 
 __all__ = [
     "ALL_BIGBENCH",
@@ -239,6 +240,11 @@ def _domain_source(source: str, option_name: str) -> str:
             return domain_path("plays" if source == HELDOUT else source, "heldout")
         except AssetNotInstalledError as err:
             raise EvalError(f"{option_name} {source}: {err}") from None
+    if is_uri(source) and not location(source).is_local:  # object storage: a local copy to read
+        try:
+            return str(local_copy(source))
+        except (StorageError, FileNotFoundError) as err:
+            raise EvalError(f"{option_name} {source}: {err}") from None
     if not Path(source).expanduser().exists():
         raise EvalError(
             f"{option_name} {source}: no such file or directory (nor a text domain: plays, maths, code)"
@@ -260,6 +266,11 @@ def _load_tasks(specs: tuple[str, ...]) -> dict[str, MCTask]:
     tasks: dict[str, MCTask] = {}
     for spec, given in expanded.items():
         where = f"--task {given}" if spec == given else f"--task {given} ({spec})"
+        if is_uri(spec) and not location(spec).is_local:
+            try:
+                spec = str(local_copy(spec))
+            except (StorageError, FileNotFoundError) as err:
+                raise EvalError(f"{where}: {err}") from None
         if spec not in BIGBENCH.tasks and not Path(spec).expanduser().is_file():
             raise EvalError(
                 f"{where}: no such task file, nor a task installed by the set-up step "
@@ -304,6 +315,11 @@ def plan(config: EvalConfig) -> EvalPlan:
         sources.append((name or default, source))
     if config.domains:
         folder = Path(config.domains).expanduser()
+        if is_uri(config.domains) and not location(config.domains).is_local:
+            try:
+                folder = local_copy(config.domains)
+            except (StorageError, FileNotFoundError) as err:
+                raise EvalError(f"--domains {config.domains}: {err}") from None
         files = sorted(folder.glob("*.jsonl")) if folder.is_dir() else []
         if not files:
             raise EvalError(
@@ -317,7 +333,7 @@ def plan(config: EvalConfig) -> EvalPlan:
         for name, source in _unique("--data", sources).items()
     }
 
-    if config.cache and not (Path(config.cache) / "manifest.json").is_file():
+    if config.cache and not _is_file(location(config.cache) / "manifest.json"):
         raise EvalError(f"--cache {config.cache}: not a teacher cache (no manifest.json)")
     named = []
     for value in config.aligned:
@@ -359,14 +375,18 @@ def _match_aligned_sets(
     return out
 
 
-def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
-    """Write ``obj`` as indented JSON, atomically (temporary file + rename)."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    os.replace(tmp, out)
-    return out
+def _is_file(loc) -> bool:
+    try:
+        return loc.is_file()
+    except StorageError as err:
+        raise EvalError(str(err)) from None
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> str:
+    """Write ``obj`` as indented JSON, atomically, to a local path or an object-storage URI; returns where."""
+    out = location(path)
+    out.write_bytes((json.dumps(obj, indent=2, allow_nan=False) + "\n").encode("utf-8"))
+    return out.uri
 
 
 def run_evaluation(config: EvalConfig, progress: Callable[[str], None] | None = None) -> dict:
@@ -393,8 +413,8 @@ def run_evaluation(config: EvalConfig, progress: Callable[[str], None] | None = 
         plan(config)  # every option and input checked before the lock creates the folder
         with output_lock(config.run_dir, "evaluate"):
             result = run_evaluation(dataclasses.replace(config, run_dir=None), progress)
-            out = write_json(Path(config.run_dir) / EVAL_FILE, result)
-            ResultTable.from_json(result["table"]).write_csv(Path(config.run_dir) / CSV_FILE)
+            out = write_json(location(config.run_dir) / EVAL_FILE, result)
+            ResultTable.from_json(result["table"]).write_csv(location(config.run_dir) / CSV_FILE)
         (progress or (lambda msg: None))(f"wrote {out} and {CSV_FILE}")
         return result
     say = progress or (lambda msg: None)

@@ -14,7 +14,6 @@ import io
 import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 __all__ = ["CSV_FILE", "ResultTable", "column", "split_column"]
 
@@ -84,14 +83,13 @@ class ResultTable:
             )
         return out.getvalue()
 
-    def write_csv(self, path: str | os.PathLike[str]) -> Path:
-        """Write :meth:`to_csv` atomically (temporary file + rename)."""
-        out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(self.to_csv(), encoding="utf-8")
-        os.replace(tmp, out)
-        return out
+    def write_csv(self, path: str | os.PathLike[str]) -> str:
+        """Write :meth:`to_csv` atomically to a local path or an object-storage URI; returns where."""
+        from alm_pipeline.storage import location
+
+        out = location(path)
+        out.write_bytes(self.to_csv().encode("utf-8"))
+        return out.uri
 
     def to_text(self, digits: int = 4) -> str:
         """A Markdown table (models down, metrics across; ``-`` where there is no value), then the notes."""

@@ -47,3 +47,25 @@ def test_unreachable_endpoint_is_a_clear_error(monkeypatch):
     with pytest.raises(StorageError, match=r"s3://bucket/x: cannot .*cannot reach 127\.0\.0\.1:9"):
         location("s3://bucket/x").exists()
     storage._filesystem.cache_clear()
+
+
+def test_local_copy_and_upload_round_trip(s3_bucket, tmp_path):
+    from alm_pipeline.storage import local_copy, upload_folder
+
+    src = tmp_path / "model"
+    (src / "sub").mkdir(parents=True)
+    (src / "config.json").write_text('{"a": 1}')
+    (src / "sub" / "w.bin").write_bytes(b"\x01" * 1000)
+    remote = upload_folder(src, f"{s3_bucket}/runs/r1/final")
+    assert (remote / "sub" / "w.bin").size() == 1000
+    copy = local_copy(remote, tmp_path / "cache")
+    assert (copy / "config.json").read_text() == '{"a": 1}'
+    assert (copy / "sub" / "w.bin").read_bytes() == b"\x01" * 1000
+    mtime = (copy / "config.json").stat().st_mtime_ns
+    assert local_copy(remote, tmp_path / "cache") == copy  # unchanged listing: reused, not downloaded again
+    assert (copy / "config.json").stat().st_mtime_ns == mtime
+    (remote / "config.json").write_bytes(b'{"a": 22}')  # changed remote: downloaded again
+    assert (local_copy(remote, tmp_path / "cache") / "config.json").read_text() == '{"a": 22}'
+    single = local_copy(remote / "config.json", tmp_path / "cache")
+    assert single.is_file() and single.read_text() == '{"a": 22}'
+    assert local_copy(str(src)) == src  # a local path is itself
