@@ -49,6 +49,9 @@ def ensure_ray(config: RayConfig = RayConfig()) -> None:
         return
     address = config.address or os.environ.get("RAY_ADDRESS") or None
     common = {"log_to_driver": config.log_to_driver, "logging_level": logging.WARNING}
+    storage_env = worker_storage_env()
+    if storage_env:  # workers reach the same buckets as the driver (credentials, endpoint, region)
+        common["runtime_env"] = {"env_vars": storage_env}
     # Workers must find this package: it is installed in the environment (pip install -e .), so no
     # runtime_env is needed locally; on a cluster the image or runtime_env provides it.
     if address:
@@ -62,6 +65,18 @@ def ensure_ray(config: RayConfig = RayConfig()) -> None:
     else:
         ray.init(num_cpus=config.num_cpus, object_store_memory=config.object_store_memory, **common)
     configure_ray_data()
+
+
+def worker_storage_env() -> dict[str, str]:
+    """The driver's object-storage settings that Ray workers need to open the same ``s3://``/``gs://`` URIs:
+    the ``AWS_*`` variables (keys, endpoint, region, profile) and Google's credential variables. Passed to
+    the workers as the job's ``runtime_env`` when Ray is started or joined (``ray.init``), so set them, or
+    ``--s3-endpoint``, before the first Ray work of a process."""
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if k.startswith("AWS_") or k in ("GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_CLOUD_PROJECT")
+    }
 
 
 class RayConnectionError(ValueError):
