@@ -49,6 +49,8 @@ def ensure_ray(config: RayConfig = RayConfig()) -> None:
         return
     address = config.address or os.environ.get("RAY_ADDRESS") or None
     common = {"log_to_driver": config.log_to_driver, "logging_level": logging.WARNING}
+    if storage_env():  # workers on other nodes do not inherit this process's environment
+        common["runtime_env"] = {"env_vars": storage_env()}
     # Workers must find this package: it is installed in the environment (pip install -e .), so no
     # runtime_env is needed locally; on a cluster the image or runtime_env provides it.
     if address:
@@ -62,6 +64,19 @@ def ensure_ray(config: RayConfig = RayConfig()) -> None:
     else:
         ray.init(num_cpus=config.num_cpus, object_store_memory=config.object_store_memory, **common)
     configure_ray_data()
+
+
+def storage_env() -> dict[str, str]:
+    """The storage variables of this process's environment (``AWS_*``: endpoint, credentials, region) that Ray
+    workers need to reach the same ``s3://`` locations."""
+    return {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+
+
+def worker_options() -> dict:
+    """Ray remote options that give a task or actor this process's storage variables (needed when Ray was
+    started before they were set, e.g. by ``--s3-endpoint`` or a test)."""
+    env = storage_env()
+    return {"runtime_env": {"env_vars": env}} if env else {}
 
 
 class RayConnectionError(ValueError):

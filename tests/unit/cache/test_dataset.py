@@ -5,6 +5,7 @@ dataset base (alm_pipeline.cache.dataset)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -136,33 +137,51 @@ def test_written_shards_verify_and_read_back(tmp_path):
     assert AlignedSet.pending_shards(root, len(tables)) == []
     assert AlignedSet.finished_shards(root, len(tables)) == infos
     AlignedSet.write_manifest(root, AlignedSet.new_manifest("complete", identity, len(tables), infos))
-    aligned = open_aligned_set(root)  # verifies checksums and schema
+    aligned = open_aligned_set(root)  # checks every shard's presence and size
     assert [t.equals(w) for t, w in zip(aligned.iter_tables(), tables, strict=True)] == [True] * 3
+    assert aligned.shards == infos and aligned.shard_info(2) == infos[2]
+    assert aligned.shard_location(1).uri == f"{root}/shards/shard-00000001.parquet"
 
     store.shard_path(root, 1).write_bytes(b"corrupt")
     assert AlignedSet.pending_shards(root, len(tables)) == [1]
-    with pytest.raises(CacheIntegrityError, match="shard-00001.parquet: shard missing or unverified"):
+    with pytest.raises(CacheIntegrityError, match="shard-00000001.parquet: shard missing or unverified"):
         AlignedSet.finished_shards(root, len(tables))
+    with pytest.raises(CacheIntegrityError, match=r"shard-00000001.parquet: 7 bytes, the manifest says \d+"):
+        open_aligned_set(root)
 
 
 @pytest.mark.parametrize("entry", ["../outside.parquet", "ABSOLUTE", "shards/../../outside.parquet"])
-def test_manifest_entries_that_leave_the_dataset_are_refused(tmp_path, entry):
-    """A manifest whose shard entry points outside the dataset folder (to a file with the right checksum, so
-    nothing else would notice) is refused by name: readers never open files the dataset does not hold."""
+def test_index_entries_that_leave_the_dataset_are_refused(tmp_path, entry):
+    """A shard index whose entry points outside the dataset folder (to a file with the right checksum, so
+    nothing else would notice; the manifest names the crafted index with its checksum) is refused by name:
+    readers never open files the dataset does not hold."""
     rng = np.random.default_rng(0)
     root = tmp_path / "data" / "set"
     table = _aligned_rows(4, rng)
     identity = {"format_version": ALIGNED_FORMAT_VERSION}
     AlignedSet.write_manifest(root, AlignedSet.new_manifest("in_progress", identity, 1, []))
     info = AlignedSet.write_shard(root, 0, table, stats={})
-    manifest = AlignedSet.new_manifest("complete", identity, 1, [info])
-    AlignedSet.write_manifest(root, manifest)
+    AlignedSet.write_manifest(root, AlignedSet.new_manifest("complete", identity, 1, [info]))
     assert open_aligned_set(root).iter_tables().__next__().equals(table)
 
     outside = tmp_path / "data" / "outside.parquet"
     outside.write_bytes(store.shard_path(root, 0).read_bytes())  # same bytes: the checksum would match
     name = str(outside) if entry == "ABSOLUTE" else entry
-    manifest["shards"][0]["file"] = name
+    manifest = json.loads((root / store.MANIFEST).read_text())
+    manifest["shard_index"] = store.write_shard_index(root, [dataclasses.replace(info, file=name)])
     (root / store.MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(CacheIntegrityError, match=r"manifest.json: shard entry .* leaves the dataset folder"):
+    with pytest.raises(CacheIntegrityError, match=r"shard entry .* leaves the dataset folder"):
+        open_aligned_set(root)
+
+
+def test_an_altered_shard_index_is_refused(tmp_path):
+    root = tmp_path / "set"
+    identity = {"format_version": ALIGNED_FORMAT_VERSION}
+    info = AlignedSet.write_shard(root, 0, _aligned_rows(3, np.random.default_rng(1)), stats={})
+    AlignedSet.write_manifest(root, AlignedSet.new_manifest("complete", identity, 1, [info]))
+    store.write_shard_index(root, [info, dataclasses.replace(info, index=1)])  # not what the manifest names
+    with pytest.raises(CacheIntegrityError, match=r"shards.parquet: does not match manifest.json"):
+        open_aligned_set(root)
+    (root / store.SHARD_INDEX).unlink()
+    with pytest.raises(CacheIntegrityError, match=r"shards.parquet: the shard index named in manifest.json is missing"):
         open_aligned_set(root)

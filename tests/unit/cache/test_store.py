@@ -22,7 +22,7 @@ def test_shards_markers_and_manifests_get_the_users_umask(tmp_path):
         os.umask(old)
     for path, mode in (
         (tmp_path / info.file, 0o644),
-        (store.marker_path(tmp_path, 0), 0o644),
+        (store.marker_path(tmp_path, 0).local_path, 0o644),
         (tmp_path / store.MANIFEST, 0o644),
         (tmp_path / "group.json", 0o640),
     ):
