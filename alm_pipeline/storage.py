@@ -33,6 +33,7 @@ __all__ = [
     "StorageError",
     "is_uri",
     "location",
+    "require_bucket",
     "set_s3_endpoint",
 ]
 
@@ -315,3 +316,19 @@ def location(value: str | os.PathLike[str] | Location) -> Location:
     fs_path = parsed.netloc + ("/" + key if key else "")
     canonical = f"{'gs' if scheme == 'gcs' else scheme}://{fs_path}"
     return Location(canonical, "s3" if scheme == "s3" else "gs", fs_path, _filesystem(scheme))
+
+
+def require_bucket(value: str | os.PathLike[str] | Location) -> Location:
+    """``value`` as a location whose storage answers: on an object store its bucket must exist (some stores,
+    SeaweedFS among them, create a missing bucket on the first write, which would hide a typo). An unreachable
+    endpoint or refused credentials raise :class:`StorageError` naming the URI. Cheap: one request."""
+    loc = location(value)
+    if not loc.is_local:
+        bucket = location(f"{loc.scheme}://{loc.path.split('/', 1)[0]}")
+        try:
+            found = bucket.is_dir()
+        except StorageError as err:
+            raise StorageError(str(err).replace(bucket.uri, loc.uri, 1)) from None
+        if not found:
+            raise StorageError(f"{loc.uri}: bucket {bucket.uri} does not exist (create it first)")
+    return loc

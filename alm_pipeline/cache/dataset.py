@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from alm_pipeline.cache import store
-from alm_pipeline.storage import Location, StorageError, location
+from alm_pipeline.storage import Location, location, require_bucket
 
 PathLike = str | os.PathLike[str] | Location
 
@@ -66,16 +66,9 @@ def diff_identity(old, new, prefix: str = "") -> list[tuple[str, object, object]
 
 
 def check_output_storage(root: PathLike) -> Location:
-    """``root`` as a location whose storage answers: on an object store the bucket must exist (stores such
-    as SeaweedFS create a missing bucket on the first PUT, which would hide a typo); an unreachable endpoint
-    or missing credentials raise :class:`~alm_pipeline.storage.StorageError` naming the URI. Call before
-    expensive work."""
-    root = location(root)
-    if not root.is_local:
-        bucket = location(root.uri.split("://", 1)[0] + "://" + root.path.split("/", 1)[0])
-        if not bucket.is_dir():
-            raise StorageError(f"{root.uri}: bucket {bucket.uri} does not exist (create it first)")
-    return root
+    """``root`` as a location whose storage answers (see :func:`alm_pipeline.storage.require_bucket`); call
+    before expensive work."""
+    return require_bucket(root)
 
 
 @dataclass
@@ -100,14 +93,18 @@ class ShardedDataset:
     # ------------------------------------------------------------------------------------ reading
 
     @classmethod
-    def open(cls, path: PathLike, verify: bool = True, require_complete: bool = True, checksums: bool = False):
+    def open(
+        cls, path: PathLike, verify: bool = True, require_complete: bool = True, checksums: bool = False
+    ):
         """Open a dataset, refusing (with a clear message naming it) anything that does not check out.
 
         ``verify``: every shard of the index is present with its recorded size (one listing of ``shards/``:
         work proportional to the number of shards). ``checksums``: also read every shard and check its SHA-256
         and schema, in parallel Ray tasks (:meth:`verify_checksums`)."""
         root = location(path)
-        manifest = store.read_manifest(root, cls.kind, cls.format_version, cls.what, cls.rerun, require_complete)
+        manifest = store.read_manifest(
+            root, cls.kind, cls.format_version, cls.what, cls.rerun, require_complete
+        )
         dataset = cls(root=root, manifest=manifest)
         dataset.shard_index  # noqa: B018 - read (and check) the index now: a bad one is refused at open
         if verify or checksums:
@@ -204,7 +201,9 @@ class ShardedDataset:
         sizes = self.shard_index["bytes"].to_pylist()
         for name, size in zip(files, sizes, strict=True):
             if name not in listed:
-                raise store.CacheIntegrityError(f"{self.root / name}: shard listed in the manifest is missing")
+                raise store.CacheIntegrityError(
+                    f"{self.root / name}: shard listed in the manifest is missing"
+                )
             if listed[name] != size:
                 raise store.CacheIntegrityError(
                     f"{self.root / name}: {listed[name]} bytes, the manifest says {size} (replaced or "
@@ -254,10 +253,14 @@ class ShardedDataset:
         try:
             existing = store.read_json(manifest_file)
         except FileNotFoundError:
+            existing = None
+        if existing is None:
             shards = root / store.SHARD_DIR
             if shards.list():
                 if not overwrite:
-                    raise OutputRefusedError(f"{root}: has shards but no manifest; pass overwrite to replace it")
+                    raise OutputRefusedError(
+                        f"{root}: has shards but no manifest; pass overwrite to replace it"
+                    )
                 shards.remove_tree()
             return None
         if not isinstance(existing, dict) or existing.get("kind") != cls.kind:
@@ -305,7 +308,9 @@ class ShardedDataset:
         """Write shard ``index`` of a dataset of this kind (rows in :attr:`schema`) and its marker."""
         table = table.select(cls.schema.names).cast(cls.schema)
         tokens = int(pc.sum(pc.list_value_length(table[cls.token_column])).as_py() or 0)
-        return store.write_shard(root, index, table, tokens=tokens, stats=stats, row_group_size=row_group_size)
+        return store.write_shard(
+            root, index, table, tokens=tokens, stats=stats, row_group_size=row_group_size
+        )
 
     @classmethod
     def new_manifest(
@@ -333,7 +338,10 @@ class ShardedDataset:
         """Write ``shards.parquet`` from ``manifest["shards"]`` (when there are shards), then ``manifest.json``
         naming it with its size and checksum."""
         manifest = dict(manifest)
-        shards = [s if isinstance(s, store.ShardInfo) else store.ShardInfo.from_json(s) for s in manifest.pop("shards", [])]
+        shards = [
+            s if isinstance(s, store.ShardInfo) else store.ShardInfo.from_json(s)
+            for s in manifest.pop("shards", [])
+        ]
         if shards:
             manifest["shard_index"] = store.write_shard_index(root, shards)
         else:
@@ -355,6 +363,7 @@ def _check_shards(root_uri: str, entries: list[dict], schema: pa.Schema) -> list
             return str(err)
         return None
 
-    with ThreadPoolExecutor(4) as pool:  # hashing releases the GIL; reads from object stores wait on the network
+    with ThreadPoolExecutor(
+        4
+    ) as pool:  # hashing releases the GIL; reads from object stores wait on the network
         return [p for p in pool.map(check, entries) if p]
-

@@ -87,7 +87,12 @@ def read_json(path: str | os.PathLike[str] | Location) -> Any:
 
 
 def read_manifest(
-    root: str | os.PathLike[str] | Location, kind: str, version: int, what: str, rerun: str, require_complete: bool
+    root: str | os.PathLike[str] | Location,
+    kind: str,
+    version: int,
+    what: str,
+    rerun: str,
+    require_complete: bool,
 ) -> dict:
     """The manifest of a ``kind`` dataset (a teacher cache, an aligned set), refused with a message that names
     the folder when it is missing, of another kind or format ``version``, or (``require_complete``) unfinished;
@@ -134,7 +139,13 @@ def check_relative(name: object, what: str) -> str:
     open files outside the dataset."""
     if not isinstance(name, str) or not name:
         raise CacheIntegrityError(f"{what} {name!r}: not a file name")
-    if name.startswith("/") or "\\" in name or "://" in name or ".." in name.split("/") or Path(name).is_absolute():
+    if (
+        name.startswith("/")
+        or "\\" in name
+        or "://" in name
+        or ".." in name.split("/")
+        or Path(name).is_absolute()
+    ):
         raise CacheIntegrityError(f"{what} {name!r}: leaves the dataset folder (refused)")
     return name
 
@@ -252,16 +263,18 @@ def scan_shards(root: str | os.PathLike[str] | Location, num_shards: int) -> dic
     sizes: dict[str, int] = {}
     for entry in folder.list():
         sizes[entry.base_name] = int(entry.size) if entry.is_file else -1
-    candidates = [
-        k for k in range(num_shards) if shard_name(k) in sizes and marker_name(k) in sizes
-    ]
+    candidates = [k for k in range(num_shards) if shard_name(k) in sizes and marker_name(k) in sizes]
 
     def read(k: int) -> ShardInfo | None:
         try:
             info = ShardInfo.from_json(read_json(folder / marker_name(k)))
         except (FileNotFoundError, CacheIntegrityError, KeyError, TypeError, ValueError):
             return None
-        if info.index != k or info.file != f"{SHARD_DIR}/{shard_name(k)}" or sizes[shard_name(k)] != info.bytes:
+        if (
+            info.index != k
+            or info.file != f"{SHARD_DIR}/{shard_name(k)}"
+            or sizes[shard_name(k)] != info.bytes
+        ):
             return None
         return info
 
@@ -273,7 +286,9 @@ def scan_shards(root: str | os.PathLike[str] | Location, num_shards: int) -> dic
     return {k: info for k, info in zip(candidates, found, strict=True) if info is not None}
 
 
-def verified_shard(root: str | os.PathLike[str] | Location, index: int, check_hash: bool = False) -> ShardInfo | None:
+def verified_shard(
+    root: str | os.PathLike[str] | Location, index: int, check_hash: bool = False
+) -> ShardInfo | None:
     """Shard ``index``'s info if its marker reads and its file has the recorded size (and, with
     ``check_hash``, the recorded SHA-256); None if it is absent or incomplete."""
     root = location(root)
@@ -341,7 +356,12 @@ def write_shard_index(root: str | os.PathLike[str] | Location, shards: list[Shar
     pq.write_table(table, sink, compression="zstd", use_dictionary=False)
     data = sink.getvalue().to_pybytes()
     atomic_write_bytes(location(root) / SHARD_INDEX, data)
-    return {"file": SHARD_INDEX, "count": len(shards), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    return {
+        "file": SHARD_INDEX,
+        "count": len(shards),
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
 
 
 def read_shard_index(root: str | os.PathLike[str] | Location, entry: dict) -> pa.Table:
@@ -390,7 +410,13 @@ def shard_infos(index_table: pa.Table) -> list[ShardInfo]:
     return [
         ShardInfo(i, f, r, t, b, h, json.loads(st))
         for i, f, r, t, b, h, st in zip(
-            cols["index"], cols["file"], cols["rows"], cols["tokens"], cols["bytes"], cols["sha256"], cols["stats"],
+            cols["index"],
+            cols["file"],
+            cols["rows"],
+            cols["tokens"],
+            cols["bytes"],
+            cols["sha256"],
+            cols["stats"],
             strict=True,
         )
     ]

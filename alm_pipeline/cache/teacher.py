@@ -156,7 +156,9 @@ class TeacherCache(ShardedDataset):
         """Write shard ``index`` (fp32 rows in :data:`CACHE_SCHEMA`) with ℓ and σ stored at ``logprob_dtype``."""
         table = encode_logprobs(table.select(CACHE_SCHEMA.names).cast(CACHE_SCHEMA), logprob_dtype)
         tokens = int(pc.sum(pc.list_value_length(table[cls.token_column])).as_py() or 0)
-        return store.write_shard(root, index, table, tokens=tokens, stats=stats, row_group_size=row_group_size)
+        return store.write_shard(
+            root, index, table, tokens=tokens, stats=stats, row_group_size=row_group_size
+        )
 
     @property
     def tokenizer_fingerprint(self) -> str:

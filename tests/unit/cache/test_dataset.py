@@ -183,5 +183,7 @@ def test_an_altered_shard_index_is_refused(tmp_path):
     with pytest.raises(CacheIntegrityError, match=r"shards.parquet: does not match manifest.json"):
         open_aligned_set(root)
     (root / store.SHARD_INDEX).unlink()
-    with pytest.raises(CacheIntegrityError, match=r"shards.parquet: the shard index named in manifest.json is missing"):
+    with pytest.raises(
+        CacheIntegrityError, match=r"shards.parquet: the shard index named in manifest.json is missing"
+    ):
         open_aligned_set(root)
