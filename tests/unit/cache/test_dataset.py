@@ -25,6 +25,7 @@ from alm_pipeline.cache.arrow import ragged_list_array
 from alm_pipeline.cache.dataset import OutputRefusedError, diff_identity
 from alm_pipeline.cache.store import CacheIntegrityError
 from alm_pipeline.cache.teacher import CACHE_KIND, FORMAT_VERSION, TeacherCache, open_cache
+from alm_pipeline.storage import StorageError, location
 
 OPENERS = {
     "cache": (open_cache, CACHE_KIND, FORMAT_VERSION, "teacher cache", "alm-pipeline teacher-cache"),
@@ -187,3 +188,77 @@ def test_an_altered_shard_index_is_refused(tmp_path):
         CacheIntegrityError, match=r"shards.parquet: the shard index named in manifest.json is missing"
     ):
         open_aligned_set(root)
+
+
+def test_an_old_format_version_is_refused_with_the_rerun_message(tmp_path):
+    """Format version 1 (5-digit shard names, shards listed in manifest.json) is not read by this version."""
+    folder = _manifest(tmp_path / "v1", kind=CACHE_KIND, format_version=1, state="complete", shards=[])
+    with pytest.raises(
+        CacheIntegrityError,
+        match=rf"format version 1, this alm-pipeline reads version {FORMAT_VERSION}; re-run "
+        "`alm-pipeline teacher-cache` with this version",
+    ):
+        open_cache(folder)
+    assert FORMAT_VERSION == 2 and ALIGNED_FORMAT_VERSION == 2
+
+
+def test_a_dataset_on_s3_is_written_resumed_read_and_replaced(s3_bucket, tmp_path, monkeypatch):
+    """Every step of the dataset API on s3://: shards and markers, pending/finished, manifest + index, open and
+    read (also from a shard entry alone), overwrite; nothing named ``s3:`` appears on the local disk."""
+    monkeypatch.chdir(tmp_path)
+    root = f"{s3_bucket}/sets/bytes"
+    rng = np.random.default_rng(0)
+    tables = [_aligned_rows(5, rng), _aligned_rows(3, rng), _aligned_rows(4, rng)]
+    identity = {"format_version": ALIGNED_FORMAT_VERSION, "settings": {"gamma": 0.1}}
+    assert AlignedSet.prepare_output(root, identity, overwrite=False) is None
+    AlignedSet.write_manifest(root, AlignedSet.new_manifest("in_progress", identity, 3, []))
+    infos = [AlignedSet.write_shard(root, k, tables[k], stats={"k": k}) for k in (0, 2)]
+    assert AlignedSet.pending_shards(root, 3) == [1]  # resume: only the missing shard
+    infos.insert(1, AlignedSet.write_shard(root, 1, tables[1], stats={"k": 1}))
+    assert AlignedSet.finished_shards(root, 3) == infos
+    AlignedSet.write_manifest(root, AlignedSet.new_manifest("complete", identity, 3, infos))
+
+    aligned = open_aligned_set(root)
+    assert aligned.root.uri == root and aligned.num_shards == 3
+    assert aligned.shard_location(2).uri == f"{root}/shards/shard-00000002.parquet"
+    assert all(t.equals(w) for t, w in zip(aligned.iter_tables(), tables, strict=True))
+    assert AlignedSet.read_shard_entry(root, infos[1].to_json()).equals(tables[1])  # no manifest needed
+    assert AlignedSet.prepare_output(root, identity, overwrite=False)["state"] == "complete"
+
+    store.shard_path(root, 1).write_bytes(b"short")  # a replaced shard: refused at open, by its URI
+    with pytest.raises(CacheIntegrityError, match=rf"{root}/shards/shard-00000001.parquet: 5 bytes"):
+        open_aligned_set(root)
+    store.shard_path(root, 1).remove()
+    with pytest.raises(CacheIntegrityError, match=rf"{root}/shards/shard-00000001.parquet: shard listed"):
+        open_aligned_set(root)
+
+    other = {**identity, "settings": {"gamma": 0.5}}
+    assert AlignedSet.prepare_output(root, other, overwrite=True) is None  # overwrite removes on s3 too
+    assert [i.path for i in location(root).list(recursive=True)] == []
+    assert not any(p.name.startswith("s3:") for p in tmp_path.rglob("*"))
+
+
+def test_a_missing_bucket_is_refused_before_anything_is_written(s3_bucket):
+    with pytest.raises(
+        StorageError, match=r"s3://no-such-bucket-h1/set: bucket s3://no-such-bucket-h1 does not"
+    ):
+        AlignedSet.prepare_output("s3://no-such-bucket-h1/set", {}, overwrite=False)
+    assert not location("s3://no-such-bucket-h1").exists()
+
+
+def test_unreachable_storage_is_refused_naming_the_uri(monkeypatch):
+    from alm_pipeline import storage
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    storage._filesystem.cache_clear()
+    try:
+        with pytest.raises(
+            StorageError, match=r"s3://bucket/cache/manifest.json: cannot read .*cannot reach 127\.0\.0\.1:9"
+        ):
+            open_cache("s3://bucket/cache")
+        with pytest.raises(StorageError, match=r"s3://bucket/set: cannot .*cannot reach 127\.0\.0\.1:9"):
+            AlignedSet.prepare_output("s3://bucket/set", {}, overwrite=False)
+    finally:
+        storage._filesystem.cache_clear()

@@ -28,3 +28,12 @@ def test_shards_markers_and_manifests_get_the_users_umask(tmp_path):
     ):
         assert stat.S_IMODE(path.stat().st_mode) == mode, path
     assert sorted(p.name for p in tmp_path.rglob("*.tmp")) == []  # no temporary files left
+
+
+def test_shard_names_sort_in_shard_order_past_a_million_shards():
+    """Before: 5 digits, so shard-100000 sorted before shard-99999 (listings, ``ls``, object-store keys)."""
+    indices = [0, 5, 99_999, 100_000, 999_999, 1_000_000, 12_345_678]
+    names = [store.shard_name(k) for k in indices]
+    assert sorted(names) == names
+    assert sorted(store.marker_name(k) for k in indices) == [store.marker_name(k) for k in indices]
+    assert store.shard_name(1_000_000) == "shard-01000000.parquet"
