@@ -131,15 +131,17 @@ class ShardedDataset:
 
     @property
     def shards(self) -> list[store.ShardInfo]:
-        """Every shard's entry (built from the index on first use)."""
+        """Every shard's entry with its stats (built from the whole index on first use; seconds at 10^5
+        shards: per-shard work should use :meth:`shard_info` or :attr:`shard_index`)."""
         if self._shards is None:
-            self._shards = store.shard_infos(self.shard_index)
+            entry = self.manifest.get("shard_index")
+            full = store.read_shard_index(self.root, entry, columns=None) if entry else self.shard_index
+            self._shards = store.shard_infos(full)
         return self._shards
 
     def shard_info(self, index: int) -> store.ShardInfo:
-        """One shard's entry, without building the whole list."""
-        if self._shards is not None:
-            return self._shards[index]
+        """One shard's entry (its ``stats`` left empty: they are in :attr:`shards`), without building the
+        whole list."""
         if not 0 <= index < self.num_shards:
             raise IndexError(f"{self.root}: no shard {index} (the {self.what} has {self.num_shards})")
         return store.shard_info_at(self.shard_index, index)
@@ -219,7 +221,7 @@ class ShardedDataset:
         from alm_pipeline.pipeline.ray_utils import RayConfig, cluster_cpus, ensure_ray, worker_options
 
         ensure_ray(ray_config or RayConfig())
-        entries = [s.to_json() for s in self.shards]
+        entries = self.shard_index.select(["index", "file", "rows", "tokens", "bytes", "sha256"]).to_pylist()
         if not entries:
             return
         per_task = shards_per_task or max(1, len(entries) // max(1, int(4 * cluster_cpus())))

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from alm_pipeline.storage import Location, StorageError, location
@@ -364,9 +365,15 @@ def write_shard_index(root: str | os.PathLike[str] | Location, shards: list[Shar
     }
 
 
-def read_shard_index(root: str | os.PathLike[str] | Location, entry: dict) -> pa.Table:
-    """The shard index a manifest's ``shard_index`` entry names, refused if it is missing, altered or does
-    not list the shards ``0..count-1`` in order, or if an entry leaves the dataset folder."""
+ENTRY_COLUMNS = ("index", "file", "rows", "tokens", "bytes", "sha256")  # the index without the stats
+
+
+def read_shard_index(
+    root: str | os.PathLike[str] | Location, entry: dict, columns: tuple[str, ...] | None = ENTRY_COLUMNS
+) -> pa.Table:
+    """The shard index a manifest's ``shard_index`` entry names (``columns``: by default all but the per-shard
+    stats, the bulk of it, which only summaries need), refused if it is missing, altered or does not list the
+    shards ``0..count-1`` in order, or if an entry leaves the dataset folder."""
     root = location(root)
     path = root / check_relative(entry.get("file"), "shard_index entry")
     try:
@@ -376,17 +383,24 @@ def read_shard_index(root: str | os.PathLike[str] | Location, entry: dict) -> pa
     if len(data) != entry.get("bytes") or hashlib.sha256(data).hexdigest() != entry.get("sha256"):
         raise CacheIntegrityError(f"{path}: does not match {MANIFEST} (altered or replaced shard index)")
     try:
-        table = pq.read_table(pa.BufferReader(data))
+        source = pq.ParquetFile(pa.BufferReader(data))
+        if not source.schema_arrow.equals(_INDEX_SCHEMA, check_metadata=False):
+            raise CacheIntegrityError(f"{path}: not a shard index (schema {source.schema_arrow.names})")
+        table = source.read(columns=list(columns) if columns else None)
     except (OSError, pa.ArrowException) as err:
         raise CacheIntegrityError(f"{path}: unreadable shard index ({err})") from None
-    if not table.schema.equals(_INDEX_SCHEMA, check_metadata=False):
-        raise CacheIntegrityError(f"{path}: not a shard index (schema {table.schema.names})")
     count = int(entry.get("count", -1))
     index = table["index"].to_numpy()
     if table.num_rows != count or not np.array_equal(index, np.arange(count)):
         raise CacheIntegrityError(f"{path}: does not list shards 0..{count - 1} in order")
-    for name in table["file"].to_pylist():
-        check_relative(name, "shard entry")
+    # shard files are always written as shards/shard-K.parquet: checking the pattern (vectorised) refuses any
+    # entry that would leave the dataset folder without a Python loop over 10^5+ names
+    names = table["file"]
+    ok = pc.match_substring_regex(names, r"^shards/shard-[0-9]+\.parquet$")
+    if not pc.all(ok).as_py():
+        bad = names.filter(pc.invert(ok))[0].as_py()
+        check_relative(bad, "shard entry")  # names the entry when it leaves the folder
+        raise CacheIntegrityError(f"{path}: shard entry {bad!r} is not a shard file name (refused)")
     return table
 
 
@@ -400,7 +414,7 @@ def shard_info_at(index_table: pa.Table, k: int) -> ShardInfo:
         tokens=row["tokens"],
         bytes=row["bytes"],
         sha256=row["sha256"],
-        stats=json.loads(row["stats"]),
+        stats=json.loads(row["stats"]) if "stats" in row else {},
     )
 
 

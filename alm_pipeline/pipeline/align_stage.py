@@ -405,8 +405,7 @@ class _AlignCacheShard:
 
     def __call__(self, row: dict) -> dict:
         k = int(row["shard"])
-        entry = store.ShardInfo.from_json(json.loads(row["entry"]))
-        table = TeacherCache.read_shard_entry(self.cache_root, entry, columns=CACHE_COLUMNS)
+        table = TeacherCache.read_shard_entry(self.cache_root, _entry(row), columns=CACHE_COLUMNS)
         written = 0
         for i in row["sets"]:
             view, root = self.sets[int(i)]
@@ -423,17 +422,32 @@ class _AlignCacheShard:
 
 
 def shard_rows(cache: TeacherCache, shards: list[int], sets: list[list[int]] | None = None) -> list[dict]:
-    """One Ray Data row per cache shard: its index, its entry (JSON) and the aligned sets it goes to."""
-    index = cache.shard_index
-    columns = {name: index[name].to_pylist() for name in ("file", "rows", "tokens", "bytes", "sha256")}
-    rows = []
-    for j, k in enumerate(shards):
-        entry = {"index": k, **{name: values[k] for name, values in columns.items()}}
-        row = {"shard": k, "entry": json.dumps(entry)}
-        if sets is not None:
-            row["sets"] = sets[j]
-        rows.append(row)
+    """One Ray Data row per cache shard: its index, its entry (file, bytes, rows, tokens, SHA-256) and the
+    aligned sets it goes to. A task needs nothing else of the cache's manifest."""
+    files, nrows, tokens, nbytes, digests = (cache.shard_index[name].to_pylist() for name in _ENTRY_FIELDS)
+    rows = [
+        {
+            "shard": k,
+            "file": files[k],
+            "rows": nrows[k],
+            "tokens": tokens[k],
+            "bytes": nbytes[k],
+            "sha256": digests[k],
+        }
+        for k in shards
+    ]
+    if sets is not None:
+        for row, targets in zip(rows, sets, strict=True):
+            row["sets"] = targets
     return rows
+
+
+_ENTRY_FIELDS = ("file", "rows", "tokens", "bytes", "sha256")
+
+
+def _entry(row: dict) -> store.ShardInfo:
+    """The shard entry a task's row carries."""
+    return store.ShardInfo.from_json({"index": row["shard"], **{name: row[name] for name in _ENTRY_FIELDS}})
 
 
 def _run_ray(config: AlignConfig, cache: TeacherCache, sets: list[_SetOutput], work: list[int]) -> None:
@@ -469,12 +483,12 @@ def stream_aligned(
     def transform(batch: pa.Table) -> pa.Table:
         tables = [
             align_table(
-                TeacherCache.read_shard_entry(root, json.loads(entry), columns=CACHE_COLUMNS),
+                TeacherCache.read_shard_entry(root, _entry(row), columns=CACHE_COLUMNS),
                 special,
                 view,
                 settings,
             )
-            for entry in batch["entry"].to_pylist()
+            for row in batch.to_pylist()
         ]
         return pa.concat_tables(tables) if tables else ALIGNED_SCHEMA.empty_table()
 
