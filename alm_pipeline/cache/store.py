@@ -239,15 +239,22 @@ def write_shard(
 
 def _column_encodings(schema: pa.Schema) -> dict[str, str]:
     """Encodings that make token-level columns small: increasing offsets delta-encode to about one byte per
-    token, and splitting float bytes into streams lets zstd compress log-probs' exponents (16-bit values
-    stored as uint16, bfloat16, are split the same way)."""
+    token, and splitting values into byte streams lets zstd compress the log-probs' exponents and the token
+    ids' high bytes (16-bit values stored as uint16, bfloat16, are split the same way). Keys are Parquet
+    column paths: a list column's values are ``NAME.list.element`` (a key naming the list itself is ignored)."""
     encodings = {}
     for field in schema:
-        value_type = field.type.value_type if pa.types.is_list(field.type) else field.type
-        if pa.types.is_floating(value_type) or field.metadata and b"alm.dtype" in field.metadata:
-            encodings[field.name] = "BYTE_STREAM_SPLIT"
-        elif pa.types.is_integer(value_type) and field.name in ("offsets", "chunk_start", "chunk_end"):
-            encodings[field.name] = "DELTA_BINARY_PACKED"
+        is_list = pa.types.is_list(field.type)
+        value_type = field.type.value_type if is_list else field.type
+        path = f"{field.name}.list.element" if is_list else field.name
+        if field.name in ("offsets", "chunk_start", "chunk_end") and pa.types.is_integer(value_type):
+            encodings[path] = "DELTA_BINARY_PACKED"
+        elif pa.types.is_float32(value_type) or pa.types.is_float64(value_type):
+            encodings[path] = "BYTE_STREAM_SPLIT"
+        elif field.metadata and b"alm.dtype" in field.metadata:
+            encodings[path] = "BYTE_STREAM_SPLIT"
+        elif is_list and pa.types.is_int32(value_type):
+            encodings[path] = "BYTE_STREAM_SPLIT"
     return encodings
 
 

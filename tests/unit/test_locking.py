@@ -77,8 +77,8 @@ def _s3_lock(uri: str, command: str = "train", **timing) -> ObjectStoreOutputLoc
 def test_s3_a_second_writer_in_another_process_is_refused_naming_the_holder(s3_bucket):
     out = f"{s3_bucket}/run"
     with lock_held_elsewhere(out, "teacher-cache") as holder:
-        with pytest.raises(OutputLockedError) as refused:
-            _s3_lock(out).acquire()
+        with pytest.raises(OutputLockedError) as refused:  # the holder beats every 10 s: stale after 60 s
+            _s3_lock(out, stale_seconds=60.0).acquire()
         message = str(refused.value)
         assert f"{out} is being written by another run" in message
         assert f"alm-pipeline teacher-cache (pid {holder.pid} on {socket.gethostname()}" in message
