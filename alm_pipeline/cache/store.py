@@ -249,12 +249,15 @@ def _column_encodings(schema: pa.Schema) -> dict[str, str]:
         path = f"{field.name}.list.element" if is_list else field.name
         if field.name in ("offsets", "chunk_start", "chunk_end") and pa.types.is_integer(value_type):
             encodings[path] = "DELTA_BINARY_PACKED"
-        elif pa.types.is_float32(value_type) or pa.types.is_float64(value_type):
-            encodings[path] = "BYTE_STREAM_SPLIT"
-        elif field.metadata and b"alm.dtype" in field.metadata:
-            encodings[path] = "BYTE_STREAM_SPLIT"
-        elif is_list and pa.types.is_int32(value_type):
-            encodings[path] = "BYTE_STREAM_SPLIT"
+        else:
+            split = (
+                pa.types.is_float32(value_type)
+                or pa.types.is_float64(value_type)
+                or bool(field.metadata and b"alm.dtype" in field.metadata)  # bfloat16 bits as uint16
+                or (is_list and pa.types.is_int32(value_type))
+            )
+            if split:
+                encodings[path] = "BYTE_STREAM_SPLIT"
     return encodings
 
 
