@@ -19,8 +19,9 @@ implementations, chosen by :func:`output_lock` from the output's location:
   every ``heartbeat_seconds``. A lock object whose heartbeat is older than ``stale_seconds`` belongs to a holder
   that died and may be taken over; a fresh one refuses the second writer with the holder named.
 
-  Object stores reached through ``pyarrow.fs`` offer no atomic create (no conditional PUT), so the lock is taken
-  by *create, wait, read back*: write the lock object with our token, wait ``settle_seconds``, read it back, and
+  ``pyarrow.fs`` offers no atomic create (no conditional PUT; S3 and SeaweedFS 4.x honour ``If-None-Match: *``
+  on PutObject, answering 412 to the second writer, but only a hand-signed request or boto3 could send it), so
+  the lock is taken by *create, wait, read back*: write the lock object with our token, wait ``settle_seconds``, read it back, and
   hold the lock only if our token is still there (PUTs are atomic and reads after writes are consistent on S3,
   GCS and SeaweedFS, so of two writers that both found no lock, both read back the same, last, token and one of
   them wins). **Race window**: a writer whose read (finding no lock) and write both happen after the other
