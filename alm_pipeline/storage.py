@@ -33,6 +33,7 @@ __all__ = [
     "StorageError",
     "is_uri",
     "location",
+    "require_bucket",
     "set_s3_endpoint",
 ]
 
@@ -244,7 +245,10 @@ class Location:
         """Delete this folder and everything under it (nothing if it does not exist)."""
         if not self.exists():
             return
-        self._call("delete", self.fs.delete_dir, self.path)
+        try:
+            self._call("delete", self.fs.delete_dir, self.path)
+        except FileNotFoundError:  # some object stores list a folder for a moment after it was deleted
+            pass
 
     # ------------------------------------------------------------------ internals
     def _call(self, what: str, fn, *args, **kwargs):
@@ -388,4 +392,20 @@ def upload_folder(local: str | os.PathLike[str], dest: str | os.PathLike[str] | 
     loc.mkdir()
     for path in sorted(p for p in src.rglob("*") if p.is_file()):
         loc.join(path.relative_to(src).as_posix()).write_bytes(path.read_bytes())
+    return loc
+
+
+def require_bucket(value: str | os.PathLike[str] | Location) -> Location:
+    """``value`` as a location whose storage answers: on an object store its bucket must exist (some stores,
+    SeaweedFS among them, create a missing bucket on the first write, which would hide a typo). An unreachable
+    endpoint or refused credentials raise :class:`StorageError` naming the URI. Cheap: one request."""
+    loc = location(value)
+    if not loc.is_local:
+        bucket = location(f"{loc.scheme}://{loc.path.split('/', 1)[0]}")
+        try:
+            found = bucket.is_dir()
+        except StorageError as err:
+            raise StorageError(str(err).replace(bucket.uri, loc.uri, 1)) from None
+        if not found:
+            raise StorageError(f"{loc.uri}: bucket {bucket.uri} does not exist (create it first)")
     return loc

@@ -25,7 +25,13 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from alm_pipeline.cache import store
-from alm_pipeline.cache.aligned import ALIGNED_FORMAT_VERSION, ALIGNED_KIND, TOKENIZER_DIR, open_aligned_set
+from alm_pipeline.cache.aligned import (
+    ALIGNED_FORMAT_VERSION,
+    ALIGNED_KIND,
+    TOKENIZER_DIR,
+    AlignedSet,
+    open_aligned_set,
+)
 from alm_pipeline.cache.teacher import open_cache
 from alm_pipeline.cli.options import build_config
 from alm_pipeline.pipeline.align import CoverageStats, align_document
@@ -374,9 +380,9 @@ def write_aligned_set(
             "dropped": {},
             "dropped_examples": [],
         },
-        "shards": [i.to_json() for i in infos],
+        "shards": infos,
     }
-    store.atomic_write_json(root / store.MANIFEST, manifest)
+    AlignedSet.write_manifest(root, manifest)  # manifest.json + the shard index
     open_aligned_set(root)  # valid
     return root
 

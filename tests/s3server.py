@@ -129,6 +129,9 @@ def start_s3_server(workdir: Path, timeout: float = 60.0) -> S3Server:
         "-s3.port.lance=0",
         "-iam=false",
         "-master.telemetry=false",
+        # every bucket takes several volumes: the default of 8 volumes runs out after a few test buckets
+        "-master.volumeSizeLimitMB=64",
+        "-volume.max=0",  # as many as the free disk space holds at that size
     ]
     # the gRPC ports are HTTP port + 10000: keep them below 65536
     process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

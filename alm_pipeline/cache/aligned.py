@@ -1,6 +1,6 @@
-"""The aligned set: one teacher cache mapped onto one student tokenizer (format version 1).
+"""The aligned set: one teacher cache mapped onto one student tokenizer (format version 2).
 
-A :class:`~alm_pipeline.cache.dataset.ShardedDataset` directory with ``manifest.json``, ``tokenizer/`` (the student tokenizer in Hugging Face format, so training
+A :class:`~alm_pipeline.cache.dataset.ShardedDataset` folder (local or a URI) with ``manifest.json``, ``tokenizer/`` (the student tokenizer in Hugging Face format, so training
 and inference load exactly the tokenizer the chunks were computed with) and ``shards/shard-K.parquet`` — shard
 K holds the documents of cache shard K. One row per document; the trainer reads only the first six columns:
 
@@ -21,16 +21,17 @@ covered_bytes                   int32            bytes inside the document's gro
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute
 
 from alm_pipeline.cache import store
-from alm_pipeline.cache.dataset import ShardedDataset
+from alm_pipeline.cache.dataset import PathLike, ShardedDataset
 from alm_pipeline.cache.teacher import open_cache
+from alm_pipeline.storage import Location
 
 ALIGNED_KIND = "alm-aligned-set"
-ALIGNED_FORMAT_VERSION = 1
+ALIGNED_FORMAT_VERSION = 2
 TOKENIZER_DIR = "tokenizer"
 
 ALIGNED_SCHEMA = pa.schema(
@@ -60,7 +61,8 @@ class AlignedSet(ShardedDataset):
     contents = (*ShardedDataset.contents, TOKENIZER_DIR)
 
     @property
-    def tokenizer_dir(self) -> Path:
+    def tokenizer_dir(self) -> Location:
+        """The student tokenizer's folder (a local path for ``from_pretrained`` when the set is local)."""
         return self.root / TOKENIZER_DIR
 
     @property
@@ -71,9 +73,9 @@ class AlignedSet(ShardedDataset):
     def debias(self) -> bool:
         return bool(self.manifest["settings"]["debias"])
 
-    def check_cache(self, cache_root: str | Path | None = None) -> None:
+    def check_cache(self, cache_root: PathLike | None = None) -> None:
         """Refuse the set if the teacher cache it was made from has changed (or is gone)."""
-        cache_path = Path(cache_root or self.manifest["cache"]["path"])
+        cache_path = cache_root or self.manifest["cache"]["path"]
         cache = open_cache(cache_path, verify=False)
         if cache.fingerprint != self.manifest["cache"]["fingerprint"]:
             raise store.CacheIntegrityError(
@@ -104,10 +106,14 @@ class AlignedSet(ShardedDataset):
             "mean_chunk_teacher_tokens": round(cov["mean_chunk_teacher_tokens"], 3),
             "mean_chunk_student_tokens": round(cov["mean_chunk_student_tokens"], 3),
             "mean_group_bytes": round(cov["mean_group_bytes"], 3),
-            "bytes_on_disk": sum(s.bytes for s in self.shards),
+            "shards": self.num_shards,
+            "bytes_on_disk": int(pa.compute.sum(self.shard_index["bytes"]).as_py() or 0),
         }
 
 
-def open_aligned_set(path: str | Path, verify: bool = True, require_complete: bool = True) -> AlignedSet:
-    """Open an aligned set directory, refusing (with a clear message) anything that does not check out."""
-    return AlignedSet.open(path, verify=verify, require_complete=require_complete)
+def open_aligned_set(
+    path: PathLike, verify: bool = True, require_complete: bool = True, checksums: bool = False
+) -> AlignedSet:
+    """Open an aligned set (local path or URI), refusing (with a clear message) anything that does not check
+    out; ``verify``/``checksums`` as in :meth:`ShardedDataset.open`."""
+    return AlignedSet.open(path, verify=verify, require_complete=require_complete, checksums=checksums)

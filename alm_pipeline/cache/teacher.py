@@ -1,8 +1,13 @@
-"""The teacher cache (format version 1): one teacher's scores of one corpus, reused by every student.
+"""The teacher cache (format version 2): one teacher's scores of one corpus, reused by every student.
 
 A :class:`~alm_pipeline.cache.dataset.ShardedDataset` with ``boundary_tokens.json`` (the token ids whose
 probability σ sums) next to ``manifest.json``. One Parquet row per document. Column names are part of the
 public format: other tools may read caches.
+
+ℓ and σ are computed in fp32 and stored as the manifest's ``logprob_dtype`` says (``--logprob-dtype``):
+``float32`` (default, lossless), ``float16`` (Parquet halffloat) or ``bfloat16`` (the upper 16 bits of the
+fp32 value, rounded to nearest even, stored as ``list<uint16>`` with the field metadata ``alm.dtype:
+bfloat16``). Readers (:meth:`TeacherCache.read_shard`) always hand back fp32 columns.
 
 =================  ====================  =====================================================================
 column             type                  meaning
@@ -13,12 +18,14 @@ text               string                exactly the UTF-8 text the teacher saw 
 token_ids          list<int32>           teacher token ids, including the special tokens its tokenizer adds
 offsets            list<int32>           byte END offset of each token in ``text.encode("utf-8")``; a token
                                          covering no bytes (BOS) repeats the previous offset (0 at the start)
-logprob            list<float32>         log p_T(t_u | t_<u), fp32, clipped at 0; NaN at position 0
-boundary_logprob   list<float32>         σ_u = log of the teacher's total probability (full softmax, fp32) that
+logprob            list<float32> (†)     log p_T(t_u | t_<u), fp32, clipped at 0; NaN at position 0
+boundary_logprob   list<float32> (†)     σ_u = log of the teacher's total probability (full softmax, fp32) that
                                          the token after position u starts with a space, newline or tab byte or
                                          is a special token; defined at every position, clipped at 0
 truncated          bool                  the document was longer than ``max_length`` tokens and was cut
 =================  ====================  =====================================================================
+
+(†) as read; stored at ``logprob_dtype``.
 """
 
 from __future__ import annotations
@@ -26,16 +33,16 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from alm_pipeline.cache import store
-from alm_pipeline.cache.dataset import ShardedDataset
+from alm_pipeline.cache.dataset import PathLike, ShardedDataset
+from alm_pipeline.storage import location
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CACHE_KIND = "alm-teacher-cache"
 BOUNDARY_FILE = "boundary_tokens.json"
 BOUNDARY_DEFINITION = "next token starts with a space, newline or tab byte, or is a special token"
@@ -52,6 +59,65 @@ CACHE_SCHEMA = pa.schema(
     ]
 )
 
+LOGPROB_COLUMNS = ("logprob", "boundary_logprob")
+LOGPROB_DTYPES = ("float32", "float16", "bfloat16")
+_DTYPE_KEY = b"alm.dtype"
+
+
+def cache_schema(logprob_dtype: str = "float32") -> pa.Schema:
+    """The schema cache shards are stored with at ``logprob_dtype`` (ℓ and σ columns differ)."""
+    if logprob_dtype not in LOGPROB_DTYPES:
+        raise ValueError(f"logprob dtype {logprob_dtype!r}: use one of {', '.join(LOGPROB_DTYPES)}")
+    fields = []
+    for f in CACHE_SCHEMA:
+        if f.name in LOGPROB_COLUMNS and logprob_dtype == "float16":
+            f = pa.field(f.name, pa.list_(pa.float16()), nullable=False)
+        elif f.name in LOGPROB_COLUMNS and logprob_dtype == "bfloat16":
+            f = pa.field(f.name, pa.list_(pa.uint16()), nullable=False, metadata={_DTYPE_KEY: b"bfloat16"})
+        fields.append(f)
+    return pa.schema(fields)
+
+
+def encode_logprobs(table: pa.Table, logprob_dtype: str) -> pa.Table:
+    """``table`` (fp32 ℓ and σ) with ℓ and σ stored at ``logprob_dtype`` (rounded to nearest even)."""
+    schema = cache_schema(logprob_dtype)
+    for name in LOGPROB_COLUMNS:
+        if name not in table.column_names or logprob_dtype == "float32":
+            continue
+        column = table[name].combine_chunks()
+        if logprob_dtype == "float16":
+            encoded = column.cast(pa.list_(pa.float16()))
+        else:
+            values = column.values.to_numpy(zero_copy_only=False).astype(np.float32)
+            bits = values.view(np.uint32)
+            rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+            rounded[np.isnan(values)] = 0x7FC0  # a NaN stays a NaN (rounding could carry it into ±inf)
+            encoded = pa.ListArray.from_arrays(column.offsets, pa.array(rounded, type=pa.uint16()))
+        idx = table.column_names.index(name)
+        table = table.set_column(idx, schema.field(name), encoded)
+    return table
+
+
+def decode_logprobs(table: pa.Table) -> pa.Table:
+    """``table`` with ℓ and σ as fp32, whatever they are stored as (see :func:`encode_logprobs`)."""
+    for idx, f in enumerate(table.schema):
+        if f.name not in LOGPROB_COLUMNS or not pa.types.is_list(f.type):
+            continue
+        value_type = f.type.value_type
+        if pa.types.is_float32(value_type):
+            continue
+        column = table[f.name].combine_chunks()
+        if pa.types.is_float16(value_type):
+            decoded = column.cast(pa.list_(pa.float32()))
+        elif pa.types.is_uint16(value_type) and (f.metadata or {}).get(_DTYPE_KEY) == b"bfloat16":
+            bits = column.values.to_numpy(zero_copy_only=False).astype(np.uint32) << 16
+            decoded = pa.ListArray.from_arrays(column.offsets, pa.array(bits.view(np.float32)))
+        else:
+            continue  # left as it is: the schema check names the column
+        table = table.set_column(idx, pa.field(f.name, pa.list_(pa.float32()), nullable=False), decoded)
+    return table
+
+
 _TOTALS = ("truncated_docs", "text_bytes", "predicted_tokens", "predicted_bytes", "sum_logprob")
 
 
@@ -66,6 +132,35 @@ class TeacherCache(ShardedDataset):
     token_column = "token_ids"
 
     @property
+    def logprob_dtype(self) -> str:
+        """How ℓ and σ are stored (readers get fp32 whatever it is)."""
+        return self.manifest.get("logprob_dtype", "float32")
+
+    def stored_schema(self) -> pa.Schema:
+        return cache_schema(self.logprob_dtype)
+
+    @classmethod
+    def decode(cls, table: pa.Table) -> pa.Table:
+        return decode_logprobs(table)
+
+    @classmethod
+    def write_shard(
+        cls,
+        root: PathLike,
+        index: int,
+        table: pa.Table,
+        stats: dict,
+        row_group_size: int | None = None,
+        logprob_dtype: str = "float32",
+    ) -> store.ShardInfo:
+        """Write shard ``index`` (fp32 rows in :data:`CACHE_SCHEMA`) with ℓ and σ stored at ``logprob_dtype``."""
+        table = encode_logprobs(table.select(CACHE_SCHEMA.names).cast(CACHE_SCHEMA), logprob_dtype)
+        tokens = int(pc.sum(pc.list_value_length(table[cls.token_column])).as_py() or 0)
+        return store.write_shard(
+            root, index, table, tokens=tokens, stats=stats, row_group_size=row_group_size
+        )
+
+    @property
     def tokenizer_fingerprint(self) -> str:
         return self.manifest["tokenizer"]["fingerprint"]
 
@@ -73,8 +168,8 @@ class TeacherCache(ShardedDataset):
     def fingerprint(self) -> str:
         """Identifies this cache's content: changes whenever any shard does."""
         h = hashlib.sha256(str(self.manifest["identity"]).encode())
-        for s in self.shards:
-            h.update(s.sha256.encode())
+        for digest in self.shard_index["sha256"].to_pylist():
+            h.update(digest.encode())
         return h.hexdigest()[:32]
 
     def boundary_token_ids(self) -> np.ndarray:
@@ -97,6 +192,7 @@ class TeacherCache(ShardedDataset):
             "path": str(self.root),
             "state": self.manifest["state"],
             "format_version": self.manifest["format_version"],
+            "logprob_dtype": self.logprob_dtype,
             "teacher": self.manifest["teacher"]["name"],
             "teacher_path": self.manifest["teacher"]["path"],
             "engine": self.manifest["teacher"]["engine"],
@@ -113,7 +209,7 @@ class TeacherCache(ShardedDataset):
             "skipped_duplicate_texts": self.manifest["corpus"]["stats"]["skipped_duplicate_text"],
             "truncated_docs": totals["truncated_docs"],
             "tokens": totals["tokens"],
-            "shards": len(self.manifest["shards"]),
+            "shards": self.num_shards,
             "max_length": self.manifest["settings"]["max_length"],
             "bytes_on_disk": totals["bytes_on_disk"],
             "bytes_per_token": round(totals["bytes_on_disk"] / tokens, 3),
@@ -125,14 +221,19 @@ class TeacherCache(ShardedDataset):
         }
 
 
-def open_cache(path: str | Path, verify: bool = True, require_complete: bool = True) -> TeacherCache:
-    """Open a teacher cache directory, refusing (with a clear message) anything that does not check out."""
-    return TeacherCache.open(path, verify=verify, require_complete=require_complete)
+def open_cache(
+    path: PathLike, verify: bool = True, require_complete: bool = True, checksums: bool = False
+) -> TeacherCache:
+    """Open a teacher cache (local path or URI), refusing (with a clear message) anything that does not check
+    out; ``verify``/``checksums`` as in :meth:`ShardedDataset.open`."""
+    return TeacherCache.open(path, verify=verify, require_complete=require_complete, checksums=checksums)
 
 
-def write_boundary_tokens(root: Path, ids: np.ndarray) -> dict:
+def write_boundary_tokens(root: PathLike, ids: np.ndarray) -> dict:
     """Write ``boundary_tokens.json`` (the ids σ sums over) into a cache folder; returns its manifest entry."""
-    store.atomic_write_json(root / BOUNDARY_FILE, {"definition": BOUNDARY_DEFINITION, "ids": ids.tolist()})
+    store.atomic_write_json(
+        location(root) / BOUNDARY_FILE, {"definition": BOUNDARY_DEFINITION, "ids": np.asarray(ids).tolist()}
+    )
     return {
         "definition": BOUNDARY_DEFINITION,
         "file": BOUNDARY_FILE,
@@ -141,7 +242,7 @@ def write_boundary_tokens(root: Path, ids: np.ndarray) -> dict:
     }
 
 
-def read_boundary_tokens(path: Path) -> np.ndarray:
+def read_boundary_tokens(path: PathLike) -> np.ndarray:
     return np.asarray(store.read_json(path)["ids"], dtype=np.int32)
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -26,6 +25,28 @@ app = typer.Typer(
 )
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@app.callback()
+def global_options(
+    s3_endpoint: Annotated[
+        str | None,
+        typer.Option(
+            "--s3-endpoint",
+            help="S3 endpoint URL for s3:// paths (an S3-compatible store, e.g. http://127.0.0.1:8333); default: "
+            "$AWS_ENDPOINT_URL_S3 / $AWS_ENDPOINT_URL, else AWS. Credentials come from the AWS environment.",
+        ),
+    ] = None,
+) -> None:
+    """Cross-tokenizer distillation with Approximate Likelihood Matching, around a precomputed teacher cache.
+
+    Every path option takes a local path or a file://, s3:// or gs:// URI."""
+    from alm_pipeline.storage import StorageError, set_s3_endpoint
+
+    try:
+        set_s3_endpoint(s3_endpoint)
+    except StorageError as err:
+        fail(str(err))
 
 
 @app.command("teacher-cache")
@@ -55,13 +76,14 @@ def align(config: AlignConfig) -> None:
     from alm_pipeline.cache import store
     from alm_pipeline.locking import OutputError
     from alm_pipeline.pipeline.align_stage import AlignError, build_aligned_sets, coverage_report_lines
+    from alm_pipeline.storage import StorageError, location
 
     try:
         summaries = build_aligned_sets(config, progress=say)
-    except (AlignError, OutputError, ValueError) as err:
+    except (AlignError, OutputError, StorageError, ValueError) as err:
         fail(str(err))
     for summary in summaries:
-        manifest = store.read_json(Path(summary.path) / store.MANIFEST)
+        manifest = store.read_json(location(summary.path) / store.MANIFEST)
         for line in coverage_report_lines(summary, manifest):
             typer.secho(line, fg=typer.colors.YELLOW if "WARNING" in line else None, err=True)
         say(f"-> {summary.path}")
@@ -69,24 +91,36 @@ def align(config: AlignConfig) -> None:
 
 @app.command()
 def inspect(
-    path: Annotated[Path, typer.Argument(help="A teacher cache or aligned set directory")],
+    path: Annotated[str, typer.Argument(help="A teacher cache or aligned set (folder or URI)")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
-    verify: Annotated[bool, typer.Option(help="Verify every shard's checksum")] = True,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify/--no-verify",
+            help="Also read every shard and check its SHA-256 and schema (parallel Ray tasks). Without it, "
+            "only each shard's presence and size are checked",
+        ),
+    ] = False,
 ) -> None:
     """Summarise a teacher cache (teacher, tokenizer, documents, tokens, size, bits per byte) or an aligned
     set (student tokenizer, coverage report)."""
     from alm_pipeline.cache import open_cache
     from alm_pipeline.cache.aligned import ALIGNED_KIND, open_aligned_set
     from alm_pipeline.cache.store import MANIFEST, CacheIntegrityError, read_json
+    from alm_pipeline.storage import StorageError, location
 
     try:
-        kind = read_json(path / MANIFEST).get("kind") if (path / MANIFEST).exists() else None
-        if kind == ALIGNED_KIND:
-            summary = open_aligned_set(path, verify=verify, require_complete=False).summary()
-        else:
-            summary = open_cache(path, verify=verify, require_complete=False).summary()
-    except (CacheIntegrityError, ValueError) as err:
+        root = location(path)
+        try:
+            kind = read_json(root / MANIFEST).get("kind")
+        except FileNotFoundError:
+            kind = None
+        opener = open_aligned_set if kind == ALIGNED_KIND else open_cache
+        summary = opener(root, verify=True, require_complete=False, checksums=verify).summary()
+    except (CacheIntegrityError, StorageError, ValueError) as err:
         fail(str(err))
+    if verify:
+        summary["checksums"] = "verified"
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return

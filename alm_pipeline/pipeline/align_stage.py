@@ -1,8 +1,10 @@
 """The ``align`` stage: one teacher cache → one aligned set per student tokenizer.
 
-Each Ray task reads ONE cache shard once and, for every requested student tokenizer, tokenizes the cached
-texts, aligns chunks (:mod:`alm_pipeline.pipeline.align`), γ-merges them and writes shard K of that
-student's aligned set (atomic, with a ``.done.json`` marker, so a re-run resumes). The aligned set's
+Cache and aligned sets may live on a local disk or at a URI (``s3://``, ``gs://``). Each Ray task receives
+ONE cache shard's entry (not the manifest), reads that shard once and, for every student tokenizer that
+still needs it, tokenizes the cached texts, aligns chunks (:mod:`alm_pipeline.pipeline.align`), γ-merges
+them and writes shard K of that student's aligned set (atomic, with a ``.done.json`` marker, so a re-run
+resumes). The aligned set's
 manifest records the cache fingerprint, the student tokenizer fingerprint, the settings and a coverage
 report. :func:`stream_aligned` runs the same transform as a Ray Dataset without writing anything, for
 training straight from a cache.
@@ -13,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,8 +33,9 @@ from alm_pipeline.locking import output_lock
 from alm_pipeline.pipeline.align import CoverageStats
 from alm_pipeline.pipeline.align_batch import align_batch, coverage_batch, merge_batch
 from alm_pipeline.pipeline.byteview import ByteView, TokenizerMismatchError, load_byte_view
-from alm_pipeline.pipeline.ray_utils import RayConfig, ensure_ray
+from alm_pipeline.pipeline.ray_utils import RayConfig, ensure_ray, worker_options
 from alm_pipeline.pipeline.stage import finished_shards, run_shards
+from alm_pipeline.storage import Location, StorageError, location
 
 CACHE_COLUMNS = ["doc_id", "text", "token_ids", "offsets", "logprob", "boundary_logprob"]
 
@@ -63,14 +66,17 @@ class AlignSettings:
 
 @dataclass(frozen=True)
 class AlignConfig:
-    cache: str = option(help="Teacher cache directory (from `alm-pipeline teacher-cache`)")
+    cache: str = option(help="Teacher cache (a folder or URI, from `alm-pipeline teacher-cache`)")
     student_tokenizers: tuple[str, ...] = option(
         help="Student tokenizer: `bytes`, a tokenizer folder, or a short name (repeat for several)",
         cli="student_tokenizer",
     )
-    output: str = option("aligned", "Parent folder; one aligned set per student tokenizer inside")
+    output: str = option("aligned", "Parent folder or URI; one aligned set per student tokenizer inside")
     settings: AlignSettings = field(default_factory=AlignSettings)
     overwrite: bool = option(False, "Replace existing aligned sets made with other settings")
+    verify: bool = option(
+        False, "Check every cache shard's SHA-256 first (parallel Ray tasks; reads the whole cache)"
+    )
     ray: RayConfig = field(default_factory=RayConfig)
 
 
@@ -210,7 +216,7 @@ class _SetOutput:
     student: str
     name: str
     view: ByteView
-    root: Path
+    root: Location
     identity: dict
     pending: list[int]
 
@@ -230,13 +236,19 @@ def build_aligned_sets(
         raise AlignError("no student tokenizer given")
     try:
         cache = open_cache(config.cache, verify=True)
-    except (store.CacheIntegrityError, ValueError) as err:
+        out_root = location(config.output)
+    except (store.CacheIntegrityError, StorageError, ValueError) as err:
         raise AlignError(str(err)) from None
     views = _load_students(config.student_tokenizers)
     names = [set_name(s) for s in config.student_tokenizers]
     if len(set(names)) != len(names):
         names = [f"{n}-{v.fingerprint[:8]}" for n, v in zip(names, views, strict=True)]
-    out_root = Path(config.output).absolute()
+    if config.verify:
+        say(f"verifying the checksums of {cache.num_shards} cache shards")
+        try:
+            cache.verify_checksums(config.ray)
+        except store.CacheIntegrityError as err:
+            raise AlignError(str(err)) from None
     with contextlib.ExitStack() as locks:  # one writer per aligned set, for the whole run
         for name in names:
             locks.enter_context(output_lock(out_root / name, "align"))
@@ -248,10 +260,10 @@ def _build_sets(
     cache: TeacherCache,
     views: list[ByteView],
     names: list[str],
-    out_root: Path,
+    out_root: Location,
     say: Callable[[str], None],
 ) -> list[AlignedSetSummary]:
-    num_shards = len(cache.shards)
+    num_shards = cache.num_shards
     sets: list[_SetOutput] = []
     for student, name, view in zip(config.student_tokenizers, names, views, strict=True):
         root = out_root / name
@@ -263,7 +275,7 @@ def _build_sets(
         }
         try:
             AlignedSet.prepare_output(root, identity, config.overwrite)
-        except OutputRefusedError as err:
+        except (OutputRefusedError, StorageError) as err:
             raise AlignError(str(err)) from None
         _save_student_tokenizer(student, root / TOKENIZER_DIR)
         AlignedSet.write_manifest(root, _manifest(cache, config, student, view, identity, [], "in_progress"))
@@ -285,7 +297,7 @@ def _build_sets(
         summaries.append(
             AlignedSetSummary(
                 name=s.name,
-                path=str(s.root),
+                path=s.root.uri,
                 docs=cov["documents_kept"],
                 dropped=cov["dropped"],
                 coverage=cov["coverage"],
@@ -312,7 +324,10 @@ def _load_students(students: tuple[str, ...]) -> list[ByteView]:
     return views
 
 
-def _save_student_tokenizer(student: str, folder: Path) -> None:
+def _save_student_tokenizer(student: str, folder: Location) -> None:
+    """Save the student tokenizer in Hugging Face format to ``folder`` (any backend): written to a local
+    temporary folder, then each file stored; ``tokenizer_config.json`` goes last, so its presence means the
+    folder is complete."""
     from transformers import AutoTokenizer
 
     from alm_pipeline.assets import resolve_model
@@ -325,11 +340,12 @@ def _save_student_tokenizer(student: str, folder: Path) -> None:
         if student == "bytes"
         else AutoTokenizer.from_pretrained(resolve_model(student))
     )
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tok.save_pretrained(str(tmp))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    with tempfile.TemporaryDirectory(prefix="alm-tokenizer-") as tmp:
+        tok.save_pretrained(tmp)
+        files = sorted(p for p in Path(tmp).rglob("*") if p.is_file())
+        files.sort(key=lambda p: p.name == "tokenizer_config.json")
+        for path in files:
+            (folder / path.relative_to(tmp).as_posix()).write_bytes(path.read_bytes())
 
 
 def _manifest(cache, config, student, view, identity, infos, state) -> dict:
@@ -350,10 +366,10 @@ def _manifest(cache, config, student, view, identity, infos, state) -> dict:
     return AlignedSet.new_manifest(
         state,
         identity,
-        len(cache.shards),
+        cache.num_shards,
         infos,
         cache={
-            "path": str(cache.root),
+            "path": cache.root.uri,
             "fingerprint": cache.fingerprint,
             "teacher": cache.manifest["teacher"]["name"],
             "teacher_tokenizer_fingerprint": cache.tokenizer_fingerprint,
@@ -373,39 +389,75 @@ def _manifest(cache, config, student, view, identity, infos, state) -> dict:
 
 
 class _AlignCacheShard:
-    """Ray task: read cache shard K once, write shard K of every aligned set that still needs it."""
+    """Ray task: read cache shard K once (from its entry in the row: the manifest is not read), write shard K
+    of every aligned set the row names."""
 
     def __init__(
-        self, cache_root: str, teacher_special: np.ndarray, sets: list[_SetOutput], settings: AlignSettings
+        self,
+        cache_root: str,
+        teacher_special: np.ndarray,
+        sets: list[_SetOutput],
+        settings: AlignSettings,
     ):
         self.cache_root, self.teacher_special, self.settings = cache_root, teacher_special, settings
-        self.sets = sets
+        # what a task needs of each set: its student and its folder (not the driver's list of pending shards)
+        self.sets = [(s.view, s.root.uri) for s in sets]
 
     def __call__(self, row: dict) -> dict:
         k = int(row["shard"])
-        cache = open_cache(self.cache_root, verify=False)
-        table = cache.read_shard(k, columns=CACHE_COLUMNS)
+        table = TeacherCache.read_shard_entry(self.cache_root, _entry(row), columns=CACHE_COLUMNS)
         written = 0
-        for s in self.sets:
-            if k not in s.pending:
-                continue
+        for i in row["sets"]:
+            view, root = self.sets[int(i)]
             coverage, dropped = CoverageStats(), DroppedDocs()
-            aligned = align_table(table, self.teacher_special, s.view, self.settings, coverage, dropped)
+            aligned = align_table(table, self.teacher_special, view, self.settings, coverage, dropped)
             stats = {
                 "coverage": asdict(coverage),
                 "dropped": dropped.counts,
                 "dropped_examples": dropped.examples,
             }
-            AlignedSet.write_shard(s.root, k, aligned, stats=stats)
+            AlignedSet.write_shard(root, k, aligned, stats=stats)
             written += 1
         return {"shard": k, "written": written, "docs": table.num_rows}
 
 
+def shard_rows(cache: TeacherCache, shards: list[int], sets: list[list[int]] | None = None) -> list[dict]:
+    """One Ray Data row per cache shard: its index, its entry (file, bytes, rows, tokens, SHA-256) and the
+    aligned sets it goes to. A task needs nothing else of the cache's manifest."""
+    files, nrows, tokens, nbytes, digests = (cache.shard_index[name].to_pylist() for name in _ENTRY_FIELDS)
+    rows = [
+        {
+            "shard": k,
+            "file": files[k],
+            "rows": nrows[k],
+            "tokens": tokens[k],
+            "bytes": nbytes[k],
+            "sha256": digests[k],
+        }
+        for k in shards
+    ]
+    if sets is not None:
+        for row, targets in zip(rows, sets, strict=True):
+            row["sets"] = targets
+    return rows
+
+
+_ENTRY_FIELDS = ("file", "rows", "tokens", "bytes", "sha256")
+
+
+def _entry(row: dict) -> store.ShardInfo:
+    """The shard entry a task's row carries."""
+    return store.ShardInfo.from_json({"index": row["shard"], **{name: row[name] for name in _ENTRY_FIELDS}})
+
+
 def _run_ray(config: AlignConfig, cache: TeacherCache, sets: list[_SetOutput], work: list[int]) -> None:
-    fn = _AlignCacheShard(str(cache.root), cache.special_token_mask(), sets, config.settings)
+    fn = _AlignCacheShard(cache.root.uri, cache.special_token_mask(), sets, config.settings)
+    pending = [set(s.pending) for s in sets]
+    targets = [[i for i, p in enumerate(pending) if k in p] for k in work]
+    options = worker_options()
     run_shards(
-        work,
-        lambda ds: ds.map(fn, num_cpus=1),
+        shard_rows(cache, work, targets),
+        lambda ds: ds.map(fn, num_cpus=1, **options),
         desc="align",
         rate_column="docs",
         rate_unit="docs",
@@ -426,19 +478,23 @@ def stream_aligned(
     cache = open_cache(cache_path, verify=True)
     (view,) = _load_students((student_tokenizer,))
     special = cache.special_token_mask()
-    root = str(cache.root)
+    root = cache.root.uri
 
     def transform(batch: pa.Table) -> pa.Table:
-        shard_cache = open_cache(root, verify=False)
         tables = [
-            align_table(shard_cache.read_shard(int(k), columns=CACHE_COLUMNS), special, view, settings)
-            for k in batch["shard"].to_pylist()
+            align_table(
+                TeacherCache.read_shard_entry(root, _entry(row), columns=CACHE_COLUMNS),
+                special,
+                view,
+                settings,
+            )
+            for row in batch.to_pylist()
         ]
         return pa.concat_tables(tables) if tables else ALIGNED_SCHEMA.empty_table()
 
-    shards = list(range(len(cache.shards)))
-    ds = ray.data.from_items([{"shard": k} for k in shards], override_num_blocks=max(1, len(shards)))
-    ds = ds.map_batches(transform, batch_size=1, batch_format="pyarrow", num_cpus=0.5)
+    rows = shard_rows(cache, list(range(cache.num_shards)))
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
+    ds = ds.map_batches(transform, batch_size=1, batch_format="pyarrow", num_cpus=0.5, **worker_options())
     return ds, view, cache
 
 

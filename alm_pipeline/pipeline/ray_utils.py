@@ -49,9 +49,8 @@ def ensure_ray(config: RayConfig = RayConfig()) -> None:
         return
     address = config.address or os.environ.get("RAY_ADDRESS") or None
     common = {"log_to_driver": config.log_to_driver, "logging_level": logging.WARNING}
-    storage_env = worker_storage_env()
-    if storage_env:  # workers reach the same buckets as the driver (credentials, endpoint, region)
-        common["runtime_env"] = {"env_vars": storage_env}
+    if storage_env():  # workers on other nodes do not inherit this process's environment
+        common["runtime_env"] = {"env_vars": storage_env()}
     # Workers must find this package: it is installed in the environment (pip install -e .), so no
     # runtime_env is needed locally; on a cluster the image or runtime_env provides it.
     if address:
@@ -67,16 +66,21 @@ def ensure_ray(config: RayConfig = RayConfig()) -> None:
     configure_ray_data()
 
 
-def worker_storage_env() -> dict[str, str]:
-    """The driver's object-storage settings that Ray workers need to open the same ``s3://``/``gs://`` URIs:
-    the ``AWS_*`` variables (keys, endpoint, region, profile) and Google's credential variables. Passed to
-    the workers as the job's ``runtime_env`` when Ray is started or joined (``ray.init``), so set them, or
-    ``--s3-endpoint``, before the first Ray work of a process."""
+def storage_env() -> dict[str, str]:
+    """The storage variables of this process's environment (``AWS_*``: endpoint, credentials, region; Google's credential variables) that Ray
+    workers need to reach the same ``s3://`` locations."""
     return {
         k: v
         for k, v in os.environ.items()
         if k.startswith("AWS_") or k in ("GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_CLOUD_PROJECT")
     }
+
+
+def worker_options() -> dict:
+    """Ray remote options that give a task or actor this process's storage variables (needed when Ray was
+    started before they were set, e.g. by ``--s3-endpoint`` or a test)."""
+    env = storage_env()
+    return {"runtime_env": {"env_vars": env}} if env else {}
 
 
 class RayConnectionError(ValueError):

@@ -2,9 +2,10 @@
 
 A stage writes a :class:`~alm_pipeline.cache.dataset.ShardedDataset` shard by shard. Each shard is a
 deterministic function of its input and the settings, written atomically with a verified ``.done.json``
-marker, so a stage is: find the pending shards (no verified marker), map them through the stage's Ray Data
-steps (one row ``{"shard": k}`` in, one row per written shard out) under one progress bar, check that every
-shard is now there, and write the final manifest. This module holds the shard loop and the final check; the
+marker, so a stage is: find the pending shards (no marker, or a file whose size is not the marker's), map
+them through the stage's Ray Data steps (one row ``{"shard": k, ...}`` in, carrying what that shard's task
+needs and nothing more, one row per written shard out) under one progress bar, check that every shard is
+now there (markers and sizes: no shard is re-read), and write the final manifest. This module holds the shard loop and the final check; the
 stages hold their steps and their manifests (in the spirit of datatrove's executor and ``PipelineStep``).
 """
 
@@ -13,16 +14,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from alm_pipeline.cache import store
-from alm_pipeline.cache.dataset import ShardedDataset
+from alm_pipeline.cache.dataset import PathLike, ShardedDataset
 from alm_pipeline.pipeline.byteview import TokenizerMismatchError
 from alm_pipeline.pipeline.corpus import CorpusError
 from alm_pipeline.pipeline.ray_utils import RayConfig, ensure_ray
+from alm_pipeline.storage import StorageError
 
 # errors whose message already names the document or file: shown as they are, not as Ray's wrapper
-_OUR_ERRORS = (TokenizerMismatchError, CorpusError, store.CacheIntegrityError)
+_OUR_ERRORS = (TokenizerMismatchError, CorpusError, store.CacheIntegrityError, StorageError)
 
 
 @dataclass
@@ -37,7 +38,7 @@ class ShardRun:
 
 
 def run_shards(
-    shards: list[int],
+    shards: list[int] | list[dict],
     steps: Callable,
     *,
     desc: str,
@@ -46,15 +47,17 @@ def run_shards(
     ray_config: RayConfig,
     error: type[Exception],
 ) -> ShardRun:
-    """Map ``shards`` through ``steps`` (a function of a Ray Dataset of ``{"shard": k}`` rows, one block per
-    shard, returning the Dataset whose rows report the finished shards) with a progress bar showing
+    """Map ``shards`` through ``steps`` (a function of a Ray Dataset of ``{"shard": k}`` rows, or of the given
+    dicts, which hold ``"shard"`` and whatever else the shard's task needs; one block per shard; returning
+    the Dataset whose rows report the finished shards) with a progress bar showing
     ``rate_column`` per second. An exception inside a step is raised as ``error`` with the message of the
     stage's own error that caused it (naming the document or file) rather than Ray's wrapper."""
     import ray.data
     from tqdm import tqdm
 
     ensure_ray(ray_config)
-    ds = steps(ray.data.from_items([{"shard": k} for k in shards], override_num_blocks=len(shards)))
+    rows = [k if isinstance(k, dict) else {"shard": k} for k in shards]
+    ds = steps(ray.data.from_items(rows, override_num_blocks=len(rows)))
     bar = tqdm(total=len(shards), unit="shard", desc=desc, dynamic_ncols=True)
     totals: dict = {}
     t0 = time.time()
@@ -83,9 +86,10 @@ def run_shards(
 
 
 def finished_shards(
-    dataset: type[ShardedDataset], root: Path, num_shards: int, error: type[Exception]
+    dataset: type[ShardedDataset], root: PathLike, num_shards: int, error: type[Exception]
 ) -> list[store.ShardInfo]:
-    """Every shard of ``root`` after a run, verified; raises ``error`` naming a shard that is not there."""
+    """Every shard of ``root`` after a run (markers and sizes); raises ``error`` naming a shard that is not
+    there."""
     try:
         return dataset.finished_shards(root, num_shards)
     except store.CacheIntegrityError as err:

@@ -35,6 +35,7 @@ from alm_pipeline.cache.dataset import OutputRefusedError
 from alm_pipeline.cache.teacher import (
     BOUNDARY_FILE,
     FORMAT_VERSION,
+    LOGPROB_DTYPES,
     TeacherCache,
     cache_totals,
     read_boundary_tokens,
@@ -96,6 +97,10 @@ class TeacherCacheConfig:
         "float32", "Teacher weights dtype: float32, bfloat16, float16 (log-probs are always fp32)"
     )
     shard_size: int = option(256, "Documents per shard (the unit of work and of resume)")
+    logprob_dtype: str = option(
+        "float32",
+        "Stored precision of the log-probs ℓ and σ: float32 (lossless), float16 or bfloat16 (smaller)",
+    )
     batch_tokens: int = option(8192, "Padded tokens per forward pass")
     concurrency: int = option(1, "Teacher replicas (Ray actors)")
     num_gpus_per_actor: float = option(
@@ -128,6 +133,7 @@ class TeacherCacheConfig:
         """Every setting checked here, before any work (messages name the option)."""
         check_choice("--engine", self.engine, ("hf", "vllm"))
         check_choice("--dtype", self.dtype, tuple(DTYPES))
+        check_choice("--logprob-dtype", self.logprob_dtype, LOGPROB_DTYPES)
         check_choice("--boundary-mode", self.boundary_mode, ("exact", "topk"))
         check_int("--max-length", self.max_length, minimum=2)  # at least one predicted token
         for name in ("shard_size", "batch_tokens", "concurrency", "tensor_parallel_size", "boundary_topk"):
@@ -149,6 +155,7 @@ class TeacherCacheConfig:
             "max_length": self.max_length,
             "dtype": self.dtype,
             "shard_size": self.shard_size,
+            "logprob_dtype": self.logprob_dtype,
         }
         if self.boundary_mode != "exact":  # an approximate σ must never be mixed with (or resumed as) exact
             settings["boundary_mode"] = f"{self.boundary_mode}:{self.boundary_topk}"
@@ -394,6 +401,7 @@ def _manifest(
         },
         settings={**config.identity_settings(), "batch_tokens": config.batch_tokens},
         boundary_tokens=boundary,
+        logprob_dtype=config.logprob_dtype,
         totals=cache_totals(shards),
     )
 
@@ -426,7 +434,7 @@ def _run_ray_pipeline(
             num_cpus=config.num_cpus_per_actor,
             num_gpus=config.num_gpus_per_actor or None,
         )
-        return ds.map(_WriteShard(str(out)), **light)
+        return ds.map(_WriteShard(str(out), config.logprob_dtype), **light)
 
     run = run_shards(
         pending,
@@ -592,13 +600,15 @@ class _ScoreShards:
 class _WriteShard:
     """Ray Data task: scored shard payload → ``shards/shard-K.parquet`` + marker (atomic)."""
 
-    def __init__(self, out: str):
-        self.out = out
+    def __init__(self, out: str, logprob_dtype: str = "float32"):
+        self.out, self.logprob_dtype = out, logprob_dtype
 
     def __call__(self, row: dict) -> dict:
         k = int(row["shard"])
         table = ipc_to_table(row["payload"])
-        info = TeacherCache.write_shard(Path(self.out), k, table, stats=shard_stats(table))
+        info = TeacherCache.write_shard(
+            self.out, k, table, stats=shard_stats(table), logprob_dtype=self.logprob_dtype
+        )
         return {
             "shard": k,
             "tokens": info.tokens,

@@ -21,6 +21,7 @@ from alm_pipeline.pipeline.align_stage import (
     stream_aligned,
 )
 from alm_pipeline.pipeline.teacher_cache import build_teacher_cache
+from alm_pipeline.storage import location
 from tests.factories import BAD_INPUT_DOCS, lock_held_elsewhere, teacher_cache_config, write_jsonl
 
 pytestmark = pytest.mark.ray
@@ -162,3 +163,72 @@ def test_saved_bytes_tokenizer_and_streaming_match(cache_dir, tmp_path):
         np.testing.assert_array_equal(
             a["teacher_chunk_logprob"], np.array(b["teacher_chunk_logprob"], np.float32)
         )
+
+
+def _upload(folder, uri: str) -> str:
+    """Copy a local folder to ``uri`` file by file (through alm_pipeline.storage)."""
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        location(uri).join(path.relative_to(folder).as_posix()).write_bytes(path.read_bytes())
+    return uri
+
+
+def test_align_from_s3_to_s3_reads_the_same_rows_as_local(cache_dir, tmp_path, s3_bucket, monkeypatch):
+    """Cache and output on s3:// (Ray was started before the S3 variables were set: the tasks get them through
+    their runtime environment); the aligned set read back from its URI equals a local run's, the student
+    tokenizer is stored at the URI, a second run resumes, and nothing named ``s3:`` lands on the local disk."""
+    monkeypatch.chdir(tmp_path)
+    cache_uri = _upload(cache_dir, f"{s3_bucket}/cache")
+    (local,) = _align(cache_dir, tmp_path / "local", ["bytes"])
+    (remote,) = _align(cache_uri, f"{s3_bucket}/aligned", ["bytes"])
+    assert remote.path == f"{s3_bucket}/aligned/bytes" and remote.shards_written == local.shards_written
+    assert _rows(remote.path) == _rows(local.path)
+    aligned = open_aligned_set(remote.path)
+    assert aligned.manifest["cache"]["path"] == cache_uri
+    assert aligned.tokenizer_dir.join("tokenizer_config.json").exists()
+    aligned.check_cache()  # the cache it names, by URI, is unchanged
+    (again,) = _align(cache_uri, f"{s3_bucket}/aligned", ["bytes"])
+    assert again.shards_written == 0 and again.shards_reused == remote.shards_written
+    assert not any(p.name.startswith("s3:") for p in tmp_path.rglob("*"))
+
+
+def test_checksum_pass_finds_a_same_size_corruption_that_opening_does_not_read(cache_dir, tmp_path):
+    """Opening checks presence and sizes only (no shard is read); ``verify_checksums`` (parallel Ray tasks, also
+    what ``inspect --verify`` and ``align --verify`` run) reads every shard and names the corrupted one."""
+    import shutil
+
+    copy = tmp_path / "cache"
+    shutil.copytree(cache_dir, copy)
+    cache = open_cache(copy)
+    cache.verify_checksums(shards_per_task=2)  # intact
+    victim = cache.shard_location(1).local_path
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    cache = open_cache(copy)  # same size: opening does not notice
+    with pytest.raises(CacheIntegrityError, match=r"shard-00000001.parquet: checksum does not match"):
+        cache.verify_checksums(shards_per_task=2)
+    with pytest.raises(AlignError, match=r"shard-00000001.parquet: checksum does not match"):
+        build_aligned_sets(
+            AlignConfig(
+                cache=str(copy), student_tokenizers=("bytes",), output=str(tmp_path / "o"), verify=True
+            )
+        )
+    assert not (tmp_path / "o").exists()  # refused before any output was written
+
+
+def test_inspect_reads_a_cache_on_s3_and_verifies_it(cache_dir, tmp_path, s3_bucket, monkeypatch):
+    from typer.testing import CliRunner
+
+    from alm_pipeline.cli.main import app
+
+    monkeypatch.chdir(tmp_path)
+    uri = _upload(cache_dir, f"{s3_bucket}/cache")
+    result = CliRunner().invoke(app, ["inspect", uri, "--json", "--verify"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["path"] == uri and summary["checksums"] == "verified"
+    assert summary["shards"] == open_cache(cache_dir).num_shards
+    location(uri).join("shards", "shard-00000000.parquet").remove()
+    result = CliRunner().invoke(app, ["inspect", uri])
+    assert result.exit_code == 2 and f"{uri}/shards/shard-00000000.parquet: shard listed" in result.output
+    assert not any(p.name.startswith("s3:") for p in tmp_path.rglob("*"))

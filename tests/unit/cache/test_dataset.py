@@ -5,6 +5,7 @@ dataset base (alm_pipeline.cache.dataset)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -24,6 +25,7 @@ from alm_pipeline.cache.arrow import ragged_list_array
 from alm_pipeline.cache.dataset import OutputRefusedError, diff_identity
 from alm_pipeline.cache.store import CacheIntegrityError
 from alm_pipeline.cache.teacher import CACHE_KIND, FORMAT_VERSION, TeacherCache, open_cache
+from alm_pipeline.storage import StorageError, location
 
 OPENERS = {
     "cache": (open_cache, CACHE_KIND, FORMAT_VERSION, "teacher cache", "alm-pipeline teacher-cache"),
@@ -136,33 +138,127 @@ def test_written_shards_verify_and_read_back(tmp_path):
     assert AlignedSet.pending_shards(root, len(tables)) == []
     assert AlignedSet.finished_shards(root, len(tables)) == infos
     AlignedSet.write_manifest(root, AlignedSet.new_manifest("complete", identity, len(tables), infos))
-    aligned = open_aligned_set(root)  # verifies checksums and schema
+    aligned = open_aligned_set(root)  # checks every shard's presence and size
     assert [t.equals(w) for t, w in zip(aligned.iter_tables(), tables, strict=True)] == [True] * 3
+    assert aligned.shards == infos and aligned.shard_info(2) == dataclasses.replace(infos[2], stats={})
+    assert aligned.shard_location(1).uri == f"{root}/shards/shard-00000001.parquet"
 
     store.shard_path(root, 1).write_bytes(b"corrupt")
     assert AlignedSet.pending_shards(root, len(tables)) == [1]
-    with pytest.raises(CacheIntegrityError, match="shard-00001.parquet: shard missing or unverified"):
+    with pytest.raises(CacheIntegrityError, match="shard-00000001.parquet: shard missing or unverified"):
         AlignedSet.finished_shards(root, len(tables))
+    with pytest.raises(CacheIntegrityError, match=r"shard-00000001.parquet: 7 bytes, the manifest says \d+"):
+        open_aligned_set(root)
 
 
 @pytest.mark.parametrize("entry", ["../outside.parquet", "ABSOLUTE", "shards/../../outside.parquet"])
-def test_manifest_entries_that_leave_the_dataset_are_refused(tmp_path, entry):
-    """A manifest whose shard entry points outside the dataset folder (to a file with the right checksum, so
-    nothing else would notice) is refused by name: readers never open files the dataset does not hold."""
+def test_index_entries_that_leave_the_dataset_are_refused(tmp_path, entry):
+    """A shard index whose entry points outside the dataset folder (to a file with the right checksum, so
+    nothing else would notice; the manifest names the crafted index with its checksum) is refused by name:
+    readers never open files the dataset does not hold."""
     rng = np.random.default_rng(0)
     root = tmp_path / "data" / "set"
     table = _aligned_rows(4, rng)
     identity = {"format_version": ALIGNED_FORMAT_VERSION}
     AlignedSet.write_manifest(root, AlignedSet.new_manifest("in_progress", identity, 1, []))
     info = AlignedSet.write_shard(root, 0, table, stats={})
-    manifest = AlignedSet.new_manifest("complete", identity, 1, [info])
-    AlignedSet.write_manifest(root, manifest)
+    AlignedSet.write_manifest(root, AlignedSet.new_manifest("complete", identity, 1, [info]))
     assert open_aligned_set(root).iter_tables().__next__().equals(table)
 
     outside = tmp_path / "data" / "outside.parquet"
     outside.write_bytes(store.shard_path(root, 0).read_bytes())  # same bytes: the checksum would match
     name = str(outside) if entry == "ABSOLUTE" else entry
-    manifest["shards"][0]["file"] = name
+    manifest = json.loads((root / store.MANIFEST).read_text())
+    manifest["shard_index"] = store.write_shard_index(root, [dataclasses.replace(info, file=name)])
     (root / store.MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(CacheIntegrityError, match=r"manifest.json: shard entry .* leaves the dataset folder"):
+    with pytest.raises(CacheIntegrityError, match=r"shard entry .* leaves the dataset folder"):
         open_aligned_set(root)
+
+
+def test_an_altered_shard_index_is_refused(tmp_path):
+    root = tmp_path / "set"
+    identity = {"format_version": ALIGNED_FORMAT_VERSION}
+    info = AlignedSet.write_shard(root, 0, _aligned_rows(3, np.random.default_rng(1)), stats={})
+    AlignedSet.write_manifest(root, AlignedSet.new_manifest("complete", identity, 1, [info]))
+    store.write_shard_index(root, [info, dataclasses.replace(info, index=1)])  # not what the manifest names
+    with pytest.raises(CacheIntegrityError, match=r"shards.parquet: does not match manifest.json"):
+        open_aligned_set(root)
+    (root / store.SHARD_INDEX).unlink()
+    with pytest.raises(
+        CacheIntegrityError, match=r"shards.parquet: the shard index named in manifest.json is missing"
+    ):
+        open_aligned_set(root)
+
+
+def test_an_old_format_version_is_refused_with_the_rerun_message(tmp_path):
+    """Format version 1 (5-digit shard names, shards listed in manifest.json) is not read by this version."""
+    folder = _manifest(tmp_path / "v1", kind=CACHE_KIND, format_version=1, state="complete", shards=[])
+    with pytest.raises(
+        CacheIntegrityError,
+        match=rf"format version 1, this alm-pipeline reads version {FORMAT_VERSION}; re-run "
+        "`alm-pipeline teacher-cache` with this version",
+    ):
+        open_cache(folder)
+    assert FORMAT_VERSION == 2 and ALIGNED_FORMAT_VERSION == 2
+
+
+def test_a_dataset_on_s3_is_written_resumed_read_and_replaced(s3_bucket, tmp_path, monkeypatch):
+    """Every step of the dataset API on s3://: shards and markers, pending/finished, manifest + index, open and
+    read (also from a shard entry alone), overwrite; nothing named ``s3:`` appears on the local disk."""
+    monkeypatch.chdir(tmp_path)
+    root = f"{s3_bucket}/sets/bytes"
+    rng = np.random.default_rng(0)
+    tables = [_aligned_rows(5, rng), _aligned_rows(3, rng), _aligned_rows(4, rng)]
+    identity = {"format_version": ALIGNED_FORMAT_VERSION, "settings": {"gamma": 0.1}}
+    assert AlignedSet.prepare_output(root, identity, overwrite=False) is None
+    AlignedSet.write_manifest(root, AlignedSet.new_manifest("in_progress", identity, 3, []))
+    infos = [AlignedSet.write_shard(root, k, tables[k], stats={"k": k}) for k in (0, 2)]
+    assert AlignedSet.pending_shards(root, 3) == [1]  # resume: only the missing shard
+    infos.insert(1, AlignedSet.write_shard(root, 1, tables[1], stats={"k": 1}))
+    assert AlignedSet.finished_shards(root, 3) == infos
+    AlignedSet.write_manifest(root, AlignedSet.new_manifest("complete", identity, 3, infos))
+
+    aligned = open_aligned_set(root)
+    assert aligned.root.uri == root and aligned.num_shards == 3
+    assert aligned.shard_location(2).uri == f"{root}/shards/shard-00000002.parquet"
+    assert all(t.equals(w) for t, w in zip(aligned.iter_tables(), tables, strict=True))
+    assert AlignedSet.read_shard_entry(root, infos[1].to_json()).equals(tables[1])  # no manifest needed
+    assert AlignedSet.prepare_output(root, identity, overwrite=False)["state"] == "complete"
+
+    store.shard_path(root, 1).write_bytes(b"short")  # a replaced shard: refused at open, by its URI
+    with pytest.raises(CacheIntegrityError, match=rf"{root}/shards/shard-00000001.parquet: 5 bytes"):
+        open_aligned_set(root)
+    store.shard_path(root, 1).remove()
+    with pytest.raises(CacheIntegrityError, match=rf"{root}/shards/shard-00000001.parquet: shard listed"):
+        open_aligned_set(root)
+
+    other = {**identity, "settings": {"gamma": 0.5}}
+    assert AlignedSet.prepare_output(root, other, overwrite=True) is None  # overwrite removes on s3 too
+    assert [i.path for i in location(root).list(recursive=True)] == []
+    assert not any(p.name.startswith("s3:") for p in tmp_path.rglob("*"))
+
+
+def test_a_missing_bucket_is_refused_before_anything_is_written(s3_bucket):
+    with pytest.raises(
+        StorageError, match=r"s3://no-such-bucket-h1/set: bucket s3://no-such-bucket-h1 does not"
+    ):
+        AlignedSet.prepare_output("s3://no-such-bucket-h1/set", {}, overwrite=False)
+    assert not location("s3://no-such-bucket-h1").exists()
+
+
+def test_unreachable_storage_is_refused_naming_the_uri(monkeypatch):
+    from alm_pipeline import storage
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    storage._filesystem.cache_clear()
+    try:
+        with pytest.raises(
+            StorageError, match=r"s3://bucket/cache/manifest.json: cannot read .*cannot reach 127\.0\.0\.1:9"
+        ):
+            open_cache("s3://bucket/cache")
+        with pytest.raises(StorageError, match=r"s3://bucket/set: cannot .*cannot reach 127\.0\.0\.1:9"):
+            AlignedSet.prepare_output("s3://bucket/set", {}, overwrite=False)
+    finally:
+        storage._filesystem.cache_clear()
