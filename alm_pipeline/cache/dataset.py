@@ -181,11 +181,16 @@ class ShardedDataset:
         return infos
 
     @classmethod
-    def write_shard(cls, root: Path, index: int, table: pa.Table, stats: dict) -> store.ShardInfo:
-        """Write shard ``index`` of a dataset of this kind (rows in :attr:`schema`) and its marker."""
+    def write_shard(
+        cls, root: Path, index: int, table: pa.Table, stats: dict, row_group_size: int | None = None
+    ) -> store.ShardInfo:
+        """Write shard ``index`` of a dataset of this kind (rows in :attr:`schema`) and its marker
+        (``row_group_size``: rows per Parquet row group, default pyarrow's)."""
         table = table.select(cls.schema.names).cast(cls.schema)
         tokens = int(pc.sum(pc.list_value_length(table[cls.token_column])).as_py() or 0)
-        return store.write_shard(root, index, table, tokens=tokens, stats=stats)
+        return store.write_shard(
+            root, index, table, tokens=tokens, stats=stats, row_group_size=row_group_size
+        )
 
     @classmethod
     def new_manifest(

@@ -171,13 +171,17 @@ def marker_path(root: Path, index: int) -> Path:
     return Path(root) / SHARD_DIR / f"shard-{index:05d}.done.json"
 
 
-def write_shard(root: Path, index: int, table: pa.Table, tokens: int, stats: dict) -> ShardInfo:
-    """Write one shard atomically (zstd Parquet), then its marker. Deterministic for the same table."""
+def write_shard(
+    root: Path, index: int, table: pa.Table, tokens: int, stats: dict, row_group_size: int | None = None
+) -> ShardInfo:
+    """Write one shard atomically (zstd Parquet, ``row_group_size`` rows per row group, default pyarrow's),
+    then its marker. Deterministic for the same table."""
     path = shard_path(root, index)
     sink = pa.BufferOutputStream()
     pq.write_table(
         table,
         sink,
+        row_group_size=row_group_size,
         compression="zstd",
         compression_level=3,
         use_dictionary=False,

@@ -69,6 +69,16 @@ class DataConfig:
     max_student_length: int | None = option(
         None, "With --cache: student tokens per document (default: whole cached text)"
     )
+    shuffle_window: int = option(
+        4096,
+        "Documents per shuffle window: each epoch permutes the row groups (with --cache: the cache shards), then "
+        "shuffles documents within consecutive windows of this many; larger mixes more, smaller reads fewer "
+        "row groups per step (1: no shuffle inside row groups)",
+    )
+    data_cache_mib: int = option(
+        512, "Per worker: MiB of decoded row groups kept in memory (least recently used dropped first)"
+    )
+    prefetch_steps: int = option(2, "Per worker: steps of documents read ahead by a background thread")
 
     def __post_init__(self) -> None:
         if (self.aligned is None) == (self.cache is None):
@@ -86,6 +96,9 @@ class DataConfig:
             )
         check_number("--gamma", self.gamma, 0, 1, allow_none=True)
         check_int("--max-student-length", self.max_student_length, allow_none=True)
+        check_int("--shuffle-window", self.shuffle_window)
+        check_int("--data-cache-mib", self.data_cache_mib)
+        check_int("--prefetch-steps", self.prefetch_steps)
 
 
 @dataclass(frozen=True)
@@ -414,6 +427,7 @@ class TrainConfig:
         return {
             "batch_size": self.optim.batch_size,
             "seed": self.optim.seed,
+            "shuffle_window": self.data.shuffle_window,
             "alm": self.loss.alm,
             "next_token_loss": self.loss.next_token_loss,
             "distance": self.loss.distance,
