@@ -53,7 +53,7 @@ TRAINER_COLUMNS = ALIGNED_SCHEMA.names[:6]
 # per-document sizes: the trainer's index reads only these (a few bytes per document)
 INDEX_COLUMNS = ["num_tokens", "num_chunks"]
 # documents per Parquet row group of an aligned shard: the unit a training worker reads
-ALIGNED_ROW_GROUP_ROWS = 1024
+ALIGNED_ROW_GROUP_ROWS = 512
 
 
 @dataclass

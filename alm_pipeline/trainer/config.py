@@ -70,10 +70,11 @@ class DataConfig:
         None, "With --cache: student tokens per document (default: whole cached text)"
     )
     shuffle_window: int = option(
-        4096,
+        16384,
         "Documents per shuffle window: each epoch permutes the row groups (with --cache: the cache shards), then "
-        "shuffles documents within consecutive windows of this many; larger mixes more, smaller reads fewer "
-        "row groups per step (1: no shuffle inside row groups)",
+        "shuffles documents within consecutive windows of this many (1: no shuffle inside row groups); larger "
+        "mixes more; keep it >= --num-workers x 512 (documents per row group) so that each worker reads only a "
+        "part of the row groups",
     )
     data_cache_mib: int = option(
         512, "Per worker: MiB of decoded row groups kept in memory (least recently used dropped first)"

@@ -258,6 +258,7 @@ class BatchPlan:
         self.num_docs, self.batch_size, self.seed, self.shuffle = num_docs, batch_size, seed, shuffle
         self.window = window
         self._block_starts: np.ndarray | None = None
+        self._blocks = None if blocks is None else np.asarray(blocks)
         if blocks is not None:
             blocks = np.asarray(blocks)
             if len(blocks) > 1 and (np.diff(blocks) < 0).any():
@@ -286,7 +287,7 @@ class BatchPlan:
                 keys = rng.random(n)
                 perm = perm[np.lexsort((keys, np.arange(n, dtype=np.int64) // self.window))]
         self._epochs[epoch] = perm
-        while len(self._epochs) > 4:  # a handful of epochs alive at once
+        while len(self._epochs) > 2:  # a step spans at most two epochs
             self._epochs.popitem(last=False)
         return perm
 
@@ -309,9 +310,13 @@ class BatchPlan:
     def epoch(self, step: int) -> float:
         return step * self.batch_size / self.num_docs
 
-    @staticmethod
-    def worker_slices(batch: np.ndarray, world_size: int) -> list[np.ndarray]:
-        """The parts of a global batch the workers take (slice ``r`` for rank ``r``)."""
+    def worker_slices(self, batch: np.ndarray, world_size: int) -> list[np.ndarray]:
+        """The parts of a global batch the workers take (slice ``r`` for rank ``r``). With blocks, the batch is
+        ordered by block first: a worker gets the documents of a few blocks, and the same blocks step after step
+        within a shuffle window, so it reads about ``1/world_size`` of them (the global batch, and so the
+        gradient, does not depend on how it is split)."""
+        if self._blocks is not None:
+            batch = batch[np.argsort(self._blocks[batch], kind="stable")]
         return np.array_split(batch, world_size)
 
 

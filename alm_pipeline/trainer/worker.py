@@ -384,7 +384,7 @@ class Worker:
         thread, which alone touches the plan and the reader once training runs."""
         batch = self.plan.global_batch(step)
         before = self.reader.skipped
-        rows = self.reader.rows(BatchPlan.worker_slices(batch, self.rt.world_size)[self.rt.rank])
+        rows = self.reader.rows(self.plan.worker_slices(batch, self.rt.world_size)[self.rt.rank])
         return batch, rows, self.reader.skipped - before
 
     def _step_layout(self, batch: np.ndarray, rows: AlignedRows, skipped: int) -> tuple[list, int, dict]:
@@ -397,7 +397,7 @@ class Worker:
             "pack_length": self.pack_length,
         }
         if index.sizes_known:
-            slices = BatchPlan.worker_slices(batch, rt.world_size)
+            slices = self.plan.worker_slices(batch, rt.world_size)
             layouts_all = [plan_micro_batches(index.length[s], **plan_kw) for s in slices]
             lengths = index.length[batch].astype(np.int64)
             totals = {

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -56,8 +57,6 @@ def test_index_holds_the_trainable_documents_with_their_sizes(grouped_aligned, t
     np.testing.assert_array_equal(again.block, index.block)
     # the documents filtered on the index: fewer than 2 tokens, or no chunk when the ALM loss is alone
     short = pq.read_table(files[0])
-    import pyarrow as pa
-
     cut = short.set_column(
         short.schema.get_field_index("num_tokens"), "num_tokens", pa.array([1] * short.num_rows, pa.int32())
     )
@@ -99,7 +98,7 @@ def test_a_worker_reads_only_the_row_groups_of_its_documents(grouped_aligned):
     for rank in range(2):
         reader = BlockReader(index, cache_bytes=1)  # keeps almost nothing beyond the step's own blocks
         for step in range(3):
-            mine = BatchPlan.worker_slices(plan.global_batch(step), 2)[rank]
+            mine = plan.worker_slices(plan.global_batch(step), 2)[rank]
             rows = reader.rows(mine)
             got = everything.take(mine)
             assert rows.doc_ids.tolist() == got.doc_ids.tolist()
@@ -109,7 +108,7 @@ def test_a_worker_reads_only_the_row_groups_of_its_documents(grouped_aligned):
         wanted = {
             (int(index.block_file[b]), int(index.block_rg[b]))
             for step in range(3)
-            for b in index.block[BatchPlan.worker_slices(plan.global_batch(step), 2)[rank]]
+            for b in index.block[plan.worker_slices(plan.global_batch(step), 2)[rank]]
         }
         assert set(reader.reads) == wanted
         assert len(wanted) < index.num_blocks  # the case under test: the worker leaves most row groups alone
@@ -169,3 +168,49 @@ def test_prefetcher_runs_ahead_in_order_and_passes_errors_on():
     with pytest.raises(ValueError, match="step 6"):
         pre.get(6)
     pre.close()
+
+
+def test_stream_reader_aligns_only_the_cache_shards_of_its_documents(
+    gpt2_bl_model, teacher_table, tokenizer_dirs, tmp_path
+):
+    """train --cache: a worker aligns only the cache shards holding its documents; the documents it gets equal
+    those of the set aligned ahead of time, and the untrainable ones are skipped and counted."""
+    from alm_pipeline.pipeline.align_stage import AlignSettings, align_table
+    from alm_pipeline.pipeline.byteview import load_byte_view
+    from alm_pipeline.trainer.index import index_cache
+    from alm_pipeline.trainer.reader import CacheBlockReader
+
+    teacher = load_byte_view(gpt2_bl_model)
+    student = load_byte_view(str(tokenizer_dirs["byte_level_small"]))
+    # 4 cache shards of 6 documents; the first document of shard 1 has an empty text (untrainable)
+    files = []
+    for k in range(4):
+        part = teacher_table.slice(6 * k, 6)
+        if k == 1:  # an empty document: no token, no chunk
+            for c, name in enumerate(part.column_names):
+                if name != "doc_id":
+                    values = part[name].to_pylist()
+                    empty = "" if name == "text" else []
+                    part = part.set_column(
+                        c, name, pa.array([empty, *values[1:]], part.schema.field(name).type)
+                    )
+        files.append(str(tmp_path / f"cache-{k}.parquet"))
+        pq.write_table(part, files[-1])
+    index = index_cache(files, [6, 6, 6, 6])
+    assert not index.sizes_known and index.num_blocks == 4
+
+    def align(table):
+        return align_table(table, teacher.is_special, student, AlignSettings())
+
+    reader = CacheBlockReader(index, align, need_groups=True)
+    rows = reader.rows(np.array([8, 6, 7, 20]))  # shard 1 (document 6: the empty one) and shard 3
+    assert sorted(set(reader.reads)) == [(1, 0), (3, 0)]
+    assert reader.skipped == 1 and rows.num_docs == 3
+    assert rows.doc_ids.tolist() == ["doc0008", "doc0007", "doc0020"]
+    ahead = read_aligned_rows([_aligned_file(align(pq.read_table(files[1])), tmp_path / "a1.parquet")])
+    np.testing.assert_array_equal(rows.input_ids(0), ahead.input_ids(ahead.doc_ids.tolist().index("doc0008")))
+
+
+def _aligned_file(table, path) -> str:
+    pq.write_table(table, path)
+    return str(path)
