@@ -286,7 +286,7 @@ class DistributedConfig:
         "ddp", "ddp (default) or fsdp (shard a student that does not fit one device)"
     )
     cpus_per_worker: float | None = option(
-        None, "Ray CPUs per worker (default: leave one CPU to Ray Data, at most 1)"
+        None, "Ray CPUs per worker (default: leave one CPU to Ray, at most 1)"
     )
     torch_threads: int | None = option(None, "torch threads per worker (default: cores/workers)")
     max_failures: int = option(
