@@ -17,6 +17,7 @@ Writes are atomic per backend (:meth:`Location.write_bytes`): on a local disk a 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -245,10 +246,9 @@ class Location:
         """Delete this folder and everything under it (nothing if it does not exist)."""
         if not self.exists():
             return
-        try:
+        # some object stores list a folder for a moment after it was deleted
+        with contextlib.suppress(FileNotFoundError):
             self._call("delete", self.fs.delete_dir, self.path)
-        except FileNotFoundError:  # some object stores list a folder for a moment after it was deleted
-            pass
 
     # ------------------------------------------------------------------ internals
     def _call(self, what: str, fn, *args, **kwargs):

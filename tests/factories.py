@@ -341,7 +341,13 @@ def teacher_cache_table(teacher_dir: Path, texts: list[str], max_length: int = 4
 
 
 def write_aligned_set(
-    root: Path, teacher_dir: Path, student: str, table: pa.Table, gamma: float = 0.1, shards: int = 2
+    root: Path,
+    teacher_dir: Path,
+    student: str,
+    table: pa.Table,
+    gamma: float = 0.1,
+    shards: int = 2,
+    row_group_size: int | None = None,
 ) -> Path:
     teacher = load_byte_view(teacher_dir)
     view = load_byte_view(student)
@@ -355,7 +361,7 @@ def write_aligned_set(
         coverage.add(cov)
         stats = {"coverage": cov.as_dict(), "dropped": {}, "dropped_examples": []}
         tokens = sum(len(x) for x in part.column("input_ids").to_pylist())
-        infos.append(store.write_shard(root, k, part, tokens, stats))
+        infos.append(store.write_shard(root, k, part, tokens, stats, row_group_size=row_group_size))
     if student == "bytes":
         from alm_pipeline.pipeline.byte_tokenizer import build_byte_tokenizer
 

@@ -15,6 +15,8 @@ teacher_chunk_logprob           list<float32>    per group: Σ teacher log p ove
 teacher_chunk_boundary_logprob  list<float32>    per group: teacher σ at its last token (debiasing adds it)
 text_bytes                      int32            UTF-8 bytes of the cached text
 covered_bytes                   int32            bytes inside the document's groups
+num_tokens                      int32            len(input_ids) (the trainer's index reads it)
+num_chunks                      int32            len(chunk_start) (the trainer's index reads it)
 ==============================  ===============  ==============================================================
 """
 
@@ -44,9 +46,15 @@ ALIGNED_SCHEMA = pa.schema(
         pa.field("teacher_chunk_boundary_logprob", pa.list_(pa.float32()), nullable=False),
         pa.field("text_bytes", pa.int32(), nullable=False),
         pa.field("covered_bytes", pa.int32(), nullable=False),
+        pa.field("num_tokens", pa.int32(), nullable=False),
+        pa.field("num_chunks", pa.int32(), nullable=False),
     ]
 )
 TRAINER_COLUMNS = ALIGNED_SCHEMA.names[:6]
+# per-document sizes: the trainer's index reads only these (a few bytes per document)
+INDEX_COLUMNS = ["num_tokens", "num_chunks"]
+# documents per Parquet row group of an aligned shard: the unit a training worker reads
+ALIGNED_ROW_GROUP_ROWS = 512
 
 
 @dataclass

@@ -24,7 +24,13 @@ import numpy as np
 import pyarrow as pa
 
 from alm_pipeline.cache import store
-from alm_pipeline.cache.aligned import ALIGNED_FORMAT_VERSION, ALIGNED_SCHEMA, TOKENIZER_DIR, AlignedSet
+from alm_pipeline.cache.aligned import (
+    ALIGNED_FORMAT_VERSION,
+    ALIGNED_ROW_GROUP_ROWS,
+    ALIGNED_SCHEMA,
+    TOKENIZER_DIR,
+    AlignedSet,
+)
 from alm_pipeline.cache.arrow import list_array, list_parts, take_rows
 from alm_pipeline.cache.dataset import OutputRefusedError
 from alm_pipeline.cache.teacher import TeacherCache, open_cache
@@ -202,6 +208,8 @@ def align_table(
         "covered_bytes": pa.array(
             group_bytes[group_rows[1:]] - group_bytes[group_rows[:-1]], type=pa.int32()
         ),
+        "num_tokens": pa.array(np.diff(input_rows), type=pa.int32()),
+        "num_chunks": pa.array(np.diff(group_rows), type=pa.int32()),
     }
     return pa.Table.from_arrays([columns[name] for name in ALIGNED_SCHEMA.names], schema=ALIGNED_SCHEMA)
 
@@ -416,7 +424,7 @@ class _AlignCacheShard:
                 "dropped": dropped.counts,
                 "dropped_examples": dropped.examples,
             }
-            AlignedSet.write_shard(root, k, aligned, stats=stats)
+            AlignedSet.write_shard(root, k, aligned, stats=stats, row_group_size=ALIGNED_ROW_GROUP_ROWS)
             written += 1
         return {"shard": k, "written": written, "docs": table.num_rows}
 

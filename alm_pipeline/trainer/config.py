@@ -69,6 +69,17 @@ class DataConfig:
     max_student_length: int | None = option(
         None, "With --cache: student tokens per document (default: whole cached text)"
     )
+    shuffle_window: int = option(
+        16384,
+        "Documents per shuffle window: each epoch permutes the row groups (with --cache: the cache shards), then "
+        "shuffles documents within consecutive windows of this many (1: no shuffle inside row groups); larger "
+        "mixes more; keep it >= --num-workers x 512 (documents per row group) so that each worker reads only a "
+        "part of the row groups",
+    )
+    data_cache_mib: int = option(
+        512, "Per worker: MiB of decoded row groups kept in memory (least recently used dropped first)"
+    )
+    prefetch_steps: int = option(2, "Per worker: steps of documents read ahead by a background thread")
 
     def __post_init__(self) -> None:
         if (self.aligned is None) == (self.cache is None):
@@ -86,6 +97,9 @@ class DataConfig:
             )
         check_number("--gamma", self.gamma, 0, 1, allow_none=True)
         check_int("--max-student-length", self.max_student_length, allow_none=True)
+        check_int("--shuffle-window", self.shuffle_window)
+        check_int("--data-cache-mib", self.data_cache_mib)
+        check_int("--prefetch-steps", self.prefetch_steps)
 
 
 @dataclass(frozen=True)
@@ -272,7 +286,7 @@ class DistributedConfig:
         "ddp", "ddp (default) or fsdp (shard a student that does not fit one device)"
     )
     cpus_per_worker: float | None = option(
-        None, "Ray CPUs per worker (default: leave one CPU to Ray Data, at most 1)"
+        None, "Ray CPUs per worker (default: leave one CPU to Ray, at most 1)"
     )
     torch_threads: int | None = option(None, "torch threads per worker (default: cores/workers)")
     max_failures: int = option(
@@ -414,6 +428,7 @@ class TrainConfig:
         return {
             "batch_size": self.optim.batch_size,
             "seed": self.optim.seed,
+            "shuffle_window": self.data.shuffle_window,
             "alm": self.loss.alm,
             "next_token_loss": self.loss.next_token_loss,
             "distance": self.loss.distance,

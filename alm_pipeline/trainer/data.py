@@ -2,12 +2,12 @@
 
 Three layers, each independent of Ray and of the model:
 
-* :class:`AlignedRows` — the trainer columns of an aligned set (``TRAINER_COLUMNS`` of
-  :mod:`alm_pipeline.cache.aligned`) held as flat numpy arrays with offsets (about 4 bytes per student token and
-  16 bytes per group), in a canonical order (sorted by ``doc_id``) so that the order does not depend on how Ray
-  Data happened to deliver the rows.
-* :class:`BatchPlan` — which documents make up the global batch of optimizer step ``s``: epoch ``e`` is a seeded
-  permutation of all documents, and the global batch of step ``s`` is the ``batch_size`` documents at positions
+* :class:`AlignedRows` — the trainer columns of some documents of an aligned set (``TRAINER_COLUMNS`` of
+  :mod:`alm_pipeline.cache.aligned`; a worker holds those of a few row groups, :mod:`.reader`) as flat numpy
+  arrays with offsets (about 4 bytes per student token and 16 bytes per group), validated.
+* :class:`BatchPlan` — which documents (positions in the index, :mod:`.index`) make up the global batch of
+  optimizer step ``s``: epoch ``e`` is a seeded permutation of all documents (block-wise: row groups permuted,
+  then documents shuffled within windows), and the global batch of step ``s`` is the ``batch_size`` documents at positions
   ``s·B … (s+1)·B − 1`` of the concatenated epochs. The data position of a run is therefore its step: resuming
   at step ``s`` continues with exactly the documents an uninterrupted run would have used, and the global batch
   does not depend on the number of workers (worker ``r`` of ``W`` takes slice ``r`` of
@@ -21,8 +21,7 @@ Three layers, each independent of Ray and of the model:
 
 from __future__ import annotations
 
-import functools
-import zlib
+import collections
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -213,22 +212,6 @@ class AlignedRows:
             grp_offsets=np.concatenate([[0], np.cumsum(n_groups)]).astype(np.int64),
         )
 
-    def canonical(self) -> AlignedRows:
-        """Sorted by ``doc_id`` (ties, i.e. repeated ids, by a checksum of the student ids): the same rows give the
-        same order whatever order they arrived in."""
-        if self.num_docs < 2:
-            return self
-        keys = self.doc_ids.astype(str)
-        order = np.argsort(keys, kind="stable")
-        sorted_keys = keys[order]
-        dup = np.flatnonzero(sorted_keys[1:] == sorted_keys[:-1])
-        if len(dup):
-            crc = np.array(
-                [zlib.crc32(self.input_ids(i).tobytes()) for i in range(self.num_docs)], dtype=np.int64
-            )
-            order = np.lexsort((self.lengths, crc, keys))
-        return self.take(order)
-
     def select_trainable(self, need_groups: bool) -> tuple[AlignedRows, dict]:
         """Drop documents that cannot contribute: fewer than 2 student tokens, and (when ``need_groups``, i.e.
         the ALM loss alone) documents without any group. Returns the kept rows and counts of what was dropped."""
@@ -247,26 +230,66 @@ class AlignedRows:
 # Batch plan
 
 
-@dataclass(frozen=True)
 class BatchPlan:
-    """Deterministic global batches: step ``s`` → document indices (see the module docstring)."""
+    """Deterministic global batches: step ``s`` → document indices (see the module docstring).
 
-    num_docs: int
-    batch_size: int
-    seed: int = 0
-    shuffle: bool = True
+    ``blocks`` (one block id per document, documents grouped by block, e.g. the Parquet row group holding
+    them) makes the shuffle block-wise: epoch ``e`` permutes the blocks, then shuffles the documents within
+    consecutive windows of ``window`` documents, so that a step's documents come from few blocks. Without
+    ``blocks`` an epoch is a plain seeded permutation of all documents."""
 
-    def __post_init__(self) -> None:
-        if self.num_docs < 1:
+    def __init__(
+        self,
+        num_docs: int,
+        batch_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        blocks: np.ndarray | None = None,
+        window: int | None = None,
+    ):
+        if num_docs < 1:
             raise ValueError("the training set has no usable document")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if blocks is not None and len(blocks) != num_docs:
+            raise ValueError(f"blocks has {len(blocks)} entries for {num_docs} documents")
+        if window is not None and window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self.num_docs, self.batch_size, self.seed, self.shuffle = num_docs, batch_size, seed, shuffle
+        self.window = window
+        self._block_starts: np.ndarray | None = None
+        self._blocks = None if blocks is None else np.asarray(blocks)
+        if blocks is not None:
+            blocks = np.asarray(blocks)
+            if len(blocks) > 1 and (np.diff(blocks) < 0).any():
+                raise ValueError("documents must be grouped by block (block ids non-decreasing)")
+            self._block_starts = np.flatnonzero(np.r_[True, blocks[1:] != blocks[:-1]]).astype(np.int64)
+        self._epochs: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
 
-    @functools.lru_cache(maxsize=4)  # noqa: B019 - a handful of epochs alive at once; the plan is immutable
     def permutation(self, epoch: int) -> np.ndarray:
+        """The documents of epoch ``epoch`` in their order (a permutation of ``range(num_docs)``)."""
+        if epoch in self._epochs:
+            self._epochs.move_to_end(epoch)
+            return self._epochs[epoch]
+        n = self.num_docs
         if not self.shuffle:
-            return np.arange(self.num_docs, dtype=np.int64)
-        return np.random.default_rng([int(self.seed), int(epoch)]).permutation(self.num_docs).astype(np.int64)
+            perm = np.arange(n, dtype=np.int64)
+        elif self._block_starts is None:
+            perm = np.random.default_rng([int(self.seed), int(epoch)]).permutation(n).astype(np.int64)
+        else:
+            rng = np.random.default_rng([int(self.seed), int(epoch)])
+            starts = self._block_starts
+            sizes = np.diff(np.r_[starts, n])
+            order = rng.permutation(len(starts))
+            starts, sizes = starts[order], sizes[order]
+            perm = np.repeat(starts - (np.cumsum(sizes) - sizes), sizes) + np.arange(n, dtype=np.int64)
+            if self.window is not None and self.window > 1:
+                keys = rng.random(n)
+                perm = perm[np.lexsort((keys, np.arange(n, dtype=np.int64) // self.window))]
+        self._epochs[epoch] = perm
+        while len(self._epochs) > 2:  # a step spans at most two epochs
+            self._epochs.popitem(last=False)
+        return perm
 
     def global_batch(self, step: int) -> np.ndarray:
         """Document indices of optimizer step ``step`` (0-based), ``batch_size`` of them."""
@@ -287,9 +310,13 @@ class BatchPlan:
     def epoch(self, step: int) -> float:
         return step * self.batch_size / self.num_docs
 
-    @staticmethod
-    def worker_slices(batch: np.ndarray, world_size: int) -> list[np.ndarray]:
-        """The parts of a global batch the workers take (slice ``r`` for rank ``r``)."""
+    def worker_slices(self, batch: np.ndarray, world_size: int) -> list[np.ndarray]:
+        """The parts of a global batch the workers take (slice ``r`` for rank ``r``). With blocks, the batch is
+        ordered by block first: a worker gets the documents of a few blocks, and the same blocks step after step
+        within a shuffle window, so it reads about ``1/world_size`` of them (the global batch, and so the
+        gradient, does not depend on how it is split)."""
+        if self._blocks is not None:
+            batch = batch[np.argsort(self._blocks[batch], kind="stable")]
         return np.array_split(batch, world_size)
 
 

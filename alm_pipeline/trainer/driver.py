@@ -3,8 +3,10 @@
 The teacher is never loaded: its per-group log-likelihoods come from an aligned set (``data.aligned``; or a teacher
 cache aligned on the fly, ``data.cache`` + ``data.student_tokenizer``).
 
-* :func:`run_training` validates the configuration and the aligned set, starts/joins Ray, reads the aligned set
-  through Ray Data (``read_parquet`` of its shards) and launches a ``TorchTrainer`` with ``num_workers`` workers
+* :func:`run_training` validates the configuration and the aligned set, starts/joins Ray, builds the index of the
+  training documents (:mod:`~alm_pipeline.trainer.index`: 16 bytes per document, from small per-document
+  columns; each worker then reads only the row groups holding its documents) and launches a ``TorchTrainer``
+  with ``num_workers`` workers
   (DDP, or FSDP2 ``fully_shard`` with ``strategy="fsdp"``) running :func:`~alm_pipeline.trainer.worker.ray_train_loop`.
   Rank 0 sends one metrics row per optimizer step back through a Ray queue; the driver writes ``metrics.csv``,
   TensorBoard event files (and W&B) and shows progress with an ETA. At the end the latest checkpoint is published
@@ -36,13 +38,12 @@ from typing import Any
 
 import torch.distributed as dist
 
-from alm_pipeline.cache.aligned import TRAINER_COLUMNS
 from alm_pipeline.locking import output_lock
 from alm_pipeline.optional import check
 from alm_pipeline.trainer import checkpoint as ckpt_io
 from alm_pipeline.trainer.config import TrainConfig
 from alm_pipeline.trainer.errors import TrainingError
-from alm_pipeline.trainer.runtime import LocalRuntime
+from alm_pipeline.trainer.runtime import LocalRuntime, training_index
 from alm_pipeline.trainer.worker import FAIL_MARKER, Worker, ray_train_loop
 
 logger = logging.getLogger(__name__)
@@ -93,6 +94,8 @@ def metric_columns(config: TrainConfig) -> list[str]:
     if alm:
         cols.append("mean_abs_chunk_logprob_diff")
     cols.append("skipped_steps")
+    if config.data.cache is not None:
+        cols.append("skipped_docs")  # stream mode: documents of the plan untrainable after aligning
     return cols
 
 
@@ -207,11 +210,7 @@ def _check_source(config: TrainConfig) -> dict:
                 raise TrainingError(str(err)) from None
         except (FileNotFoundError, OSError, KeyError, ValueError):
             pass
-        return {
-            "kind": "aligned",
-            "files": [str(f) for f in aligned.shard_files()],
-            "summary": aligned.summary(),
-        }
+        return {"kind": "aligned", "summary": aligned.summary()}
     # on-the-fly alignment: the student tokenizer loads and the cache opens (its shards are verified later)
     from alm_pipeline.assets import resolve_model
     from alm_pipeline.cache.teacher import open_cache
@@ -229,34 +228,13 @@ def _check_source(config: TrainConfig) -> dict:
     return {"kind": "stream"}
 
 
-def _stream_dataset(config: TrainConfig):
-    try:
-        from alm_pipeline.pipeline.align_stage import AlignSettings, stream_aligned
-    except ImportError as err:
-        raise NotImplementedError(
-            "training from a teacher cache with on-the-fly alignment (--cache + --student-tokenizer) needs "
-            "alm_pipeline.pipeline.align_stage.stream_aligned, which this installation lacks; run "
-            "`alm-pipeline align` first and pass --aligned"
-        ) from err
-    data = config.data
-    kwargs: dict[str, Any] = {}
-    if data.gamma is not None:
-        kwargs["gamma"] = data.gamma
-    if data.max_student_length is not None:
-        kwargs["max_student_length"] = data.max_student_length
-    dataset, _view, _cache = stream_aligned(
-        data.cache, data.student_tokenizer, AlignSettings(**kwargs), config.distributed.ray
-    )
-    return dataset.select_columns(list(TRAINER_COLUMNS))
-
-
 def _cpus_per_worker(config: TrainConfig) -> float:
     if config.distributed.cpus_per_worker is not None:
         return config.distributed.cpus_per_worker
     from alm_pipeline.pipeline.ray_utils import cluster_cpus
 
     total = cluster_cpus()
-    # leave one CPU to Ray Data's read tasks (with every CPU taken by workers, fit() waits forever on 2 cores)
+    # leave one CPU to the metrics queue and Ray's own actors (with every CPU taken, fit() can wait forever)
     return float(max(0.1, min(1.0, (total - 1.0) / config.distributed.num_workers)))
 
 
@@ -313,9 +291,14 @@ class _MetricsSink:
                 self.say(payload["message"])
             elif "documents" in payload:
                 st = payload["student"]
+                sizes = (
+                    f"{payload['student_tokens']} student tokens, {payload['groups']} chunks, "
+                    if payload.get("student_tokens") is not None
+                    else "aligned on the fly, "
+                )
                 self.say(
-                    f"{payload['documents']} documents ({payload['student_tokens']} student tokens, "
-                    f"{payload['groups']} chunks, {payload['rows_mib']} MiB per worker); student "
+                    f"{payload['documents']} documents ({sizes}{payload['blocks']} blocks, index "
+                    f"{payload['index_mib']} MiB); student "
                     f"{st.get('mode')} {st.get('source')} ({st.get('trainable_parameters', 0) / 1e6:.1f}M trainable); "
                     f"{payload['world_size']} worker(s) on {payload['device']}; "
                     f"{'packed' if payload['packing'] else 'length-bucketed'} micro-batches"
@@ -441,7 +424,7 @@ def _cluster_address(config: TrainConfig) -> str | None:
 def _fit(config: TrainConfig, source: dict, say: Callable[[str], None], t0: float) -> TrainResult:
     """run_training's work, under the output's lock."""
     import ray
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Empty, Queue
 
@@ -468,12 +451,15 @@ def _fit(config: TrainConfig, source: dict, say: Callable[[str], None], t0: floa
             if not _cluster_address(config):
                 raise TrainingError(message)
             say(f"warning: {message} (waiting for the cluster to grow)")
-    if source["kind"] == "aligned":
-        # materialised once here (small: ~4 bytes per student token), so that the workers' iterators read
-        # blocks from the object store instead of each starting its own read tasks
-        dataset = ray.data.read_parquet(source["files"]).select_columns(list(TRAINER_COLUMNS)).materialize()
-    else:
-        dataset = _stream_dataset(config)
+    # the index (16 bytes per document) goes to the workers through the object store; each worker reads only
+    # the row groups (stream mode: the cache shards) that hold its documents
+    index = training_index(config)
+    if index.num_docs == 0:
+        raise TrainingError(
+            f"the training data has no usable document ({index.documents_read} read; dropped: {index.dropped}); "
+            "check the aligned set's coverage"
+        )
+    index_ref = ray.put(index)
     queue = Queue(actor_options={"num_cpus": 0})
     driver = _MetricsSink(config, resume_step, say, _recent_metrics(resume_from))
     if resume_from is not None:
@@ -503,7 +489,7 @@ def _fit(config: TrainConfig, source: dict, say: Callable[[str], None], t0: floa
             "config": config.to_dict(),
             "queue": queue,
             "resume_from": str(resume_from) if resume_from else None,
-            "rows_from_rank0": source["kind"] == "stream",
+            "index": index_ref,
         },
         scaling_config=ScalingConfig(
             num_workers=workers, use_gpu=config.distributed.use_gpu, resources_per_worker=resources
@@ -514,8 +500,6 @@ def _fit(config: TrainConfig, source: dict, say: Callable[[str], None], t0: floa
             checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoint.keep),
             failure_config=FailureConfig(max_failures=config.distributed.max_failures),
         ),
-        datasets={"train": dataset},
-        dataset_config=DataConfig(datasets_to_split=[]),
     )
     error: BaseException | None = None
     try:

@@ -1,6 +1,6 @@
 """Where a worker runs: a Ray Train worker (:class:`RayRuntime`) or this process (:class:`LocalRuntime`).
 
-A runtime gives the worker loop its rank and device, the training rows, the checkpoints it may resume from, a
+A runtime gives the worker loop its rank and device, the index of the training documents, the checkpoints it may resume from, a
 channel to the driver (rank 0 only) and the way to save a checkpoint; everything else is the same loop
 (:class:`alm_pipeline.trainer.worker.Worker`).
 """
@@ -23,12 +23,23 @@ from alm_pipeline.trainer import checkpoint as ckpt_io
 from alm_pipeline.trainer.config import TrainConfig
 from alm_pipeline.trainer.data import AlignedRows
 from alm_pipeline.trainer.errors import TrainingError
+from alm_pipeline.trainer.index import TrainIndex, index_aligned_set, index_cache
+from alm_pipeline.trainer.reader import BlockReader, CacheBlockReader
 
-__all__ = ["LocalRuntime", "RayRuntime", "Runtime", "aligned_info", "read_aligned_rows"]
+__all__ = [
+    "LocalRuntime",
+    "RayRuntime",
+    "Runtime",
+    "aligned_info",
+    "block_reader",
+    "read_aligned_rows",
+    "training_index",
+]
 
 
 def read_aligned_rows(files: list[str | os.PathLike[str]]) -> AlignedRows:
-    """The training rows of an aligned set's shard files, in canonical order."""
+    """All training rows of an aligned set's shard files, in index order (shard, row). For tests and small
+    tools only: training never holds the whole set."""
     import pyarrow.parquet as pq
 
     parts = []
@@ -37,11 +48,64 @@ def read_aligned_rows(files: list[str | os.PathLike[str]]) -> AlignedRows:
             parts.append(AlignedRows.from_table(pq.read_table(f, columns=TRAINER_COLUMNS)))
         except ValueError as err:
             raise TrainingError(f"{f}: {err}") from None
-    return AlignedRows.concat(parts).canonical()
+    return AlignedRows.concat(parts)
+
+
+def _shard_uris(dataset) -> tuple[list[str], list[str], list[int]]:
+    """(URIs, sha256s, rows) of a sharded dataset's shards (its root a local path or any storage URI)."""
+    from alm_pipeline.storage import location
+
+    root = location(dataset.root)
+    shards = dataset.shards
+    return [(root / s.file).uri for s in shards], [s.sha256 for s in shards], [s.rows for s in shards]
+
+
+def training_index(config: TrainConfig) -> TrainIndex:
+    """The index of the run's training documents (built by the driver; see :mod:`alm_pipeline.trainer.index`)."""
+    data = config.data
+    need_groups = config.loss.alm and not config.loss.next_token_loss
+    if data.aligned is not None:
+        from alm_pipeline.cache.aligned import open_aligned_set
+
+        files, sums, _ = _shard_uris(open_aligned_set(data.aligned, verify=False))
+        return index_aligned_set(files, need_groups, checksums=sums)
+    from alm_pipeline.cache.teacher import open_cache
+
+    files, sums, rows = _shard_uris(open_cache(data.cache, verify=False))
+    return index_cache(files, rows, checksums=sums)
+
+
+def cache_aligner(config: TrainConfig):
+    """Stream mode: the function that aligns a table of cache rows to the run's student tokenizer."""
+    from alm_pipeline.assets import resolve_model
+    from alm_pipeline.cache.teacher import open_cache
+    from alm_pipeline.pipeline.align_stage import AlignSettings, align_table
+    from alm_pipeline.pipeline.byteview import load_byte_view
+
+    data = config.data
+    kwargs: dict[str, Any] = {}
+    if data.gamma is not None:
+        kwargs["gamma"] = data.gamma
+    if data.max_student_length is not None:
+        kwargs["max_student_length"] = data.max_student_length
+    settings = AlignSettings(**kwargs)
+    special = open_cache(data.cache, verify=False).special_token_mask()
+    tok = data.student_tokenizer
+    view = load_byte_view(tok if tok == "bytes" else resolve_model(tok))
+    return lambda table: align_table(table, special, view, settings)
+
+
+def block_reader(config: TrainConfig, index: TrainIndex) -> BlockReader:
+    """The reader of a worker's documents: row groups of the aligned set, or cache shards aligned on the fly."""
+    cache_bytes = config.data.data_cache_mib * 2**20
+    if index.kind == "aligned":
+        return BlockReader(index, cache_bytes=cache_bytes)
+    need_groups = config.loss.alm and not config.loss.next_token_loss
+    return CacheBlockReader(index, cache_aligner(config), need_groups, cache_bytes=cache_bytes)
 
 
 def aligned_info(config: TrainConfig) -> dict:
-    """What the worker needs to know about the data source: tokenizer spec, debias default, shard files."""
+    """What the worker needs to know about the data source: tokenizer spec, debias default, γ."""
     data = config.data
     if data.aligned is not None:
         from alm_pipeline.cache.aligned import open_aligned_set
@@ -55,7 +119,6 @@ def aligned_info(config: TrainConfig) -> dict:
             "tokenizer": tok,
             "debias": aligned.debias,
             "gamma": aligned.gamma,
-            "files": [str(f) for f in aligned.shard_files()],
         }
     from alm_pipeline.assets import resolve_model
     from alm_pipeline.pipeline.align_stage import AlignSettings
@@ -65,7 +128,6 @@ def aligned_info(config: TrainConfig) -> dict:
         "tokenizer": tok if tok == "bytes" else resolve_model(tok),
         "debias": AlignSettings().debias,
         "gamma": data.gamma if data.gamma is not None else AlignSettings().gamma,
-        "files": [],
     }
 
 
@@ -89,7 +151,8 @@ class Runtime:
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 
-    def rows(self) -> AlignedRows:
+    def index(self) -> TrainIndex:
+        """The index of the training documents (see :func:`training_index`)."""
         raise NotImplementedError
 
     def resume_candidates(self) -> list[Path]:
@@ -116,13 +179,9 @@ class LocalRuntime(Runtime):
         self.sink = sink
         self.resume_from = resume_from
 
-    def rows(self) -> AlignedRows:
-        info = aligned_info(self.config)
-        if not info["files"]:
-            raise NotImplementedError(
-                "train_local reads aligned sets only; align the cache first (alm-pipeline align) or use run_training"
-            )
-        return read_aligned_rows(info["files"])
+    def index(self) -> TrainIndex:
+        # in a torch.distributed group every rank builds the same index from the same files (small columns)
+        return training_index(self.config)
 
     def resume_candidates(self) -> list[Path]:
         return [Path(self.resume_from)] if self.resume_from else []
@@ -150,9 +209,10 @@ class LocalRuntime(Runtime):
 
 
 class RayRuntime(Runtime):
-    """A Ray Train worker: data through ``get_dataset_shard``, checkpoints through ``ray.train.report``."""
+    """A Ray Train worker: the driver's index through the object store (each worker reads its own documents),
+    checkpoints through ``ray.train.report``."""
 
-    def __init__(self, config: TrainConfig, queue, resume_from: str | None, rows_from_rank0: bool):
+    def __init__(self, config: TrainConfig, queue, resume_from: str | None, index_ref):
         super().__init__(config)
         import ray.train
 
@@ -160,7 +220,7 @@ class RayRuntime(Runtime):
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.queue = queue
         self.resume_from = resume_from
-        self.rows_from_rank0 = rows_from_rank0
+        self.index_ref = index_ref
 
     def device(self) -> torch.device:
         if self.config.distributed.use_gpu:
@@ -169,23 +229,10 @@ class RayRuntime(Runtime):
             return ray.train.torch.get_device()
         return torch.device("cpu")
 
-    def _read_shard(self) -> AlignedRows:
-        import pyarrow as pa
-        import ray.train
+    def index(self) -> TrainIndex:
+        import ray
 
-        shard = ray.train.get_dataset_shard("train")
-        parts = []
-        for batch in shard.iter_batches(batch_size=4096, batch_format="pyarrow"):
-            table = batch if isinstance(batch, pa.Table) else pa.Table.from_pydict(batch)
-            parts.append(AlignedRows.from_table(table.select(TRAINER_COLUMNS)))
-        return AlignedRows.concat(parts)
-
-    def rows(self) -> AlignedRows:
-        if not self.rows_from_rank0 or self.world_size == 1:
-            return self._read_shard().canonical()
-        holder: list[Any] = [self._read_shard().canonical() if self.rank == 0 else None]
-        dist.broadcast_object_list(holder, src=0)
-        return holder[0]
+        return ray.get(self.index_ref)
 
     def resume_candidates(self) -> list[Path]:
         import ray.train

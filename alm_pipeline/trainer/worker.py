@@ -1,11 +1,13 @@
 """The per-worker training loop: setup, one optimizer step, checkpoints (the same loop under Ray Train and in this
 process; :mod:`alm_pipeline.trainer.runtime` says which).
 
-Every worker holds the whole (small) training set as flat numpy arrays in a canonical order. The global batch of
-step ``s`` is a deterministic function of ``(seed, s)`` (:class:`~alm_pipeline.trainer.data.BatchPlan`); worker
-``r`` takes slice ``r`` of it, packs its documents into micro-batches under a token budget (or length-buckets
+Every worker holds the index of the training documents (16 bytes per document, :mod:`.index`), never the
+documents themselves. The global batch of step ``s`` is a deterministic function of ``(seed, s)`` over the index
+(:class:`~alm_pipeline.trainer.data.BatchPlan`, shuffled block-wise); worker ``r`` takes slice ``r`` of it, reads
+those documents' row groups ahead of time in a thread (:mod:`.reader`), packs its documents into micro-batches under a token budget (or length-buckets
 them) and accumulates gradients over them. The ALM loss of a micro-batch is ``Σ d / (groups of the whole global
-batch)`` — the count is known to every worker from the plan, so no collective is needed before the backward —
+batch)`` — the count is known to every worker from the index, so no collective is needed before the backward
+(a teacher cache aligned on the fly: one small all-reduce of the step's totals) —
 times the world size (DDP averages gradients), so the gradient is exactly that of the mean over the global batch
 whatever the number of workers or micro-batches. Workers with fewer micro-batches run empty ones so that all make
 the same number of passes. Two losses are combined with fixed weights (one backward of the weighted sum) or
@@ -43,16 +45,18 @@ from alm_pipeline.trainer.data import (
 from alm_pipeline.trainer.errors import TrainingError
 from alm_pipeline.trainer.forward import StudentForward, disable_dropout, micro_batch_token_stats
 from alm_pipeline.trainer.gradmag import GradMagStep, fixed_combine
+from alm_pipeline.trainer.index import TrainIndex
 from alm_pipeline.trainer.loss import alm_loss, next_token_loss
 from alm_pipeline.trainer.optim import build_optimizer, build_scheduler, set_schedule
-from alm_pipeline.trainer.runtime import RayRuntime, Runtime, aligned_info
+from alm_pipeline.trainer.reader import Prefetcher
+from alm_pipeline.trainer.runtime import RayRuntime, Runtime, aligned_info, block_reader
 
 if TYPE_CHECKING:
     from alm_pipeline.trainer.student import StudentConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FAIL_MARKER", "Worker", "ray_train_loop", "student_config"]
+__all__ = ["FAIL_MARKER", "Worker", "ray_train_loop", "student_config", "training_plan"]
 
 FAIL_MARKER = ".injected_failure"
 
@@ -76,15 +80,15 @@ def student_config(config: TrainConfig, tokenizer: str | None = None) -> Student
     )
 
 
-def _rows_digest(rows: AlignedRows) -> str:
-    """A fingerprint of the training documents (ids, token counts, group counts, a sample of tokens)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    h.update("\x00".join(map(str, rows.doc_ids.tolist())).encode())
-    for arr in (rows.ids_offsets, rows.grp_offsets, rows.ids[:: max(1, len(rows.ids) // 65536)]):
-        h.update(np.ascontiguousarray(arr).tobytes())
-    return h.hexdigest()[:32]
+def training_plan(config: TrainConfig, index: TrainIndex) -> BatchPlan:
+    """The run's step → global batch plan over the index (block-wise shuffle, ``--shuffle-window``)."""
+    return BatchPlan(
+        index.num_docs,
+        config.optim.batch_size,
+        config.optim.seed,
+        blocks=index.block,
+        window=config.data.shuffle_window,
+    )
 
 
 def _same_tokenizer(a, b) -> bool:
@@ -138,9 +142,9 @@ class Worker:
         mine = self.config.data_identity()
         theirs = state.get("data_identity", {})
         diffs = ckpt_io.identity_diffs(theirs, mine)
-        if state.get("num_docs") is not None and state["num_docs"] != self.rows.num_docs:
-            diffs.append(f"usable documents: checkpoint {state['num_docs']}, this run {self.rows.num_docs}")
-        elif state.get("rows_digest") not in (None, self.rows_digest):
+        if state.get("num_docs") is not None and state["num_docs"] != self.index.num_docs:
+            diffs.append(f"usable documents: checkpoint {state['num_docs']}, this run {self.index.num_docs}")
+        elif state.get("index_digest") not in (None, self.index.digest):
             diffs.append(
                 "training documents: not the ones the checkpoint was trained on (another aligned set?)"
             )
@@ -168,19 +172,26 @@ class Worker:
         t = time.monotonic()
         timings["before_setup"] = round(t - self.t_start, 2)
 
-        rows = rt.rows()
-        timings["read_rows"] = round(time.monotonic() - t, 2)
-        total_docs = rows.num_docs
-        rows, dropped = rows.select_trainable(need_groups=cfg.loss.alm and not cfg.loss.next_token_loss)
-        if rows.num_docs == 0:
+        index = rt.index()
+        timings["index"] = round(time.monotonic() - t, 2)
+        if index.num_docs == 0:
             raise TrainingError(
-                f"the training data has no usable document ({total_docs} read; dropped: {dropped}); check the "
-                "aligned set's coverage"
+                f"the training data has no usable document ({index.documents_read} read; dropped: "
+                f"{index.dropped}); check the aligned set's coverage"
             )
-        self.rows = rows
-        self.rows_digest = _rows_digest(rows)
-        self.plan = BatchPlan(rows.num_docs, cfg.optim.batch_size, cfg.optim.seed)
-        self.pack_length = int(rows.lengths.max())
+        self.index = index
+        self.reader = block_reader(cfg, index)
+        self.plan = training_plan(cfg, index)
+        # packed rows hold up to the longest document (stream mode: the longest of the worker's step)
+        self.pack_length = int(index.length.max()) if index.sizes_known else None
+        t = time.monotonic()
+        self.sample = self.reader.sample(2)
+        timings["sample"] = round(time.monotonic() - t, 2)
+        if self.sample.num_docs == 0:
+            raise TrainingError(
+                f"the training data has no usable document ({index.documents_read} read, none trainable after "
+                "aligning them); check the student tokenizer and the cache"
+            )
 
         self.resume_path, self.resume_state = self._pick_resume()
         t = time.monotonic()
@@ -195,8 +206,8 @@ class Worker:
                 f"({self.info['tokenizer']}): the chunk indices would point at other tokens. Use the student the set "
                 "was aligned for, or --init-from for a tokenizer transfer"
             )
-        if int(rows.ids.max(initial=0)) >= bundle.view.vocab_size:
-            raise TrainingError("the aligned set holds token ids outside the student vocabulary")
+        self.vocab_size = bundle.view.vocab_size
+        self._check_vocab(self.sample)
         self.bundle = bundle
         model = bundle.model
         if cfg.student.disable_dropout:
@@ -216,7 +227,7 @@ class Worker:
             boundary_logprobs=cfg.loss.alm,  # σ only for the ALM loss
         ).to(self.device)
         self.wrapper = wrapper
-        sample = torch.as_tensor(rows.input_ids(0)[:64], dtype=torch.long, device=self.device)[None]
+        sample = torch.as_tensor(self.sample.input_ids(0)[:64], dtype=torch.long, device=self.device)[None]
         wrapper.self_check(sample, tol=1e-3 if not cfg.compute.bf16 else 5e-2)
         self.packing = cfg.compute.packing and self._packing_works()
 
@@ -242,12 +253,13 @@ class Worker:
             rt.emit(
                 "info",
                 {
-                    "documents": rows.num_docs,
-                    "documents_read": total_docs,
-                    "dropped": dropped,
-                    "groups": int(rows.num_groups.sum()),
-                    "student_tokens": int(rows.lengths.sum()),
-                    "rows_mib": round(rows.nbytes / 2**20, 1),
+                    "documents": index.num_docs,
+                    "documents_read": index.documents_read,
+                    "dropped": index.dropped,
+                    "groups": int(index.chunks.sum()) if index.sizes_known else None,
+                    "student_tokens": int(index.length.sum()) if index.sizes_known else None,
+                    "blocks": index.num_blocks,
+                    "index_mib": round(index.nbytes / 2**20, 1),
                     "student": bundle.info.to_dict(),
                     "packing": self.packing,
                     "world_size": rt.world_size,
@@ -264,9 +276,9 @@ class Worker:
     def _packing_works(self) -> bool:
         """Packed rows (position ids restarting per document) must give each document the logits it gets alone;
         otherwise this model's attention crosses documents and we fall back to length bucketing."""
-        lengths = self.rows.lengths
-        docs = [int(i) for i in np.argsort(lengths)[:2]] if self.rows.num_docs >= 2 else [0, 0]
-        a, b = (torch.as_tensor(self.rows.input_ids(d)[:32], dtype=torch.long) for d in docs)
+        sample = self.sample
+        docs = [0, 1] if sample.num_docs >= 2 else [0, 0]
+        a, b = (torch.as_tensor(sample.input_ids(d)[:32], dtype=torch.long) for d in docs)
         packed = torch.cat([a, b])[None].to(self.device)
         pos = torch.cat([torch.arange(len(a)), torch.arange(len(b))])[None].to(self.device)
 
@@ -363,24 +375,71 @@ class Worker:
             tensor /= self.rt.world_size
         return tensor
 
-    def _step(self, step: int) -> dict:
-        cfg, rt, rows = self.config, self.rt, self.rows
-        t0 = time.perf_counter()
+    def _check_vocab(self, rows: AlignedRows) -> None:
+        if int(rows.ids.max(initial=0)) >= self.vocab_size:
+            raise TrainingError("the aligned set holds token ids outside the student vocabulary")
+
+    def _fetch(self, step: int) -> tuple[np.ndarray, AlignedRows, int]:
+        """(global batch, this worker's documents of it, documents skipped as untrainable): in the prefetch
+        thread, which alone touches the plan and the reader once training runs."""
         batch = self.plan.global_batch(step)
-        slices = BatchPlan.worker_slices(batch, rt.world_size)
+        before = self.reader.skipped
+        rows = self.reader.rows(self.plan.worker_slices(batch, self.rt.world_size)[self.rt.rank])
+        return batch, rows, self.reader.skipped - before
+
+    def _step_layout(self, batch: np.ndarray, rows: AlignedRows, skipped: int) -> tuple[list, int, dict]:
+        """This worker's micro-batch layouts, the number of passes every worker makes, and the global batch's
+        totals (from the index; stream mode, where sizes are known only after aligning: one all-reduce)."""
+        rt, index = self.rt, self.index
         plan_kw = {
-            "max_tokens": cfg.compute.micro_batch_tokens,
+            "max_tokens": self.config.compute.micro_batch_tokens,
             "packing": self.packing,
             "pack_length": self.pack_length,
         }
-        layouts_all = [plan_micro_batches(rows.lengths[s], **plan_kw) for s in slices]
-        n_micro = max(len(lay) for lay in layouts_all)
-        mine = slices[rt.rank]
-        micro = [build_micro_batch(rows, mine, lay, self.pad_id) for lay in layouts_all[rt.rank]]
+        if index.sizes_known:
+            slices = self.plan.worker_slices(batch, rt.world_size)
+            layouts_all = [plan_micro_batches(index.length[s], **plan_kw) for s in slices]
+            lengths = index.length[batch].astype(np.int64)
+            totals = {
+                "groups": int(index.chunks[batch].sum()),
+                "predicted": int((lengths - 1).sum()),
+                "tokens": int(lengths.sum()),
+                "docs": len(batch),
+                "skipped": 0,
+            }
+            return layouts_all[rt.rank], max(len(lay) for lay in layouts_all), totals
+        mine = plan_micro_batches(rows.lengths, **plan_kw)
+        lengths = rows.lengths.astype(np.int64)
+        local = [
+            int(rows.num_groups.sum()),
+            int((lengths - 1).sum()),
+            int(lengths.sum()),
+            rows.num_docs,
+            skipped,
+        ]
+        counts = torch.tensor(local, dtype=torch.int64)
+        passes = torch.tensor([len(mine)], dtype=torch.int64)
+        if rt.distributed and rt.world_size > 1:
+            # on NCCL the tensors must live on the device
+            counts, passes = counts.to(self.device), passes.to(self.device)
+            dist.all_reduce(counts)
+            dist.all_reduce(passes, op=dist.ReduceOp.MAX)
+        totals = dict(
+            zip(("groups", "predicted", "tokens", "docs", "skipped"), counts.cpu().tolist(), strict=True)
+        )
+        return mine, int(passes.item()), totals
+
+    def _step(self, step: int) -> dict:
+        cfg, rt = self.config, self.rt
+        t0 = time.perf_counter()
+        batch, rows, skipped = self.prefetch.get(step)
+        self._check_vocab(rows)
+        layouts, n_micro, totals = self._step_layout(batch, rows, skipped)
+        self.skipped_docs += totals["skipped"]
+        mine = np.arange(rows.num_docs)
+        micro = [build_micro_batch(rows, mine, lay, self.pad_id) for lay in layouts]
         micro += [dummy_micro_batch(self.pad_id) for _ in range(n_micro - len(micro))]
-        n_groups = int(rows.num_groups[batch].sum())
-        n_pred = int((rows.lengths[batch] - 1).sum())
-        n_tokens = int(rows.lengths[batch].sum())
+        n_groups, n_pred, n_tokens = totals["groups"], totals["predicted"], totals["tokens"]
         scale = float(rt.world_size)
         # [Σ distances, Σ nll, Σ ALM loss, Σ next-token loss, padded tokens, Σ |ΔC|·groups], accumulated on the
         # device: no host synchronisation per micro-batch
@@ -475,7 +534,7 @@ class Worker:
         row.update(
             {
                 "valid_chunks": n_groups,
-                "docs": len(batch),
+                "docs": totals["docs"],
                 "student_tokens": n_tokens,
                 "padding": 0.0 if padded == 0 else max(0.0, 1.0 - n_tokens / padded),
                 "tokens_per_s": n_tokens / dt if dt > 0 else 0.0,
@@ -489,6 +548,8 @@ class Worker:
         if cfg.loss.alm:
             row["mean_abs_chunk_logprob_diff"] = float(sums[5]) / max(n_groups, 1)
         row["skipped_steps"] = self.skipped_steps
+        if not self.index.sizes_known:
+            row["skipped_docs"] = self.skipped_docs
         return row
 
     def _debug_poison_gradient(self, step: int) -> None:
@@ -525,8 +586,8 @@ class Worker:
             "steps": cfg.optim.steps,
             "data_position": self.plan.position(step),
             "epoch": self.plan.epoch(step),
-            "num_docs": self.rows.num_docs,
-            "rows_digest": self.rows_digest,
+            "num_docs": self.index.num_docs,
+            "index_digest": self.index.digest,
             "world_size": self.rt.world_size,
             "data_identity": cfg.data_identity(),
             "loss": row.get("loss"),
@@ -556,7 +617,6 @@ class Worker:
         self.t_start = time.monotonic()
         self.setup()
         cfg = self.config
-        last_row: dict | None = None
         self.recent_rows: collections.deque[dict] = collections.deque(
             maxlen=max(2 * cfg.checkpoint.every, 64)
         )
@@ -567,9 +627,23 @@ class Worker:
                     "message": f"nothing to do: the checkpoint is at step {self.start_step} >= {cfg.optim.steps}"
                 },
             )
+        self.skipped_docs = 0
+        self.prefetch = Prefetcher(
+            self._fetch, range(self.start_step, cfg.optim.steps), cfg.data.prefetch_steps
+        )
+        try:
+            self._loop()
+        finally:
+            self.prefetch.close()
+            self.reader.close()
+        return {"start_step": self.start_step, "last_row": self.last_row}
+
+    def _loop(self) -> None:
+        cfg = self.config
+        self.last_row = None
         for step in range(self.start_step, cfg.optim.steps):
             row = self._step(step)
-            last_row = row
+            self.last_row = row
             self.recent_rows.append(row)
             if self.rt.rank == 0:
                 self.rt.emit("row", row)
@@ -583,7 +657,6 @@ class Worker:
                     if self.rt.rank == 0:
                         marker.write_text(f"injected failure after step {done}\n")
                     raise RuntimeError(f"injected failure after step {done} (fail_at_step)")
-        return {"start_step": self.start_step, "last_row": last_row}
 
 
 def ray_train_loop(loop_config: dict) -> None:
@@ -593,6 +666,6 @@ def ray_train_loop(loop_config: dict) -> None:
         config,
         loop_config.get("queue"),
         loop_config.get("resume_from"),
-        loop_config.get("rows_from_rank0", False),
+        loop_config["index"],
     )
     Worker(config, runtime).run()

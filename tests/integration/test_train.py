@@ -81,8 +81,10 @@ def test_ray_train_two_workers_match_one_worker_with_gradmag(
     (a,) = (tmp_path / "one" / "final").glob("*.safetensors")
     (b,) = (tmp_path / "two" / "final").glob("*.safetensors")
     ref = load_file(a)
+    # equal up to rounding, which Adam amplifies in parameters whose exact gradient is 0 (GPT-2's key biases):
+    # < 2 % of the learning rate 3e-3 after 3 steps
     for name, value in load_file(b).items():
-        np.testing.assert_allclose(value.numpy(), ref[name].numpy(), rtol=0, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(value.numpy(), ref[name].numpy(), rtol=0, atol=6e-5, err_msg=name)
 
 
 @pytest.mark.ray
@@ -138,9 +140,10 @@ def test_cli_kill_then_resume_reaches_the_same_step_and_loss(
 
 @pytest.mark.ray
 def test_stream_from_cache_bytes_student_restarts_after_failure(ray_local, gpt2_bl_model, tmp_path):
-    """``--cache`` + ``--student-tokenizer bytes`` + ``--init-from``: aligned on the fly through Ray Data; a worker
-    failure after step 3 is retried by Ray Train's FailureConfig from the step-2 checkpoint, and the curve equals
-    an uninterrupted run on the same data aligned ahead of time."""
+    """``--cache`` + ``--student-tokenizer bytes`` + ``--init-from``: 2 workers, each aligning on the fly only the
+    cache shards of its documents; a worker failure after step 3 is retried by Ray Train's FailureConfig from the
+    step-2 checkpoint, and the curve equals an uninterrupted 1-worker run on the same data aligned ahead of time
+    (the same blocks: cache shards of 8 documents, aligned shards of 8)."""
     from alm_pipeline.cache import open_cache
     from alm_pipeline.pipeline.corpus import CorpusConfig
     from alm_pipeline.pipeline.ray_utils import RayConfig
@@ -162,18 +165,24 @@ def test_stream_from_cache_bytes_student_restarts_after_failure(ray_local, gpt2_
     )
     table = pa.concat_tables(open_cache(tmp_path / "cache").iter_tables())
     aligned = write_aligned_set(tmp_path / "aligned", gpt2_bl_model, "bytes", table)
-    kw = {"init_from": str(gpt2_bl_model), "steps": 5, "checkpoint_every": 2, "batch_size": 4}
+    kw = {
+        "init_from": str(gpt2_bl_model),
+        "steps": 5,
+        "checkpoint_every": 2,
+        "batch_size": 4,
+        "shuffle_window": 6,
+    }
     ref = train_local(train_config(aligned, tmp_path / "ref", **kw))
-    cfg = train_config(aligned, tmp_path / "stream", **kw, fail_at_step=3, max_failures=1)
+    cfg = train_config(aligned, tmp_path / "stream", **kw, fail_at_step=3, max_failures=1, num_workers=2)
     cfg = dataclasses.replace(
         cfg,
-        data=DataConfig(cache=str(tmp_path / "cache"), student_tokenizer="bytes"),
+        data=DataConfig(cache=str(tmp_path / "cache"), student_tokenizer="bytes", shuffle_window=6),
         distributed=dataclasses.replace(cfg.distributed, ray=RayConfig()),
     )
     res = run_training(cfg)
     assert res.steps == 5 and (tmp_path / "stream" / ".injected_failure").exists()
     assert res.info["start_step"] == 2 and res.info["resumed_from"].endswith("checkpoint-000002")
-    assert res.info["student"]["tokenizer"] == "bytes"
+    assert res.info["student"]["tokenizer"] == "bytes" and res.info["world_size"] == 2
     curve = read_metrics_csv(tmp_path / "stream" / "metrics.csv")
     assert [r["step"] for r in curve] == [1, 2, 3, 4, 5]
     np.testing.assert_allclose([r["loss"] for r in curve], losses(ref.history), rtol=1e-5)

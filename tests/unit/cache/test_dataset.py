@@ -122,6 +122,8 @@ def _aligned_rows(n_docs: int, rng) -> pa.Table:
         "teacher_chunk_boundary_logprob": ragged_list_array(lp, pa.float32()),
         "text_bytes": pa.array(lengths, type=pa.int32()),
         "covered_bytes": pa.array(lengths, type=pa.int32()),
+        "num_tokens": pa.array(lengths, type=pa.int32()),
+        "num_chunks": pa.array(groups, type=pa.int32()),
     }
     return pa.Table.from_arrays([columns[n] for n in ALIGNED_SCHEMA.names], schema=ALIGNED_SCHEMA)
 

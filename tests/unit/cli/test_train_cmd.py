@@ -64,6 +64,9 @@ BAD_TRAIN_OPTIONS = [
         ],
         "--max-student-length must be an integer >= 1",
     ),
+    (["+", "--shuffle-window", "0"], "--shuffle-window must be an integer >= 1"),
+    (["+", "--data-cache-mib", "0"], "--data-cache-mib must be an integer >= 1"),
+    (["+", "--prefetch-steps", "0"], "--prefetch-steps must be an integer >= 1"),
     # student
     (["--aligned", "{aligned}", "--student", "{missing}"], "--student {missing}: cannot load its config"),
     (["--aligned", "{aligned}", "--init-from", "{tok}"], "--init-from {tok}: not a model folder"),

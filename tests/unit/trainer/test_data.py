@@ -20,7 +20,7 @@ def test_batch_plan_is_deterministic_and_covers_epochs():
     # worker slices partition the global batch whatever the number of workers
     b = plan.global_batch(2)
     for w in (1, 2, 3):
-        assert np.array_equal(np.concatenate(BatchPlan.worker_slices(b, w)), b)
+        assert np.array_equal(np.concatenate(plan.worker_slices(b, w)), b)
     assert not np.array_equal(BatchPlan(10, 4, seed=4).global_batch(0), plan.global_batch(0))
 
 
@@ -98,7 +98,24 @@ def test_aligned_rows_validation_names_the_document():
     )
     with pytest.raises(ValueError, match=r"document 'bad'.*ends after the document"):
         AlignedRows.from_table(table)
-    # canonical order does not depend on the input order
-    a = _rows([5, 4, 6])
-    b = a.take(np.array([2, 0, 1]))
-    assert a.canonical().doc_ids.tolist() == b.canonical().doc_ids.tolist() == ["d0", "d1", "d2"]
+
+
+def test_workers_take_few_blocks_each_so_each_reads_a_part_of_the_set():
+    """Block-wise plan, window of 16 blocks, 4 workers: over an epoch each worker gets the documents of about
+    half of the blocks when the global batch is split by block (a quarter is the ideal; which blocks fall to a
+    worker shifts a little from step to step), against nearly all of them when it is split by position."""
+    blocks = np.repeat(np.arange(64), 16)  # 1024 documents in 64 row groups of 16
+    plan = BatchPlan(1024, batch_size=32, seed=1, blocks=blocks, window=256)
+    by_block = [set() for _ in range(4)]
+    by_position = [set() for _ in range(4)]
+    for step in range(32):  # one epoch
+        batch = plan.global_batch(step)
+        for r, part in enumerate(plan.worker_slices(batch, 4)):
+            by_block[r] |= set(blocks[part].tolist())
+        for r, part in enumerate(np.array_split(batch, 4)):
+            by_position[r] |= set(blocks[part].tolist())
+        assert sorted(np.concatenate(plan.worker_slices(batch, 4)).tolist()) == sorted(batch.tolist())
+    assert max(len(s) for s in by_block) <= 36
+    assert (
+        min(len(s) for s in by_position) >= 60
+    )  # splitting by position: nearly every block for every worker

@@ -17,11 +17,12 @@ from alm_pipeline.trainer.checkpoint import (
     list_checkpoints,
     read_trainer_state,
 )
-from alm_pipeline.trainer.data import BatchPlan, plan_micro_batches
+from alm_pipeline.trainer.data import plan_micro_batches
 from alm_pipeline.trainer.driver import train_local
 from alm_pipeline.trainer.errors import TrainingError
 from alm_pipeline.trainer.metrics import read_metrics_csv
-from alm_pipeline.trainer.runtime import read_aligned_rows
+from alm_pipeline.trainer.runtime import read_aligned_rows, training_index
+from alm_pipeline.trainer.worker import training_plan
 from tests.factories import losses, train_config
 
 
@@ -75,7 +76,9 @@ def test_packing_equals_bucketing_and_micro_batching(mixed_aligned, gpt2_bl_mode
     rows, _ = read_aligned_rows(open_aligned_set(mixed_aligned).shard_files()).select_trainable(
         need_groups=True
     )
-    plan = BatchPlan(rows.num_docs, batch_size=6, seed=0)  # train_config()'s batch size and seed
+    cfg = train_config(mixed_aligned, tmp_path / "x", init_from=str(gpt2_bl_model))
+    plan = training_plan(cfg, training_index(cfg))  # as the worker plans
+    assert plan.num_docs == rows.num_docs
     packed_rows = [
         row
         for step in range(3)
