@@ -23,6 +23,7 @@ num_chunks                      int32            len(chunk_start) (the trainer's
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401 - pa.compute
@@ -30,7 +31,6 @@ import pyarrow.compute  # noqa: F401 - pa.compute
 from alm_pipeline.cache import store
 from alm_pipeline.cache.dataset import PathLike, ShardedDataset
 from alm_pipeline.cache.teacher import open_cache
-from alm_pipeline.storage import Location
 
 ALIGNED_KIND = "alm-aligned-set"
 ALIGNED_FORMAT_VERSION = 2
@@ -69,9 +69,12 @@ class AlignedSet(ShardedDataset):
     contents = (*ShardedDataset.contents, TOKENIZER_DIR)
 
     @property
-    def tokenizer_dir(self) -> Location:
-        """The student tokenizer's folder (a local path for ``from_pretrained`` when the set is local)."""
-        return self.root / TOKENIZER_DIR
+    def tokenizer_dir(self) -> Path:
+        """The student tokenizer's folder as a local path for ``from_pretrained``: the set's own folder when the
+        set is local, a downloaded copy (reused while unchanged) when it is on object storage."""
+        from alm_pipeline.storage import local_copy
+
+        return local_copy(self.root / TOKENIZER_DIR)
 
     @property
     def gamma(self) -> float:
