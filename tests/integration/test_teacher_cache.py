@@ -71,7 +71,9 @@ def test_refusal_on_different_settings_and_overwrite(ray_local, tmp_path, gpt2_b
     with pytest.raises(TeacherCacheError, match=r"settings\.max_length: cache has 128, this run has 64"):
         build_teacher_cache(_config(gpt2_bl_model, data, tmp_path / "cache", max_length=64))
     other = write_jsonl(tmp_path / "other.jsonl", BAD_INPUT_DOCS[4:6])
-    with pytest.raises(TeacherCacheError, match=r"corpus\.content_sha256"):
+    with pytest.raises(
+        TeacherCacheError, match=r"corpus\.path: cache has '.*c\.jsonl', this run has '.*other\.jsonl'"
+    ):
         build_teacher_cache(_config(gpt2_bl_model, other, tmp_path / "cache"))
     summary = build_teacher_cache(
         _config(gpt2_bl_model, data, tmp_path / "cache", max_length=64, overwrite=True)
@@ -169,7 +171,7 @@ def test_resume_after_kill_gives_identical_cache(ray_local, tmp_path, assets_dir
         for i in range(16)
     ]
     data = write_jsonl(tmp_path / "c.jsonl", docs)
-    kw = {"max_length": 384, "shard_size": 2}
+    kw = {"max_length": 384, "shard_size": 3000}  # two ~1.7 kB documents per shard
     build_teacher_cache(_config(model_dir, data, tmp_path / "reference", **kw))
     expected = cache_rows(tmp_path / "reference")
 
@@ -190,7 +192,7 @@ def test_resume_after_kill_gives_identical_cache(ray_local, tmp_path, assets_dir
         "--max-length",
         "384",
         "--shard-size",
-        "2",
+        "3000",
         "--batch-tokens",
         "512",
         "--num-cpus",
