@@ -64,7 +64,7 @@ from alm_pipeline.pipeline.corpus import (
 from alm_pipeline.pipeline.engine_hf import HFEngineConfig
 from alm_pipeline.pipeline.ray_utils import RayConfig
 from alm_pipeline.pipeline.stage import finished_shards, run_shards
-from alm_pipeline.storage import Location, StorageError, location
+from alm_pipeline.storage import Location, StorageError, is_uri, location
 
 PLAN_FILE = "corpus_plan.json"
 DEFAULT_SHARD_BYTES = 64 * 1024 * 1024
@@ -367,7 +367,9 @@ def _check_duplicate_ids(
     ensure_ray(config.ray)
     items = [{"shard": info.index, "file": (out / info.file).uri} for info in infos]
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 200)))
-    ids = ds.map_batches(_shard_doc_ids, batch_size=1, batch_format="pyarrow", num_cpus=0.25)
+    ids = ds.map_batches(
+        _shard_doc_ids, batch_size=1, batch_format="pyarrow", num_cpus=0.25, **_storage_env(config, out)
+    )
     counted = ids.groupby("doc_id").aggregate(Count(), Min("shard"), Max("shard"))
     duplicates = counted.filter(lambda row: row["count()"] > 1).take(5)
     if not duplicates:
@@ -483,7 +485,8 @@ def _run_ray_pipeline(
     import ray.data
 
     engine_config = _engine_config(config, teacher_path)
-    light = {"num_cpus": 0.25}  # tokenize/write are short and must not starve the scoring actors
+    remote = _storage_env(config, out)
+    light = {"num_cpus": 0.25, **remote}  # tokenize/write are short and must not starve the scoring actors
 
     def steps(ds):
         ds = ds.map(_ReadTokenizeShard(view, config.corpus, config.max_length), **light)
@@ -500,6 +503,7 @@ def _run_ray_pipeline(
             compute=ray.data.ActorPoolStrategy(size=config.concurrency),
             num_cpus=config.num_cpus_per_actor,
             num_gpus=config.num_gpus_per_actor or None,
+            **remote,
         )
         return ds.map(_WriteShard(out.uri), **light)
 
@@ -522,6 +526,19 @@ def _run_ray_pipeline(
     if run.steady_rate is not None:
         timings["steady_tokens_per_second"] = run.steady_rate
     return timings
+
+
+def _storage_env(config: TeacherCacheConfig, out: Location) -> dict:
+    """Ray remote arguments that give the tasks this process's object-store settings (the AWS and Google
+    environment variables: endpoint, region, credentials) when the corpus or the output is not local: a Ray
+    instance started before they were set (or a cluster) would not have them."""
+    import os
+
+    corpus = str(config.corpus.path)
+    if out.is_local and not (is_uri(corpus) and not corpus.startswith("file://")):
+        return {}
+    env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "GOOGLE_"))}
+    return {"runtime_env": {"env_vars": env}} if env else {}
 
 
 def _engine_manifest(config: TeacherCacheConfig, teacher_path: str) -> dict:
