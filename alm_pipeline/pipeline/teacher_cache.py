@@ -62,7 +62,7 @@ from alm_pipeline.pipeline.corpus import (
     read_shard,
 )
 from alm_pipeline.pipeline.engine_hf import HFEngineConfig
-from alm_pipeline.pipeline.ray_utils import RayConfig
+from alm_pipeline.pipeline.ray_utils import RayConfig, cluster_cpus
 from alm_pipeline.pipeline.stage import finished_shards, run_shards
 from alm_pipeline.storage import Location, StorageError, is_uri, location
 
@@ -255,7 +255,7 @@ def _build(
         raise TeacherCacheError(f"{config.corpus.path}: no usable documents")
     num_shards = len(plan)
     boundary = write_boundary_tokens(root, view.boundary_token_ids())
-    corpus = {**identity["corpus"], "files": len(listing.files)}
+    corpus = {**identity["corpus"], "files": len(listing.files), **_corpus_totals([], listing)}
     manifest = _manifest(config, identity, view, teacher_path, corpus, num_shards, boundary, "in_progress")
     if existing is None or existing.get("state") != "complete":
         TeacherCache.write_manifest(root, manifest)
@@ -489,7 +489,11 @@ def _run_ray_pipeline(
     light = {"num_cpus": 0.25, **remote}  # tokenize/write are short and must not starve the scoring actors
 
     def steps(ds):
-        ds = ds.map(_ReadTokenizeShard(view, config.corpus, config.max_length), **light)
+        # cap the read/tokenize and write tasks so that they leave the scoring actors their CPUs: Ray Data would
+        # otherwise start the cheap tasks of every shard first, and the first shard would wait for all of them
+        spare = cluster_cpus() - config.concurrency * config.num_cpus_per_actor
+        tasks = ray.data.TaskPoolStrategy(size=min(len(pending), max(2, int(spare / light["num_cpus"] / 2))))
+        ds = ds.map(_ReadTokenizeShard(view, config.corpus, config.max_length), compute=tasks, **light)
         ds = ds.map_batches(
             _ScoreShards,
             fn_constructor_kwargs={
@@ -505,7 +509,7 @@ def _run_ray_pipeline(
             num_gpus=config.num_gpus_per_actor or None,
             **remote,
         )
-        return ds.map(_WriteShard(out.uri), **light)
+        return ds.map(_WriteShard(out.uri), compute=tasks, **light)
 
     # run_shards hands each item to the steps as the row's "shard" value: here the shard's own plan entry
     # (JSON), so that a task receives its slice of the corpus and nothing of the others'
@@ -612,6 +616,14 @@ class _ReadTokenizeShard:
 
     def __call__(self, row: dict) -> dict:
         entry = ShardEntry.from_json(json.loads(row["shard"]))
+        try:
+            return self._shard(entry)
+        except OSError as err:  # a storage failure while reading: name the slice (StorageError names the URI)
+            raise CorpusError(
+                str(err) if isinstance(err, StorageError) else f"{entry.describe()}: {err}"
+            ) from None
+
+    def _shard(self, entry: ShardEntry) -> dict:
         stats = CorpusStats()
         digest = hashlib.sha256()
         doc_ids, ids, offsets, texts, truncated = [], [], [], [], []
