@@ -280,7 +280,7 @@ def _run(config: QuickstartConfig, progress: Callable[[str], None] | None) -> Qu
             corpus=CorpusConfig(path=config.data, limit=config.max_docs),  # None: the bundled corpus
             output=str(out / "cache"),
             max_length=config.max_length,
-            shard_size=16,
+            shard_size=28 * 1024,  # bytes: about 16 documents of the bundled corpus per shard
             num_cpus_per_actor=config.num_cpus_per_actor,
             ray=config.ray,
         ),

@@ -1,25 +1,29 @@
-"""The ``teacher-cache`` stage: corpus → (Ray Data) tokenize → score → write Parquet shards + manifest.
+"""The ``teacher-cache`` stage: corpus → (Ray Data) read + tokenize → score → write Parquet shards + manifest.
 
-Plan of a run (after checking that the teacher loads, under an exclusive lock on the output folder:
-:mod:`alm_pipeline.locking`):
+Plan of a run (the driver's work is proportional to the number of shards, never to the corpus's bytes):
 
-1. **Stage** (driver, one pass): read and validate the corpus, apply the teacher tokenizer's unicode
-   normalization, and write it as fixed-size input shards (``shard_size`` documents each, in corpus order)
-   under ``<output>/_staging``. The pass also fingerprints the corpus. Shard *k* is therefore a
-   deterministic function of the corpus slice *k* and the settings.
-2. **Check** the output directory: an existing cache with another identity (teacher, tokenizer, corpus,
-   settings, format) is refused with the differences listed (``overwrite`` replaces it); shards whose
-   ``.done.json`` marker verifies are kept, so re-running an interrupted command resumes it.
-3. **Ray Data**: one row per pending shard flows through ``tokenize`` (CPU tasks) → ``score`` (an actor
-   pool, one teacher engine per actor, GPUs if asked) → ``write`` (CPU tasks, atomic). Between stages a shard
-   travels as one Arrow IPC payload, so the tokenize and write work never occupies the scoring actors.
-4. **Finish**: the manifest lists every verified shard and the totals; the staging folder is removed.
+1. **List** the corpus files (metadata only: paths, sizes, modification times; :mod:`.corpus`) and check that
+   the teacher will load (config and weight headers) and load its tokenizer.
+2. **Check** the output (under an exclusive lock, :mod:`alm_pipeline.locking`): an existing cache with another
+   identity (teacher, tokenizer, corpus listing, settings, format) is refused with the differences listed, and
+   a corpus file that changed since the cache was started is named; ``overwrite`` replaces it. Nothing of the
+   corpus has been read and no model loaded yet.
+3. **Plan** the shards: slices of the corpus files of about ``shard_size`` bytes (:func:`.corpus.plan_shards`),
+   recorded in ``corpus_plan.json`` so that a resume reads no corpus byte to plan again. Under ``--max-docs N``
+   only the shards holding the first N usable documents are planned (reading those, nothing after them).
+4. **Ray Data**: one row per pending shard, carrying only that shard's plan entry, flows through ``read +
+   tokenize`` (CPU tasks: read the slice, validate, de-duplicate, normalise, tokenize) → ``score`` (an actor
+   pool, one teacher engine per actor, GPUs if asked) → ``write`` (CPU tasks, atomic; the marker records the
+   shard's corpus statistics and content digest). Shards whose marker verifies are skipped: a resume reads
+   nothing it already did.
+5. **Finish**: optionally the global duplicate-id pass (``check_duplicate_ids``: a Ray Data group-by over the
+   cache's ``doc_id`` column), then the manifest lists every shard, the totals and the corpus statistics.
 """
 
 from __future__ import annotations
 
 import hashlib
-import shutil
+import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -27,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from alm_pipeline.cache import store
 from alm_pipeline.cache.arrow import ipc_to_table, ragged_list_array, table_to_ipc
@@ -47,24 +50,27 @@ from alm_pipeline.locking import output_lock
 from alm_pipeline.model_files import ModelFilesError, check_model
 from alm_pipeline.modeling import DTYPES
 from alm_pipeline.pipeline.byteview import ByteView, TokenizerMismatchError, byte_view_from_hf
-from alm_pipeline.pipeline.corpus import CorpusConfig, CorpusError, CorpusStats, iter_documents
-from alm_pipeline.pipeline.engine_hf import HFEngineConfig
-from alm_pipeline.pipeline.ray_utils import RayConfig
-from alm_pipeline.pipeline.stage import finished_shards, run_shards
-
-STAGING = "_staging"
-
-
-# What the driver stages for the tokenize step (the validated corpus slice of one shard).
-STAGED_SCHEMA = pa.schema(
-    [
-        pa.field("doc_id", pa.string(), nullable=False),
-        pa.field("text", pa.string(), nullable=False),
-        pa.field("source", pa.string(), nullable=False),
-    ]
+from alm_pipeline.pipeline.corpus import (
+    CorpusConfig,
+    CorpusError,
+    CorpusListing,
+    CorpusStats,
+    ShardEntry,
+    exact_source,
+    limit_plan,
+    list_corpus,
+    plan_shards,
+    read_shard,
 )
+from alm_pipeline.pipeline.engine_hf import HFEngineConfig
+from alm_pipeline.pipeline.ray_utils import RayConfig, cluster_cpus
+from alm_pipeline.pipeline.stage import finished_shards, run_shards
+from alm_pipeline.storage import Location, StorageError, is_uri, location
 
-# What the tokenize step hands to the scoring step.
+PLAN_FILE = "corpus_plan.json"
+DEFAULT_SHARD_BYTES = 64 * 1024 * 1024
+
+# What the read + tokenize step hands to the scoring step.
 TOKENIZED_SCHEMA = pa.schema(
     [
         pa.field("doc_id", pa.string(), nullable=False),
@@ -96,7 +102,15 @@ class TeacherCacheConfig:
     dtype: str = option(
         "float32", "Teacher weights dtype: float32, bfloat16, float16 (log-probs are always fp32)"
     )
-    shard_size: int = option(256, "Documents per shard (the unit of work and of resume)")
+    shard_size: int = option(
+        DEFAULT_SHARD_BYTES,
+        "Corpus bytes per shard, the unit of work and of resume (default 64 MiB): jsonl files are cut into "
+        "byte ranges at line starts, Parquet files into row ranges by uncompressed size; a .jsonl.gz, a JSON "
+        "list or a save_to_disk Arrow file is one shard",
+    )
+    check_duplicate_ids: bool = option(
+        False, "After scoring, check that document ids are unique across all shards (a Ray group-by)"
+    )
     logprob_dtype: str = option(
         "float32",
         "Stored precision of the log-probs ℓ and σ: float32 (lossless), float16 or bfloat16 (smaller)",
@@ -187,38 +201,42 @@ def build_teacher_cache(
     """Run the whole stage (see module docstring). Returns a summary; raises TeacherCacheError on refusal."""
     say = progress or (lambda msg: None)
     t0 = time.time()
-    out = Path(config.output).absolute()
+    try:
+        out = location(config.output)
+        listing = list_corpus(config.corpus)  # metadata only: a missing file or bucket fails here
+    except (CorpusError, StorageError) as err:
+        raise TeacherCacheError(str(err)) from None
     teacher_path = _resolve_teacher(config.teacher)
-    try:  # a teacher that cannot load fails here, not in a Ray actor after the corpus was staged
+    try:  # a teacher that cannot load fails here, not in a Ray actor after the corpus was read
         check_model(teacher_path, "--teacher")
     except ModelFilesError as err:
         raise TeacherCacheError(str(err)) from None
     view = _teacher_byte_view(teacher_path)
-    with output_lock(out, "teacher-cache"):
-        return _build(config, out, teacher_path, view, say, t0)
+    with output_lock(out.uri, "teacher-cache"):
+        return _build(config, out, listing, teacher_path, view, say, t0)
+
+
+def _root(out: Location):
+    """``out`` for the dataset layer: a local Path, or the Location of an object-store folder."""
+    return out.local_path if out.is_local else out
 
 
 def _build(
     config: TeacherCacheConfig,
-    out: Path,
+    out: Location,
+    listing: CorpusListing,
     teacher_path: str,
     view: ByteView,
     say: Callable[[str], None],
     t0: float,
 ) -> CacheRunSummary:
-    say(f"reading corpus {config.corpus.path}")
     timings: dict = {"setup": time.time() - t0}
-    staged = _stage_corpus(config, view, out / STAGING)
-    timings["stage_corpus"] = time.time() - t0 - timings["setup"]
-    skipped = staged.stats.skipped_files
-    if skipped:
-        names = staged.stats.skipped_file_examples[:5]
+    if listing.skipped:
+        names = listing.skipped[:5]
         say(
-            f"skipped {skipped} file(s) of the corpus folder that are not .jsonl/.json/.parquet: "
-            f"{', '.join(names)}{' ...' if skipped > len(names) else ''}"
+            f"skipped {len(listing.skipped)} file(s) of the corpus folder that are not .jsonl/.json/.parquet: "
+            f"{', '.join(names)}{' ...' if len(listing.skipped) > len(names) else ''}"
         )
-    if staged.num_docs == 0:
-        raise TeacherCacheError(f"{config.corpus.path}: no usable documents ({staged.stats.to_json()})")
     identity = {
         "format_version": FORMAT_VERSION,
         "teacher": {
@@ -226,42 +244,53 @@ def _build(
             "weights_digest": _weights_digest(teacher_path),
         },
         "tokenizer_fingerprint": view.fingerprint,
-        "corpus": {
-            **config.corpus.describe(),
-            "rows": staged.num_docs,
-            "content_sha256": staged.content_sha256,
-        },
+        "corpus": {**config.corpus.describe(), "listing_sha256": listing.fingerprint},
         "settings": config.identity_settings(),
     }
+    root = _root(out)
     try:
-        existing = TeacherCache.prepare_output(out, identity, config.overwrite)
+        existing = TeacherCache.prepare_output(root, identity, config.overwrite)
     except OutputRefusedError as err:
+        raise TeacherCacheError(_refusal(err, out, listing)) from None
+    say(f"planning shards of corpus {config.corpus.path}")
+    try:
+        plan = _plan(config, out, listing, resume=existing is not None)
+    except (CorpusError, StorageError) as err:
         raise TeacherCacheError(str(err)) from None
-    num_shards = staged.num_shards
-    boundary_ids = view.boundary_token_ids()
-    boundary = write_boundary_tokens(out, boundary_ids)
-    manifest = _manifest(config, identity, view, teacher_path, staged, boundary, state="in_progress")
+    timings["plan"] = time.time() - t0 - timings["setup"]
+    if not plan:
+        raise TeacherCacheError(f"{config.corpus.path}: no usable documents")
+    num_shards = len(plan)
+    boundary = write_boundary_tokens(root, view.boundary_token_ids())
+    corpus = {**identity["corpus"], "files": len(listing.files), **_corpus_totals([], listing)}
+    manifest = _manifest(config, identity, view, teacher_path, corpus, num_shards, boundary, "in_progress")
     if existing is None or existing.get("state") != "complete":
-        TeacherCache.write_manifest(out, manifest)
+        TeacherCache.write_manifest(root, manifest)
 
-    pending = TeacherCache.pending_shards(out, num_shards)
+    pending = TeacherCache.pending_shards(root, num_shards)
     reused = num_shards - len(pending)
     if reused:
         say(f"resuming: {reused}/{num_shards} shards already written and verified")
     if pending:
-        say(f"scoring {len(pending)} shards ({staged.num_docs} documents) with engine {config.engine!r}")
-        timings.update(_run_ray_pipeline(config, teacher_path, view, out, pending))
+        say(f"scoring {len(pending)} shards with engine {config.engine!r}")
+        timings["until_pipeline"] = time.time() - t0
+        timings.update(_run_ray_pipeline(config, teacher_path, view, out, [plan[k] for k in pending]))
 
-    infos = finished_shards(TeacherCache, out, num_shards, TeacherCacheError)
+    infos = finished_shards(TeacherCache, root, num_shards, TeacherCacheError)
+    corpus.update(_corpus_totals(infos, listing))
+    if corpus["rows"] == 0:
+        raise TeacherCacheError(f"{config.corpus.path}: no usable documents ({corpus['stats']})")
+    if config.check_duplicate_ids:
+        say("checking that document ids are unique across shards")
+        _check_duplicate_ids(config, out, infos, plan)
     manifest = _manifest(
-        config, identity, view, teacher_path, staged, boundary, state="complete", shards=infos
+        config, identity, view, teacher_path, corpus, num_shards, boundary, "complete", shards=infos
     )
-    TeacherCache.write_manifest(out, manifest)
-    shutil.rmtree(out / STAGING, ignore_errors=True)
+    TeacherCache.write_manifest(root, manifest)
     seconds = time.time() - t0
     tokens = manifest["totals"]["tokens"]
     return CacheRunSummary(
-        output=str(out),
+        output=out.uri,
         shards_total=num_shards,
         shards_written=len(pending),
         shards_reused=reused,
@@ -271,6 +300,107 @@ def _build(
         tokens_per_second=round(tokens / seconds, 1) if seconds > 0 else 0.0,
         timings={k: round(v, 3) for k, v in timings.items()},
     )
+
+
+def _refusal(err: OutputRefusedError, out: Location, listing: CorpusListing) -> str:
+    """The refusal's message, plus the corpus files that changed when the same corpus was listed differently."""
+    keys = {key for key, _, _ in err.differences}
+    if "corpus.listing_sha256" not in keys or "corpus.path" in keys:
+        return str(err)
+    try:
+        earlier = CorpusListing.from_json((out / PLAN_FILE).read_json()["listing"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return str(err)
+    changes = listing.changes_since(earlier)
+    if not changes:
+        return str(err)
+    lines = "\n".join(f"  {c}" for c in changes[:20]) + ("\n  ..." if len(changes) > 20 else "")
+    return f"{err}\nCorpus files changed since the cache was started:\n{lines}"
+
+
+def _plan(
+    config: TeacherCacheConfig, out: Location, listing: CorpusListing, resume: bool
+) -> list[ShardEntry]:
+    """The run's shard plan: the recorded one when resuming the same cache, else made (and recorded)."""
+    plan_file = out / PLAN_FILE
+    if resume and plan_file.exists():
+        recorded = plan_file.read_json()
+        if (
+            recorded.get("listing_sha256") == listing.fingerprint
+            and recorded.get("shard_size") == config.shard_size
+        ):
+            return [ShardEntry.from_json(e) for e in recorded["shards"]]
+    entries = plan_shards(listing, config.shard_size)
+    if config.corpus.limit is not None:
+        plan = limit_plan(entries, config.corpus, config.corpus.limit)
+    else:
+        plan = list(entries)
+    out.mkdir()
+    plan_file.write_json(
+        {
+            "listing_sha256": listing.fingerprint,
+            "shard_size": config.shard_size,
+            "limit": config.corpus.limit,
+            "listing": listing.to_json(),
+            "shards": [e.to_json() for e in plan],
+        }
+    )
+    return plan
+
+
+def _corpus_totals(infos: list[store.ShardInfo], listing: CorpusListing) -> dict:
+    """The manifest's corpus rows, statistics and content digest, from the shards' markers."""
+    stats = CorpusStats()
+    for name in listing.skipped:
+        stats.skip_file(name)
+    digest = hashlib.sha256()
+    for info in infos:
+        recorded = info.stats.get("corpus", {})
+        stats.add(CorpusStats.from_json(recorded))
+        digest.update(str(recorded.get("sha256", "")).encode())
+    return {"rows": stats.used, "content_sha256": digest.hexdigest(), "stats": stats.to_json()}
+
+
+def _check_duplicate_ids(
+    config: TeacherCacheConfig, out: Location, infos: list[store.ShardInfo], plan: list[ShardEntry]
+) -> None:
+    """The global duplicate-id pass: the cache's ``doc_id`` column, hash-partitioned by a Ray Data group-by, so
+    no process holds all ids. Raises naming up to five duplicated ids and the corpus slices that hold them."""
+    import ray.data
+    from ray.data.aggregate import Count, Max, Min
+
+    from alm_pipeline.pipeline.ray_utils import ensure_ray
+
+    ensure_ray(config.ray)
+    items = [{"shard": info.index, "file": (out / info.file).uri} for info in infos]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 200)))
+    ids = ds.map_batches(
+        _shard_doc_ids, batch_size=1, batch_format="pyarrow", num_cpus=0.25, **_storage_env(config, out)
+    )
+    counted = ids.groupby("doc_id").aggregate(Count(), Min("shard"), Max("shard"))
+    duplicates = counted.filter(lambda row: row["count()"] > 1).take(5)
+    if not duplicates:
+        return
+    what = "document id" if config.corpus.id_field else "document text (ids are text hashes)"
+    lines = "\n".join(
+        f"  {row['doc_id']!r}: {row['count()']} times, in {plan[row['min(shard)']].describe()}"
+        + (f" and {plan[row['max(shard)']].describe()}" if row["max(shard)"] != row["min(shard)"] else "")
+        for row in duplicates
+    )
+    raise TeacherCacheError(
+        f"--check-duplicate-ids: the same {what} occurs more than once across shards:\n{lines}\n"
+        "The shards are kept; fix the corpus and rerun with --overwrite."
+    )
+
+
+def _shard_doc_ids(batch: pa.Table) -> pa.Table:
+    """Ray Data task: one cache shard's ``doc_id`` column with its shard index."""
+    import pyarrow.parquet as pq
+
+    shard, uri = int(batch["shard"][0].as_py()), batch["file"][0].as_py()
+    with location(uri).open_input_file() as f:
+        ids = pq.read_table(f, columns=["doc_id"])["doc_id"]
+    return pa.table({"doc_id": ids, "shard": pa.array(np.full(len(ids), shard, dtype=np.int64))})
 
 
 def _resolve_teacher(name: str) -> str:
@@ -326,79 +456,26 @@ def _weights_digest(path: str) -> str:
     return h.hexdigest()[:32]
 
 
-@dataclass
-class StagedCorpus:
-    num_docs: int
-    num_shards: int
-    content_sha256: str
-    stats: CorpusStats
-
-
-def _stage_corpus(config: TeacherCacheConfig, view: ByteView, staging: Path) -> StagedCorpus:
-    """Validated corpus → ``staging/input-K.parquet`` (``shard_size`` docs each) + a content fingerprint."""
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    stats = CorpusStats()
-    digest = hashlib.sha256()
-    buffer: list[tuple[str, str, str]] = []
-    shard = 0
-    count = 0
-
-    def flush() -> None:
-        nonlocal shard, buffer
-        table = pa.table(
-            {
-                "doc_id": [b[0] for b in buffer],
-                "text": [b[1] for b in buffer],
-                "source": [b[2] for b in buffer],
-            },
-            schema=STAGED_SCHEMA,
-        )
-        pq.write_table(table, staging / f"input-{shard:05d}.parquet")
-        shard += 1
-        buffer = []
-
-    try:
-        for doc in iter_documents(config.corpus, stats):
-            text = view.normalize_text(doc.text)
-            digest.update(doc.doc_id.encode() + b"\0" + text.encode("utf-8") + b"\0")
-            buffer.append((doc.doc_id, text, doc.source))
-            count += 1
-            if len(buffer) == config.shard_size:
-                flush()
-    except CorpusError as err:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise TeacherCacheError(str(err)) from None
-    if buffer:
-        flush()
-    return StagedCorpus(num_docs=count, num_shards=shard, content_sha256=digest.hexdigest(), stats=stats)
-
-
 def _manifest(
     config: TeacherCacheConfig,
     identity: dict,
     view: ByteView,
     teacher_path: str,
-    staged: StagedCorpus,
+    corpus: dict,
+    num_shards: int,
     boundary: dict,
     state: str,
     shards: list[store.ShardInfo] | None = None,
 ) -> dict:
-
     shards = shards or []
     return TeacherCache.new_manifest(
         state,
         identity,
-        staged.num_shards,
+        num_shards,
         shards,
         teacher={"name": config.teacher, "path": teacher_path, **_engine_manifest(config, teacher_path)},
         tokenizer=view.describe(),
-        corpus={
-            **config.corpus.describe(),
-            "rows": staged.num_docs,
-            "content_sha256": staged.content_sha256,
-            "stats": staged.stats.to_json(),
-        },
+        corpus=corpus,
         settings={**config.identity_settings(), "batch_tokens": config.batch_tokens},
         boundary_tokens=boundary,
         logprob_dtype=config.logprob_dtype,
@@ -410,22 +487,27 @@ def _manifest(
 
 
 def _run_ray_pipeline(
-    config: TeacherCacheConfig, teacher_path: str, view: ByteView, out: Path, pending: list[int]
+    config: TeacherCacheConfig, teacher_path: str, view: ByteView, out: Location, pending: list[ShardEntry]
 ) -> dict:
-    """Run the Ray Data steps over ``pending`` shards; returns timings (seconds, tokens)."""
+    """Run the Ray Data steps over the ``pending`` shards; returns timings (seconds, tokens)."""
     import ray.data
 
     engine_config = _engine_config(config, teacher_path)
-    light = {"num_cpus": 0.25}  # tokenize/write are short and must not starve the scoring actors
+    remote = _storage_env(config, out)
+    light = {"num_cpus": 0.25, **remote}  # tokenize/write are short and must not starve the scoring actors
 
     def steps(ds):
-        ds = ds.map(_TokenizeShard(view, str(out / STAGING), config.max_length), **light)
+        # cap the read/tokenize and write tasks so that they leave the scoring actors their CPUs: Ray Data would
+        # otherwise start the cheap tasks of every shard first, and the first shard would wait for all of them
+        spare = cluster_cpus() - config.concurrency * config.num_cpus_per_actor
+        tasks = ray.data.TaskPoolStrategy(size=min(len(pending), max(2, int(spare / light["num_cpus"] / 2))))
+        ds = ds.map(_ReadTokenizeShard(view, config.corpus, config.max_length), compute=tasks, **light)
         ds = ds.map_batches(
             _ScoreShards,
             fn_constructor_kwargs={
                 "engine": config.engine,
                 "engine_config": engine_config,
-                "boundary_file": str(out / BOUNDARY_FILE),
+                "boundary_file": (out / BOUNDARY_FILE).uri,
                 "tokenizer_size": view.vocab_size,
             },
             batch_size=1,
@@ -433,11 +515,14 @@ def _run_ray_pipeline(
             compute=ray.data.ActorPoolStrategy(size=config.concurrency),
             num_cpus=config.num_cpus_per_actor,
             num_gpus=config.num_gpus_per_actor or None,
+            **remote,
         )
-        return ds.map(_WriteShard(str(out), config.logprob_dtype), **light)
+        return ds.map(_WriteShard(out.uri, config.logprob_dtype), compute=tasks, **light)
 
+    # run_shards hands each item to the steps as the row's "shard" value: here the shard's own plan entry
+    # (JSON), so that a task receives its slice of the corpus and nothing of the others'
     run = run_shards(
-        pending,
+        [json.dumps(entry.to_json()) for entry in pending],
         steps,
         desc="teacher-cache",
         rate_column="tokens",
@@ -453,6 +538,19 @@ def _run_ray_pipeline(
     if run.steady_rate is not None:
         timings["steady_tokens_per_second"] = run.steady_rate
     return timings
+
+
+def _storage_env(config: TeacherCacheConfig, out: Location) -> dict:
+    """Ray remote arguments that give the tasks this process's object-store settings (the AWS and Google
+    environment variables: endpoint, region, credentials) when the corpus or the output is not local: a Ray
+    instance started before they were set (or a cluster) would not have them."""
+    import os
+
+    corpus = str(config.corpus.path)
+    if out.is_local and not (is_uri(corpus) and not corpus.startswith("file://")):
+        return {}
+    env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "GOOGLE_"))}
+    return {"runtime_env": {"env_vars": env}} if env else {}
 
 
 def _engine_manifest(config: TeacherCacheConfig, teacher_path: str) -> dict:
@@ -517,50 +615,69 @@ def _engine_config(config: TeacherCacheConfig, teacher_path: str):
     raise AssertionError(f"engine {config.engine!r}: TeacherCacheConfig admits hf and vllm only")
 
 
-class _TokenizeShard:
-    """Ray Data task: staged input shard → tokenized shard payload (Arrow IPC bytes)."""
+class _ReadTokenizeShard:
+    """Ray Data task: a shard's plan entry → its documents read, validated, de-duplicated (within the shard),
+    normalised and tokenized, as an Arrow IPC payload; plus the shard's corpus statistics and content digest."""
 
-    def __init__(self, view: ByteView, staging: str, max_length: int):
-        self.view, self.staging, self.max_length = view, staging, max_length
+    def __init__(self, view: ByteView, corpus: CorpusConfig, max_length: int):
+        self.view, self.corpus, self.max_length = view, corpus, max_length
 
     def __call__(self, row: dict) -> dict:
-        k = int(row["shard"])
-        staged = pq.read_table(Path(self.staging) / f"input-{k:05d}.parquet")
-        ids, offsets, texts, truncated = [], [], [], []
-        for doc_id, text, source in zip(
-            staged["doc_id"].to_pylist(),
-            staged["text"].to_pylist(),
-            staged["source"].to_pylist(),
-            strict=True,
-        ):
+        entry = ShardEntry.from_json(json.loads(row["shard"]))
+        try:
+            return self._shard(entry)
+        except OSError as err:  # a storage failure while reading: name the slice (StorageError names the URI)
+            raise CorpusError(
+                str(err) if isinstance(err, StorageError) else f"{entry.describe()}: {err}"
+            ) from None
+
+    def _shard(self, entry: ShardEntry) -> dict:
+        stats = CorpusStats()
+        digest = hashlib.sha256()
+        doc_ids, ids, offsets, texts, truncated = [], [], [], [], []
+        for doc in read_shard(entry, self.corpus, stats):
+            text = self.view.normalize_text(doc.text)
+            digest.update(doc.doc_id.encode() + b"\0" + text.encode("utf-8") + b"\0")
             try:
-                enc = self.view.encode(text, max_length=self.max_length, doc_ref=f"{doc_id} at {source}")
-            except TokenizerMismatchError as err:
-                raise TokenizerMismatchError(
-                    f"{err}. The teacher tokenizer cannot represent this document exactly; remove or fix it."
-                ) from None
+                enc = self.view.encode(
+                    text, max_length=self.max_length, doc_ref=f"{doc.doc_id} at {doc.source}"
+                )
+            except TokenizerMismatchError:
+                try:  # again, naming the document's exact line
+                    self.view.encode(
+                        text,
+                        max_length=self.max_length,
+                        doc_ref=f"{doc.doc_id} at {exact_source(entry, doc)}",
+                    )
+                except TokenizerMismatchError as err:
+                    raise TokenizerMismatchError(
+                        f"{err}. The teacher tokenizer cannot represent this document exactly; remove or fix it."
+                    ) from None
+                raise
+            doc_ids.append(doc.doc_id)
             ids.append(enc.token_ids)
             offsets.append(enc.offsets)
             texts.append(enc.text)
             truncated.append(enc.truncated)
         table = pa.table(
             {
-                "doc_id": staged["doc_id"],
-                "text": texts,
+                "doc_id": pa.array(doc_ids, pa.string()),
+                "text": pa.array(texts, pa.string()),
                 "token_ids": ragged_list_array(ids, pa.int32()),
                 "offsets": ragged_list_array(offsets, pa.int32()),
-                "truncated": truncated,
+                "truncated": pa.array(truncated, pa.bool_()),
             },
             schema=TOKENIZED_SCHEMA,
         )
-        return {"shard": k, "payload": table_to_ipc(table)}
+        corpus = {**stats.to_json(), "sha256": digest.hexdigest(), "slice": entry.describe()}
+        return {"shard": entry.index, "payload": table_to_ipc(table), "corpus": json.dumps(corpus)}
 
 
 class _ScoreShards:
     """Ray Data actor: one teacher engine, scores whole shards (length-sorted batches inside)."""
 
     def __init__(self, engine: str, engine_config, boundary_file: str, tokenizer_size: int):
-        boundary_ids = read_boundary_tokens(Path(boundary_file)).astype(np.int64)
+        boundary_ids = read_boundary_tokens(_root(location(boundary_file))).astype(np.int64)
         if engine == "hf":
             from alm_pipeline.pipeline.engine_hf import HFTeacherEngine
 
@@ -582,7 +699,7 @@ class _ScoreShards:
             t0 = time.perf_counter()
             table = ipc_to_table(payload)
             seqs = [np.asarray(x, dtype=np.int32) for x in table["token_ids"].to_numpy(zero_copy_only=False)]
-            scored = self.engine.score(seqs)
+            scored = self.engine.score(seqs) if seqs else []
             table = table.append_column("logprob", ragged_list_array([s[0] for s in scored], pa.float32()))
             table = table.append_column(
                 "boundary_logprob", ragged_list_array([s[1] for s in scored], pa.float32())
@@ -594,6 +711,7 @@ class _ScoreShards:
             "shard": np.array(shards),
             "payload": np.array(payloads, dtype=object),
             "actor_seconds": np.array(busy),  # time this shard occupied the scoring actor
+            "corpus": batch["corpus"],
         }
 
 
@@ -606,8 +724,9 @@ class _WriteShard:
     def __call__(self, row: dict) -> dict:
         k = int(row["shard"])
         table = ipc_to_table(row["payload"])
+        stats = {**shard_stats(table), "corpus": json.loads(row["corpus"])}
         info = TeacherCache.write_shard(
-            self.out, k, table, stats=shard_stats(table), logprob_dtype=self.logprob_dtype
+            _root(location(self.out)), k, table, stats=stats, logprob_dtype=self.logprob_dtype
         )
         return {
             "shard": k,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -71,7 +72,9 @@ def test_refusal_on_different_settings_and_overwrite(ray_local, tmp_path, gpt2_b
     with pytest.raises(TeacherCacheError, match=r"settings\.max_length: cache has 128, this run has 64"):
         build_teacher_cache(_config(gpt2_bl_model, data, tmp_path / "cache", max_length=64))
     other = write_jsonl(tmp_path / "other.jsonl", BAD_INPUT_DOCS[4:6])
-    with pytest.raises(TeacherCacheError, match=r"corpus\.content_sha256"):
+    with pytest.raises(
+        TeacherCacheError, match=r"corpus\.path: cache has '.*c\.jsonl', this run has '.*other\.jsonl'"
+    ):
         build_teacher_cache(_config(gpt2_bl_model, other, tmp_path / "cache"))
     summary = build_teacher_cache(
         _config(gpt2_bl_model, data, tmp_path / "cache", max_length=64, overwrite=True)
@@ -128,7 +131,101 @@ def test_bad_document_error_names_file_and_line(ray_local, tmp_path, gpt2_bl_mod
     path.write_bytes(b'{"id": "a", "text": "fine"}\n{"id": "b", "text": "bad \xff byte"}\n')
     with pytest.raises(TeacherCacheError, match=r"broken\.jsonl:2: invalid UTF-8"):
         build_teacher_cache(_config(gpt2_bl_model, path, tmp_path / "cache"))
-    assert not (tmp_path / "cache" / "shards").exists()
+
+
+def test_a_bad_line_mid_file_is_named_and_written_shards_are_kept(ray_local, tmp_path, gpt2_bl_model):
+    """The error of a shard that starts mid-file names the file's own line number; shards written before it
+    stay (verified), and the run is resumable once the input is fixed... by --overwrite (the file changed)."""
+    docs = [{"id": f"d{i}", "text": f"document number {i}"} for i in range(8)]
+    path = write_jsonl(tmp_path / "c.jsonl", docs)
+    with open(path, "ab") as f:
+        f.write(b'{"id": "bad", "text": "bad \xff byte"}\n')
+    out = tmp_path / "cache"
+    with pytest.raises(TeacherCacheError, match=r"c\.jsonl:9: invalid UTF-8"):
+        build_teacher_cache(_config(gpt2_bl_model, path, out, shard_size=1))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["state"] == "in_progress" and manifest["num_shards"] == 9
+    for marker in (out / "shards").glob("*.done.json"):  # whatever was written is complete and kept
+        info = json.loads(marker.read_text())
+        assert (out / info["file"]).stat().st_size == info["bytes"]
+
+
+def test_corpus_on_s3_gives_the_same_cache_as_a_local_file(ray_local, tmp_path, gpt2_bl_model, s3_bucket):
+    from alm_pipeline.storage import location
+
+    data = write_jsonl(tmp_path / "c.jsonl", BAD_INPUT_DOCS[:6])
+    location(f"{s3_bucket}/corpus.jsonl").write_bytes(data.read_bytes())
+    build_teacher_cache(_config(gpt2_bl_model, data, tmp_path / "local", shard_size=200))
+    summary = build_teacher_cache(
+        _config(gpt2_bl_model, f"{s3_bucket}/corpus.jsonl", tmp_path / "s3", shard_size=200)
+    )
+    assert summary.shards_total > 1
+    manifest = json.loads((tmp_path / "s3" / "manifest.json").read_text())
+    assert manifest["corpus"]["path"] == f"{s3_bucket}/corpus.jsonl"
+    got, expected = cache_rows(tmp_path / "s3"), cache_rows(tmp_path / "local")
+    assert [(r["doc_id"], r["text"], r["token_ids"]) for r in got] == [
+        (r["doc_id"], r["text"], r["token_ids"]) for r in expected
+    ]
+    for a, b in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(np.array(a["logprob"]), np.array(b["logprob"]))
+    missing = f"{s3_bucket}/nope.jsonl"
+    with pytest.raises(TeacherCacheError, match=rf"{missing}: no such file"):
+        build_teacher_cache(_config(gpt2_bl_model, missing, tmp_path / "missing"))
+    assert not any(p.name.startswith("s3:") for p in tmp_path.rglob("*"))
+
+
+def test_a_changed_corpus_file_is_refused_by_name_and_a_resume_reads_nothing(
+    ray_local, tmp_path, gpt2_bl_model
+):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", BAD_INPUT_DOCS[:3])
+    b = write_jsonl(folder / "b.jsonl", BAD_INPUT_DOCS[4:6])
+    out = tmp_path / "cache"
+    first = build_teacher_cache(_config(gpt2_bl_model, folder, out))
+    # same size and mtime, other bytes: the listing is unchanged, so a resume must not read the corpus at all
+    # (reading it would fail on the broken JSON)
+    stat = b.stat()
+    b.write_bytes(b"{" * stat.st_size)
+    os.utime(b, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    again = build_teacher_cache(_config(gpt2_bl_model, folder, out))
+    assert again.shards_reused == again.shards_total == first.shards_total and again.shards_written == 0
+    # a real change (size or mtime) is refused before any model loads, naming the file
+    write_jsonl(b, BAD_INPUT_DOCS[4:7])
+    with pytest.raises(TeacherCacheError, match=r"(?s)corpus\.listing_sha256.*b\.jsonl: changed \(size"):
+        build_teacher_cache(_config(gpt2_bl_model, folder, out))
+
+
+def test_duplicate_ids_across_shards_need_the_global_check(ray_local, tmp_path, gpt2_bl_model):
+    docs = [{"id": "x", "text": "first"}, {"id": "y", "text": "second"}, {"id": "x", "text": "third"}]
+    data = write_jsonl(tmp_path / "c.jsonl", docs)
+    summary = build_teacher_cache(_config(gpt2_bl_model, data, tmp_path / "plain", shard_size=1))
+    assert summary.shards_total == 3 and summary.docs == 3  # per-shard checks only
+    with pytest.raises(
+        TeacherCacheError,
+        match=r"(?s)same document id occurs more than once.*'x': 2 times, in .*c\.jsonl \(bytes 0-",
+    ):
+        build_teacher_cache(
+            _config(gpt2_bl_model, data, tmp_path / "checked", shard_size=1, check_duplicate_ids=True)
+        )
+    unique = write_jsonl(tmp_path / "u.jsonl", docs[:2])
+    ok = build_teacher_cache(
+        _config(gpt2_bl_model, unique, tmp_path / "unique", shard_size=1, check_duplicate_ids=True)
+    )
+    assert ok.docs == 2
+
+
+def test_max_docs_reads_only_the_documents_it_needs(ray_local, tmp_path, gpt2_bl_model):
+    from alm_pipeline.pipeline.corpus import CorpusConfig
+
+    data = write_jsonl(tmp_path / "c.jsonl", [{"id": f"d{i}", "text": f"document {i}"} for i in range(6)])
+    with open(data, "ab") as f:
+        f.write(b"not json at all\n")
+    config = _config(gpt2_bl_model, data, tmp_path / "cache", shard_size=40)
+    config = dataclasses.replace(config, corpus=CorpusConfig(path=str(data), id_field="id", limit=4))
+    summary = build_teacher_cache(config)
+    assert [r["doc_id"] for r in cache_rows(tmp_path / "cache")] == ["d0", "d1", "d2", "d3"]
+    assert summary.docs == 4
 
 
 def test_untokenizable_document_is_named(ray_local, tmp_path, tokenizer_dirs, assets_dir):
@@ -169,7 +266,7 @@ def test_resume_after_kill_gives_identical_cache(ray_local, tmp_path, assets_dir
         for i in range(16)
     ]
     data = write_jsonl(tmp_path / "c.jsonl", docs)
-    kw = {"max_length": 384, "shard_size": 2}
+    kw = {"max_length": 384, "shard_size": 3000}  # two ~1.7 kB documents per shard
     build_teacher_cache(_config(model_dir, data, tmp_path / "reference", **kw))
     expected = cache_rows(tmp_path / "reference")
 
@@ -190,7 +287,7 @@ def test_resume_after_kill_gives_identical_cache(ray_local, tmp_path, assets_dir
         "--max-length",
         "384",
         "--shard-size",
-        "2",
+        "3000",
         "--batch-tokens",
         "512",
         "--num-cpus",
