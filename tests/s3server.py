@@ -129,6 +129,10 @@ def start_s3_server(workdir: Path, timeout: float = 60.0) -> S3Server:
         "-s3.port.lance=0",
         "-iam=false",
         "-master.telemetry=false",
+        # each bucket is a collection that takes 7 volumes at its first write; the default (8 volumes of 30 GB)
+        # leaves no room for a second bucket ("No writable volumes and no free volumes left")
+        "-volume.max=1000",
+        "-master.volumeSizeLimitMB=256",
     ]
     # the gRPC ports are HTTP port + 10000: keep them below 65536
     process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
