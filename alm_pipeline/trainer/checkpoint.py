@@ -23,6 +23,7 @@ one back to resume from.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -334,6 +335,13 @@ def download_model_folder(checkpoint: PathOrUri, dest: str | os.PathLike[str]) -
     return out
 
 
+def remove_tree(folder: Location) -> None:
+    """Delete a folder and everything under it (nothing if it does not exist). An object store may still list
+    a folder whose objects were just deleted; deleting it again is then not an error."""
+    with contextlib.suppress(FileNotFoundError):
+        folder.remove_tree()
+
+
 def _upload_files(src: Path, names: list[str], dest: Location) -> None:
     for rel in names:
         dest.join(rel).write_bytes((src / rel).read_bytes())
@@ -362,7 +370,7 @@ def publish_folder(src: str | os.PathLike[str], dest: PathOrUri) -> Path | Locat
     if target.is_local:
         return _export_local(Path(src), Path(os.fspath(dest)))
     names = _model_files(location(Path(src)))
-    target.remove_tree()
+    remove_tree(target)
     _upload_files(Path(src), sorted(names, key=lambda n: (n == "config.json", n)), target)
     return target
 
@@ -372,7 +380,7 @@ def publish_checkpoint(src: str | os.PathLike[str], dest: PathOrUri) -> Location
     last: readers see it as complete only once every file it lists is there."""
     target = location(dest)
     names = sorted(_file_sizes(location(Path(src))))
-    target.remove_tree()
+    remove_tree(target)
     _upload_files(Path(src), sorted(names, key=lambda n: (n == TRAINER_STATE, n)), target)
     return target
 
@@ -400,7 +408,7 @@ def prune_checkpoints(run_dir: PathOrUri, keep: int | None) -> None:
     for _, path in list_checkpoints(run_dir)[:-keep]:
         if isinstance(path, Location):
             try:
-                path.remove_tree()
+                remove_tree(path)
             except OSError as err:
                 logger.warning("could not delete the old checkpoint %s: %s", path, err)
         else:

@@ -106,8 +106,7 @@ def _output(config: TrainConfig) -> Path | Location:
 
 def _remove_tree(folder: Path | Location) -> None:
     if isinstance(folder, Location):
-        with contextlib.suppress(FileNotFoundError):  # an object store may list a folder just deleted
-            folder.remove_tree()
+        ckpt_io.remove_tree(folder)
     else:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -122,6 +121,13 @@ def _remove_file(file: Path | Location) -> None:
 def _prepare_output(config: TrainConfig, say: Callable[[str], None]) -> Path | Location | None:
     """Check the run directory against resume/overwrite; returns the checkpoint to continue from (or None)."""
     out = _output(config)
+    if isinstance(
+        out, Location
+    ):  # a missing bucket or unreachable endpoint: said now, not at the first checkpoint
+        try:
+            out.mkdir()
+        except OSError as err:
+            raise TrainingError(f"--output {err}") from None
     if config.checkpoint.overwrite:
         for name in (ckpt_io.CHECKPOINTS_DIR, ckpt_io.FINAL_DIR, "tensorboard"):
             _remove_tree(out / name)

@@ -117,6 +117,15 @@ def test_resume_and_overwrite_checks_on_object_storage(
     assert not any(p.name.startswith("s3:") for p in tmp_path.rglob("*"))
 
 
+def test_an_output_in_a_missing_bucket_is_refused_before_training(s3_bucket, self_aligned, gpt2_bl_model):
+    run = "s3://no-such-bucket-for-train/runs/r1"
+    config = train_config(self_aligned, run, init_from=str(gpt2_bl_model)).resolved()
+    with pytest.raises(
+        TrainingError, match=rf"--output {run}: cannot create the folder.*no-such-bucket-for-train"
+    ):
+        _prepare_output(config, print)
+
+
 def test_metrics_on_object_storage_are_uploaded_at_sync_and_close(s3_bucket, tmp_path):
     """metrics.csv and TensorBoard events of an ``s3://`` run directory: spooled locally, uploaded by sync()
     and close(); a resumed run continues the remote file (rows after its checkpoint dropped)."""
