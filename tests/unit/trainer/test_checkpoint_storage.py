@@ -160,3 +160,28 @@ def test_metrics_on_object_storage_are_uploaded_at_sync_and_close(s3_bucket, tmp
     rows = read_metrics_csv(local)
     assert [(r["step"], r["loss"]) for r in rows] == [(1, 1.0), (2, 0.5), (3, pytest.approx(0.3)), (4, 0.4)]
     assert events <= {n for n in _names(run) if n.startswith("tensorboard/")}  # the first run's events kept
+
+
+def test_a_lora_run_exports_a_merged_final_to_object_storage(
+    s3_bucket, self_aligned, gpt2_bl_model, tmp_path
+):
+    """A LoRA checkpoint on the bucket: final/ at the URI is the merged model (no adapter files), loadable."""
+    pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    from alm_pipeline.trainer.driver import _export_final
+
+    local = tmp_path / "lora-run"
+    kw = {"init_from": str(gpt2_bl_model), "steps": 1, "checkpoint_every": 1, "batch_size": 4, "lora_rank": 2}
+    train_local(train_config(self_aligned, local, **kw))
+    run = location(f"{s3_bucket}/runs/lora")
+    checkpoint = ckpt_io.publish_checkpoint(local / "checkpoints" / ckpt_io.checkpoint_name(1), run / "ckpt")
+    assert "adapter_config.json" in _names(checkpoint)  # the case this test is about
+    final = _export_final(checkpoint, run / "final")
+    assert final.uri == f"{run.uri}/final"
+    names = _names(final)
+    assert "model.safetensors" in names and not any(n.startswith("adapter_") for n in names)
+    merged = AutoModelForCausalLM.from_pretrained(ckpt_io.local_checkpoint(final))
+    reference = AutoModelForCausalLM.from_pretrained(local / "final")  # the local run's merged export
+    for (name, a), (_, b) in zip(merged.state_dict().items(), reference.state_dict().items(), strict=True):
+        assert a.equal(b), name
