@@ -20,6 +20,7 @@ from typing import Any, Literal, TypeVar
 
 from alm_pipeline.configs import check_choice, check_int, check_number, check_positive, option
 from alm_pipeline.pipeline.ray_utils import RayConfig
+from alm_pipeline.storage import is_uri
 from alm_pipeline.trainer.loss import DISTANCES, ALMLossConfig, Distance
 
 __all__ = [
@@ -413,7 +414,7 @@ class TrainConfig:
                 student=_absolute(self.student.student),
                 init_from=_absolute(self.student.init_from),
             ),
-            output=str(Path(self.output).resolve()),
+            output=self.output if is_uri(self.output) else str(Path(self.output).resolve()),
         )
 
     def to_dict(self) -> dict:

@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -40,6 +41,7 @@ import torch.distributed as dist
 
 from alm_pipeline.locking import output_lock
 from alm_pipeline.optional import check
+from alm_pipeline.storage import Location, location
 from alm_pipeline.trainer import checkpoint as ckpt_io
 from alm_pipeline.trainer.config import TrainConfig
 from alm_pipeline.trainer.errors import TrainingError
@@ -57,15 +59,15 @@ RUN_FILE = "run.json"
 class TrainResult:
     """What :func:`run_training` / :func:`train_local` return."""
 
-    output: Path
-    final_checkpoint: Path | None  # <output>/final: Hugging Face folder (model + tokenizer)
-    last_checkpoint: Path | None  # <output>/checkpoints/checkpoint-NNNNNN (with optimizer state)
+    output: Path | Location  # a Path for a local output, a Location for a URI (s3://, gs://)
+    final_checkpoint: Path | Location | None  # <output>/final: Hugging Face folder (model + tokenizer)
+    last_checkpoint: Path | Location | None  # <output>/checkpoints/checkpoint-NNNNNN (with optimizer state)
     steps: int  # optimizer steps completed in total
     start_step: int  # step the run started (resumed) from
     final_loss: float | None
     history: list[dict]  # the metric rows of this run (also in <output>/metrics.csv)
     seconds: float
-    metrics_csv: Path | None = None
+    metrics_csv: Path | Location | None = None
     info: dict = field(default_factory=dict)
 
 
@@ -99,14 +101,41 @@ def metric_columns(config: TrainConfig) -> list[str]:
     return cols
 
 
-def _prepare_output(config: TrainConfig, say: Callable[[str], None]) -> Path | None:
+def _output(config: TrainConfig) -> Path | Location:
+    """The run directory: a ``Path`` when local (as before), else its ``Location`` (``s3://...``)."""
+    loc = location(config.output)
+    return loc.local_path if loc.is_local else loc
+
+
+def _remove_tree(folder: Path | Location) -> None:
+    if isinstance(folder, Location):
+        ckpt_io.remove_tree(folder)
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _remove_file(file: Path | Location) -> None:
+    if isinstance(file, Location):
+        file.remove(missing_ok=True)
+    else:
+        file.unlink(missing_ok=True)
+
+
+def _prepare_output(config: TrainConfig, say: Callable[[str], None]) -> Path | Location | None:
     """Check the run directory against resume/overwrite; returns the checkpoint to continue from (or None)."""
-    out = Path(config.output)
+    out = _output(config)
+    if isinstance(
+        out, Location
+    ):  # a missing bucket or unreachable endpoint: said now, not at the first checkpoint
+        try:
+            out.mkdir()
+        except OSError as err:
+            raise TrainingError(f"--output {err}") from None
     if config.checkpoint.overwrite:
         for name in (ckpt_io.CHECKPOINTS_DIR, ckpt_io.FINAL_DIR, "tensorboard"):
-            shutil.rmtree(out / name, ignore_errors=True)
+            _remove_tree(out / name)
         for name in ("metrics.csv", RUN_FILE, FAIL_MARKER):
-            (out / name).unlink(missing_ok=True)
+            _remove_file(out / name)
     ckpts = ckpt_io.list_checkpoints(out)
     damaged = ckpt_io.damaged_checkpoints(out)
     named = "; ".join(f"{path.name}: {problem}" for path, problem in damaged)
@@ -119,7 +148,7 @@ def _prepare_output(config: TrainConfig, say: Callable[[str], None]) -> Path | N
             )
         if not ckpts:
             say(f"--resume: {out} holds no checkpoint yet; starting from step 0")
-            shutil.rmtree(out / ckpt_io.CHECKPOINTS_DIR, ignore_errors=True)
+            _remove_tree(out / ckpt_io.CHECKPOINTS_DIR)
             return None
         step, latest = ckpts[-1]
         if damaged:
@@ -138,8 +167,8 @@ def _prepare_output(config: TrainConfig, say: Callable[[str], None]) -> Path | N
         )
     # leftovers without a complete checkpoint (a run killed before its first one): Ray Train would restore its
     # bookkeeping from them
-    shutil.rmtree(out / ckpt_io.CHECKPOINTS_DIR, ignore_errors=True)
-    (out / FAIL_MARKER).unlink(missing_ok=True)
+    _remove_tree(out / ckpt_io.CHECKPOINTS_DIR)
+    _remove_file(out / FAIL_MARKER)
     return None
 
 
@@ -157,20 +186,22 @@ def _snapshot_names(node: Any) -> set[str]:
     return set()
 
 
-def _forget_missing_checkpoints(out: Path, latest: Path, step: int, say: Callable[[str], None]) -> None:
+def _forget_missing_checkpoints(
+    out: Path | Location, latest: Path | Location, step: int, say: Callable[[str], None]
+) -> None:
     """Ray Train restores its record of the run's checkpoints and fails when one it names is gone (deleted by
     hand): drop that record, so the run resumes from ``latest`` (the newest checkpoint that exists), and say so."""
-    snapshot = out / ckpt_io.CHECKPOINTS_DIR / RAY_SNAPSHOT
+    snapshot = location(out) / ckpt_io.CHECKPOINTS_DIR / RAY_SNAPSHOT
     if not snapshot.exists():
         return
     try:
-        names = _snapshot_names(json.loads(snapshot.read_text()))
+        names = _snapshot_names(json.loads(snapshot.read_bytes()))
     except (OSError, ValueError):
         names = None
     missing = None if names is None else sorted(n for n in names if not (snapshot.parent / n).is_dir())
     if missing == []:
         return
-    snapshot.unlink()
+    snapshot.remove()
     gone = "unreadable" if missing is None else f"naming {', '.join(missing)}, which no longer exist"
     say(
         f"Ray Train's record of the run's checkpoints was {gone}; resuming from {latest.name} (step {step}), the "
@@ -238,10 +269,14 @@ def _cpus_per_worker(config: TrainConfig) -> float:
     return float(max(0.1, min(1.0, (total - 1.0) / config.distributed.num_workers)))
 
 
-def _export_final(last: Path, dest: Path) -> Path:
-    if (last / "adapter_config.json").exists():
-        from alm_pipeline.trainer.student import StudentConfig, load_student, save_student
+def _export_final(last: Path | Location, dest: Path | Location) -> Path | Location:
+    """``<output>/final`` from the latest checkpoint (LoRA merged). On object storage it is built in a local
+    temporary folder (from a download of the checkpoint's model files) and uploaded."""
+    if not (last / "adapter_config.json").exists():
+        return ckpt_io.export_final(last, dest)
+    from alm_pipeline.trainer.student import StudentConfig, load_student, save_student
 
+    if isinstance(last, Path) and isinstance(dest, Path):
         tmp = dest.with_name(f".{dest.name}.merging")
         shutil.rmtree(tmp, ignore_errors=True)
         bundle = load_student(StudentConfig(model=str(last)))
@@ -249,7 +284,13 @@ def _export_final(last: Path, dest: Path) -> Path:
         shutil.rmtree(dest, ignore_errors=True)
         os.replace(tmp, dest)
         return dest
-    return ckpt_io.export_final(last, dest)
+    with tempfile.TemporaryDirectory(prefix="alm-final-") as tmp:
+        source = (
+            last if isinstance(last, Path) else ckpt_io.download_model_folder(last, Path(tmp) / "checkpoint")
+        )
+        bundle = load_student(StudentConfig(model=str(source)))
+        save_student(bundle, Path(tmp) / "final", merge_lora=True)
+        return ckpt_io.publish_folder(Path(tmp) / "final", dest)
 
 
 class _MetricsSink:
@@ -270,6 +311,8 @@ class _MetricsSink:
             wandb = {"project": log.wandb_project, "name": log.wandb_run_name, "config": config.to_dict()}
         self.say = say
         self.info: dict = {}
+        self.every = config.checkpoint.every
+        self.steps = config.optim.steps
         self.logger = MetricsLogger(
             config.output,
             metric_columns(config),
@@ -285,6 +328,9 @@ class _MetricsSink:
     def __call__(self, kind: str, payload: dict) -> None:
         if kind == "row":
             self.logger.log(payload)
+            step = int(payload["step"])
+            if step % self.every == 0 or step >= self.steps:  # a checkpoint is being written: publish with it
+                self.logger.sync()
         elif kind == "info":
             self.info.update(payload)
             if "message" in payload:
@@ -309,7 +355,7 @@ class _MetricsSink:
         self.logger.close()
 
 
-def _recent_metrics(checkpoint: Path | None) -> list[dict]:
+def _recent_metrics(checkpoint: Path | Location | None) -> list[dict]:
     if checkpoint is None:
         return []
     return list(ckpt_io.read_trainer_state(checkpoint).get("recent_metrics") or [])
@@ -322,7 +368,7 @@ def _default_say(message: str) -> None:
 
 
 def _finish(config: TrainConfig, driver: _MetricsSink, start_step: int, t0: float) -> TrainResult:
-    out = Path(config.output)
+    out = _output(config)
     # Ray Train prunes only the checkpoints it knows of (not those of a run resumed without its record)
     ckpt_io.prune_checkpoints(out, config.checkpoint.keep)
     last = ckpt_io.find_latest_checkpoint(out)
@@ -337,7 +383,7 @@ def _finish(config: TrainConfig, driver: _MetricsSink, start_step: int, t0: floa
         final_loss=float(rows[-1]["loss"]) if rows else None,
         history=rows,
         seconds=time.monotonic() - t0,
-        metrics_csv=driver.logger.path,
+        metrics_csv=driver.logger.target,
         info=driver.info,
     )
     run = {
@@ -350,7 +396,7 @@ def _finish(config: TrainConfig, driver: _MetricsSink, start_step: int, t0: floa
         "seconds": round(result.seconds, 2),
         "info": driver.info,
     }
-    (out / RUN_FILE).write_text(json.dumps(run, indent=2, default=str) + "\n")
+    location(out).join(RUN_FILE).write_bytes((json.dumps(run, indent=2, default=str) + "\n").encode())
     return result
 
 
@@ -380,7 +426,7 @@ def _train_here(
     if distributed:
         holder = [str(resume_from) if resume_from else None]
         dist.broadcast_object_list(holder, src=0)
-        resume_from = Path(holder[0]) if holder[0] else None
+        resume_from = holder[0]  # a path or URI
     resume_step = ckpt_io.checkpoint_step(resume_from) if resume_from else 0
     driver = _MetricsSink(config, resume_step, say, _recent_metrics(resume_from)) if rank == 0 else None
     worker = Worker(config, LocalRuntime(config, driver, str(resume_from) if resume_from else None))
@@ -391,7 +437,7 @@ def _train_here(
             driver.close()
     if rank != 0:
         return TrainResult(
-            Path(config.output), None, None, config.optim.steps, summary["start_step"], None, [], 0.0
+            _output(config), None, None, config.optim.steps, summary["start_step"], None, [], 0.0
         )
     return _finish(config, driver, summary["start_step"], t0)
 

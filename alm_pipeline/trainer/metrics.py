@@ -5,6 +5,11 @@ optimizer step). Rows are written as they arrive and flushed, so a killed run ke
 When a run continues from a checkpoint at step ``s`` (``--resume``, or Ray Train restarting failed workers),
 rows after ``s`` are dropped from ``metrics.csv`` and TensorBoard is told to purge them, so every file holds
 one curve without duplicated or stale steps.
+
+A run directory on object storage (``s3://...``): the files are written to a local spool folder (a temporary
+folder; what the run directory already holds is downloaded there first) and uploaded by :meth:`MetricsLogger.sync`
+(the driver calls it after each checkpoint) and at :meth:`MetricsLogger.close`, so the bucket holds every step up
+to the last checkpoint while the run goes on, and all of them at the end.
 """
 
 from __future__ import annotations
@@ -14,11 +19,15 @@ import io
 import logging
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from alm_pipeline.storage import Location, location
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +35,7 @@ __all__ = ["METRICS_FILE", "TENSORBOARD_DIR", "MetricsLogger", "format_duration"
 
 METRICS_FILE = "metrics.csv"
 TENSORBOARD_DIR = "tensorboard"
+WANDB_ID_FILE = "wandb_run_id"
 
 
 def format_duration(seconds: float) -> str:
@@ -129,7 +139,8 @@ class MetricsLogger:
     """Writes metric rows (dicts with at least ``step`` and ``loss``) to the run directory.
 
     Args:
-        run_dir: the run's output directory; ``metrics.csv`` and ``tensorboard/`` go there.
+        run_dir: the run's output directory (a local path or a URI); ``metrics.csv`` and ``tensorboard/`` go
+            there.
         columns: the CSV columns, in order (``step`` first); extra keys in a row are ignored by the CSV (but
             still sent to TensorBoard / W&B), missing ones are left empty.
         total_steps: for the progress display.
@@ -158,10 +169,18 @@ class MetricsLogger:
     ):
         if not columns or columns[0] != "step" or "loss" not in columns:
             raise ValueError("metrics columns must start with 'step' and include 'loss'")
-        self.run_dir = Path(run_dir)
+        target = location(run_dir)
+        # on object storage: a local spool folder, uploaded by sync()
+        self.remote: Location | None = None if target.is_local else target
+        if self.remote is None:
+            self.run_dir = Path(run_dir)
+        else:
+            self.run_dir = Path(tempfile.mkdtemp(prefix="alm-metrics-"))
+            self._download(resume_step or 0, bool(wandb))
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.columns = list(columns)
-        self.path = self.run_dir / METRICS_FILE
+        self.path = self.run_dir / METRICS_FILE  # the file written (in the spool folder for a URI)
+        self.target: Path | Location = self.path if self.remote is None else self.remote / METRICS_FILE
         self.total_steps = total_steps
         self.last_step = resume_step or 0
         self._rows: list[dict] = []
@@ -181,6 +200,47 @@ class MetricsLogger:
         self.callbacks: list[Callable[[dict], None]] = []
 
     # ------------------------------------------------------------------ files
+    def _download(self, resume_step: int, wandb: bool) -> None:
+        """Bring what the remote run directory holds into the spool folder (a resumed run keeps its rows and
+        TensorBoard events; W&B its run id)."""
+        wanted = []
+        if resume_step > 0:
+            wanted += [METRICS_FILE, TENSORBOARD_DIR]
+        if wandb:
+            wanted.append(WANDB_ID_FILE)
+        for name in wanted:
+            src = self.remote / name
+            base = len(src.path.rstrip("/")) + 1
+            for info in src.list(recursive=True) if src.is_dir() else []:
+                if info.is_file:
+                    dest = self.run_dir / name / info.path[base:]
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    dest.write_bytes(src.child(info).read_bytes())
+            if src.is_file():
+                (self.run_dir / name).write_bytes(src.read_bytes())
+
+    def sync(self) -> None:
+        """Upload the spool folder's files to a remote run directory (nothing for a local one): metrics.csv,
+        TensorBoard event files, the W&B run id. A failed upload is logged; the next sync retries."""
+        if self.remote is None:
+            return
+        self._file.flush()
+        if self._tb is not None:
+            self._tb.flush()
+        self._upload()
+
+    def _upload(self) -> None:
+        names = [METRICS_FILE, WANDB_ID_FILE]
+        tb = self.run_dir / TENSORBOARD_DIR
+        if tb.is_dir():
+            names += sorted(p.relative_to(self.run_dir).as_posix() for p in tb.rglob("*") if p.is_file())
+        try:
+            for name in names:
+                if (self.run_dir / name).is_file():
+                    self.remote.join(name).write_bytes((self.run_dir / name).read_bytes())
+        except OSError as err:
+            logger.warning("could not upload the metrics to %s: %s", self.remote, err)
+
     def _open_csv(self, keep_until: int, backfill: Sequence[dict] = ()) -> list[dict]:
         """Rewrite metrics.csv with its rows up to ``keep_until`` (plus backfilled ones); returns the rows that
         were backfilled."""
@@ -228,7 +288,7 @@ class MetricsLogger:
         from alm_pipeline.optional import require
 
         wandb = require("wandb", "W&B logging (--wandb-project)")
-        id_file = self.run_dir / "wandb_run_id"
+        id_file = self.run_dir / WANDB_ID_FILE
         run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
         id_file.write_text(run_id + "\n")
         return wandb.init(
@@ -283,3 +343,6 @@ class MetricsLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+        if self.remote is not None and self.run_dir.exists():
+            self._upload()
+            shutil.rmtree(self.run_dir, ignore_errors=True)

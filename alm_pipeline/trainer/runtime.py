@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from alm_pipeline.cache.aligned import TRAINER_COLUMNS
 from alm_pipeline.cache.store import temporary_sibling
+from alm_pipeline.storage import location
 from alm_pipeline.trainer import checkpoint as ckpt_io
 from alm_pipeline.trainer.config import TrainConfig
 from alm_pipeline.trainer.data import AlignedRows
@@ -184,13 +185,24 @@ class LocalRuntime(Runtime):
         return training_index(self.config)
 
     def resume_candidates(self) -> list[Path]:
-        return [Path(self.resume_from)] if self.resume_from else []
+        return [ckpt_io.local_checkpoint(self.resume_from)] if self.resume_from else []
 
     def emit(self, kind: str, payload: dict) -> None:
         if self.sink is not None:
             self.sink(kind, payload)
 
     def save(self, step: int, metrics: dict, write: Callable[[Path], None]) -> None:
+        output = location(self.config.output)
+        if not output.is_local:  # written to a local temporary folder, then uploaded
+            if self.rank == 0:
+                with tempfile.TemporaryDirectory(prefix="alm-ckpt-") as tmp:
+                    write(Path(tmp))
+                    ckpt_io.publish_checkpoint(
+                        tmp, output / ckpt_io.CHECKPOINTS_DIR / ckpt_io.checkpoint_name(step)
+                    )
+                ckpt_io.prune_checkpoints(output, self.config.checkpoint.keep)
+            self.barrier()
+            return
         root = Path(self.config.output) / ckpt_io.CHECKPOINTS_DIR
         final = root / ckpt_io.checkpoint_name(step)
         if self.rank == 0:
@@ -239,13 +251,15 @@ class RayRuntime(Runtime):
 
         out = []
         ckpt = ray.train.get_checkpoint()
+        remote_path = None
         if ckpt is not None:
             if getattr(ckpt.filesystem, "type_name", "local") == "local":
                 out.append(Path(ckpt.path))  # the checkpoint folder itself
             else:  # cloud storage: download it
+                remote_path = str(ckpt.path).rstrip("/")
                 out.append(Path(ckpt.to_directory(tempfile.mkdtemp(prefix="alm-resume-"))))
-        if self.resume_from:
-            out.append(Path(self.resume_from))
+        if self.resume_from and location(self.resume_from).path.rstrip("/") != remote_path:
+            out.append(ckpt_io.local_checkpoint(self.resume_from))  # a local copy when it is a URI
         return out
 
     def emit(self, kind: str, payload: dict) -> None:

@@ -651,11 +651,13 @@ class Worker:
             if done % cfg.checkpoint.every == 0 or done == cfg.optim.steps:
                 self._save(done, row)
             if cfg.debug.fail_at_step is not None and done == cfg.debug.fail_at_step:
-                marker = Path(cfg.output) / FAIL_MARKER
+                from alm_pipeline.storage import location
+
+                marker = location(cfg.output) / FAIL_MARKER  # a local path or a URI
                 self.rt.barrier()
                 if not marker.exists():
                     if self.rt.rank == 0:
-                        marker.write_text(f"injected failure after step {done}\n")
+                        marker.write_bytes(f"injected failure after step {done}\n".encode())
                     raise RuntimeError(f"injected failure after step {done} (fail_at_step)")
 
 
