@@ -66,6 +66,8 @@ def align_table_per_document(table, teacher_is_special, student, settings, cover
         out["teacher_chunk_boundary_logprob"].append(merged.teacher_chunk_boundary_logprob.tolist())
         out["text_bytes"].append(text_bytes)
         out["covered_bytes"].append(int((merged.byte_end - merged.byte_start).sum()))
+        out["num_tokens"].append(len(enc.token_ids))
+        out["num_chunks"].append(merged.num_groups)
     return pa.table(out, schema=ALIGNED_SCHEMA)
 
 
