@@ -63,7 +63,6 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 from harness import Spread, print_table, run_paired  # noqa: E402
 
@@ -349,35 +348,24 @@ class OnlineTeacher:
         return rows
 
 
-class _StepPlan:
-    """The batch plan of one step's fresh rows: all of them, in order (the epoch still from the real plan)."""
-
-    def __init__(self, size: int, plan):
-        self.size, self.plan = size, plan
-
-    def global_batch(self, step: int) -> np.ndarray:
-        return np.arange(self.size, dtype=np.int64)
-
-    def epoch(self, step: int) -> float:
-        return self.plan.epoch(step)
-
-
 class OnlineWorker(Worker):
-    """The trainer's worker loop, with every step's rows recomputed by the teacher (see the module docstring)."""
+    """The trainer's worker loop, with every step's rows recomputed by the teacher (see the module docstring).
+
+    The trainer's reader still picks the step's documents (and reads their cached rows, which are dropped); the
+    rows trained on are the teacher's fresh ones, in the same order. The step's totals (chunk counts for the
+    loss normalisation) come from the trainer's index, so the fresh rows' chunk counts are written into it
+    (one worker: its slice is the whole batch)."""
 
     def __init__(self, config, runtime, teacher: OnlineTeacher):
         super().__init__(config, runtime)
         self.teacher = teacher
 
-    def _step(self, step: int) -> dict:
-        rows, plan = self.rows, self.plan
-        doc_ids = [str(d) for d in rows.doc_ids[plan.global_batch(step)]]
-        fresh = self.teacher.rows(doc_ids)
-        self.rows, self.plan = fresh, _StepPlan(fresh.num_docs, plan)
-        try:
-            return super()._step(step)
-        finally:
-            self.rows, self.plan = rows, plan
+    def _fetch(self, step: int):
+        batch, rows, skipped = super()._fetch(step)
+        fresh = self.teacher.rows([str(d) for d in rows.doc_ids])
+        (mine,) = self.plan.worker_slices(batch, 1)
+        self.index.chunks[mine] = fresh.num_groups
+        return batch, fresh, skipped
 
 
 def train_online(config, teacher: OnlineTeacher) -> list[dict]:
