@@ -222,6 +222,12 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
+def shard_bytes(path: Path, shards: int) -> int:
+    """A teacher-cache ``shard_size`` (bytes) that cuts the jsonl file ``path`` into ``shards`` slices (each cut
+    moves to the next line start, so every slice holds whole documents)."""
+    return -(-path.stat().st_size // shards)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # corpora
 

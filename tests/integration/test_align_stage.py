@@ -22,7 +22,13 @@ from alm_pipeline.pipeline.align_stage import (
 )
 from alm_pipeline.pipeline.teacher_cache import build_teacher_cache
 from alm_pipeline.storage import location
-from tests.factories import BAD_INPUT_DOCS, lock_held_elsewhere, teacher_cache_config, write_jsonl
+from tests.factories import (
+    BAD_INPUT_DOCS,
+    lock_held_elsewhere,
+    shard_bytes,
+    teacher_cache_config,
+    write_jsonl,
+)
 
 pytestmark = pytest.mark.ray
 
@@ -37,7 +43,9 @@ def cache_dir(ray_local, tmp_path_factory, llama_sp_model):
     root = tmp_path_factory.mktemp("align_stage")
     data = write_jsonl(root / "corpus.jsonl", DOCS)
     build_teacher_cache(
-        teacher_cache_config(llama_sp_model, data, root / "cache", max_length=64, shard_size=4)
+        teacher_cache_config(
+            llama_sp_model, data, root / "cache", max_length=64, shard_size=shard_bytes(data, 2)
+        )
     )
     return root / "cache"
 

@@ -22,7 +22,7 @@ from alm_pipeline.pipeline.engine_vllm import (
 )
 from alm_pipeline.pipeline.ray_utils import RayConfig
 from alm_pipeline.pipeline.teacher_cache import TeacherCacheConfig, TeacherCacheError, build_teacher_cache
-from tests.factories import BAD_INPUT_DOCS, HAVE_VLLM, cache_rows, needs_vllm
+from tests.factories import BAD_INPUT_DOCS, HAVE_VLLM, cache_rows, needs_vllm, shard_bytes
 
 TOL = 1e-4  # vllm vs hf, fp32, same model (measured: ~2e-5)
 
@@ -90,7 +90,7 @@ def test_cache_with_vllm_equals_hf_and_a_resumed_run_equals_an_uninterrupted_one
             output=str(out),
             engine=engine,
             max_length=MAX_LENGTH,
-            shard_size=3,
+            shard_size=shard_bytes(data, 3),
             batch_tokens=512,
             ray=RayConfig(num_cpus=2),
         )
@@ -114,8 +114,8 @@ def test_cache_with_vllm_equals_hf_and_a_resumed_run_equals_an_uninterrupted_one
     resumed = tmp_path / "resumed"
     shutil.copytree(tmp_path / "vllm", resumed)
     for k in (1, 2):
-        store.shard_path(resumed, k).unlink()
-        store.marker_path(resumed, k).unlink()
+        store.shard_path(resumed, k).remove(missing_ok=False)
+        store.marker_path(resumed, k).remove(missing_ok=False)
     manifest["state"] = "in_progress"
     (resumed / "manifest.json").write_text(json.dumps(manifest))
     cmd = [sys.executable, "-m", "alm_pipeline.cli.main", "teacher-cache", "--engine", "vllm"]
@@ -129,7 +129,7 @@ def test_cache_with_vllm_equals_hf_and_a_resumed_run_equals_an_uninterrupted_one
         "--output",
         str(resumed),
     ]
-    cmd += ["--max-length", str(MAX_LENGTH), "--shard-size", "3", "--batch-tokens", "512", "--num-cpus", "2"]
+    cmd += ["--max-length", str(MAX_LENGTH), "--shard-size", str(shard_bytes(data, 3)), "--batch-tokens", "512", "--num-cpus", "2"]
     proc = subprocess.run(
         cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "RAY_ADDRESS": ""}
     )

@@ -19,7 +19,14 @@ from alm_pipeline.evaluation.bits_per_byte import cache_bits_per_byte
 from alm_pipeline.evaluation.models import EvalError, load_eval_model
 from alm_pipeline.evaluation.run import EvalConfig, run_evaluation
 from tests import factories
-from tests.factories import EVAL_LONG_TEXT, EVAL_TEXTS, png_size, teacher_cache_config, write_texts
+from tests.factories import (
+    EVAL_LONG_TEXT,
+    EVAL_TEXTS,
+    png_size,
+    shard_bytes,
+    teacher_cache_config,
+    write_texts,
+)
 
 MAX_LENGTH = 48
 
@@ -42,7 +49,7 @@ def teacher_cache(ray_local, tmp_path_factory, llama_sp_model):
             root / "cache",
             id_field=None,
             max_length=MAX_LENGTH,
-            shard_size=3,
+            shard_size=shard_bytes(data, 3),
             batch_tokens=128,
         )
     )

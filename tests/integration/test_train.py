@@ -24,7 +24,7 @@ from alm_pipeline.trainer.config import (
 from alm_pipeline.trainer.driver import RAY_SNAPSHOT, run_training, train_local
 from alm_pipeline.trainer.errors import TrainingError
 from alm_pipeline.trainer.metrics import read_metrics_csv
-from tests.factories import corpus_texts, losses, train_config, write_aligned_set
+from tests.factories import corpus_texts, losses, shard_bytes, train_config, write_aligned_set
 
 
 @pytest.mark.ray
@@ -159,7 +159,7 @@ def test_stream_from_cache_bytes_student_restarts_after_failure(ray_local, gpt2_
             corpus=CorpusConfig(path=str(data), id_field="id"),
             output=str(tmp_path / "cache"),
             max_length=48,
-            shard_size=8,
+            shard_size=shard_bytes(data, 2),
             ray=RayConfig(num_cpus=2),
         )
     )
