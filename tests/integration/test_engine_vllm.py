@@ -129,7 +129,16 @@ def test_cache_with_vllm_equals_hf_and_a_resumed_run_equals_an_uninterrupted_one
         "--output",
         str(resumed),
     ]
-    cmd += ["--max-length", str(MAX_LENGTH), "--shard-size", str(shard_bytes(data, 3)), "--batch-tokens", "512", "--num-cpus", "2"]
+    cmd += [
+        "--max-length",
+        str(MAX_LENGTH),
+        "--shard-size",
+        str(shard_bytes(data, 3)),
+        "--batch-tokens",
+        "512",
+        "--num-cpus",
+        "2",
+    ]
     proc = subprocess.run(
         cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "RAY_ADDRESS": ""}
     )
