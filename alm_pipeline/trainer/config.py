@@ -81,6 +81,12 @@ class DataConfig:
         512, "Per worker: MiB of decoded row groups kept in memory (least recently used dropped first)"
     )
     prefetch_steps: int = option(2, "Per worker: steps of documents read ahead by a background thread")
+    verify: bool = option(
+        False,
+        "Check every shard's SHA-256 of the aligned set (or cache) before training (parallel Ray tasks; reads "
+        "the whole set); without it, shards are checked by marker and size, and each worker checks the "
+        "row groups it reads",
+    )
 
     def __post_init__(self) -> None:
         if (self.aligned is None) == (self.cache is None):

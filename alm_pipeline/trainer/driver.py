@@ -231,6 +231,8 @@ def _check_source(config: TrainConfig) -> dict:
 
         try:
             aligned = open_aligned_set(config.data.aligned, verify=True)
+            if config.data.verify:
+                aligned.verify_checksums(config.distributed.ray)
         except (CacheIntegrityError, FileNotFoundError, ValueError) as err:
             raise TrainingError(f"--aligned {err}") from None
         try:
@@ -253,7 +255,9 @@ def _check_source(config: TrainConfig) -> dict:
     except (TokenizerMismatchError, OSError, ValueError) as err:
         raise TrainingError(f"--student-tokenizer {tok}: cannot load it ({err})") from None
     try:
-        open_cache(config.data.cache, verify=False)
+        cache = open_cache(config.data.cache, verify=True)
+        if config.data.verify:
+            cache.verify_checksums(config.distributed.ray)
     except (CacheIntegrityError, FileNotFoundError, ValueError) as err:
         raise TrainingError(f"--cache {err}") from None
     return {"kind": "stream"}
