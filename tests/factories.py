@@ -223,9 +223,16 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 
 
 def shard_bytes(path: Path, shards: int) -> int:
-    """A teacher-cache ``shard_size`` (bytes) that cuts the jsonl file ``path`` into ``shards`` slices (each cut
-    moves to the next line start, so every slice holds whole documents)."""
-    return -(-path.stat().st_size // shards)
+    """The largest teacher-cache ``shard_size`` (bytes) that cuts the jsonl file ``path`` into exactly ``shards``
+    slices (each cut moves to the next line start, so every slice holds whole documents), found with the
+    stage's own planner."""
+    from alm_pipeline.pipeline.corpus import CorpusConfig, list_corpus, plan_shards
+
+    listing = list_corpus(CorpusConfig(path=str(path)))
+    for budget in range(-(-path.stat().st_size // shards), 0, -1):
+        if sum(1 for _ in plan_shards(listing, budget)) == shards:
+            return budget
+    raise ValueError(f"{path}: no shard size cuts it into {shards} slices")
 
 
 # ----------------------------------------------------------------------------------------------------------

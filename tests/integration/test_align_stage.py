@@ -192,7 +192,8 @@ def test_align_from_s3_to_s3_reads_the_same_rows_as_local(cache_dir, tmp_path, s
     assert _rows(remote.path) == _rows(local.path)
     aligned = open_aligned_set(remote.path)
     assert aligned.manifest["cache"]["path"] == cache_uri
-    assert aligned.tokenizer_dir.join("tokenizer_config.json").exists()
+    assert location(remote.path).join("tokenizer", "tokenizer_config.json").exists()
+    assert (aligned.tokenizer_dir / "tokenizer_config.json").is_file()  # a local copy for from_pretrained
     aligned.check_cache()  # the cache it names, by URI, is unchanged
     (again,) = _align(cache_uri, f"{s3_bucket}/aligned", ["bytes"])
     assert again.shards_written == 0 and again.shards_reused == remote.shards_written

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from alm_pipeline.cache import open_cache
+from alm_pipeline.cache import open_cache, store
 from alm_pipeline.cache.store import CacheIntegrityError
 from alm_pipeline.pipeline.byteview import load_byte_view
 from alm_pipeline.pipeline.teacher_cache import TeacherCacheConfig, TeacherCacheError, build_teacher_cache
@@ -112,11 +112,11 @@ def test_relative_then_absolute_paths_resume_and_skipped_files_are_reported(
 def test_corrupted_shard_and_wrong_version_are_refused(ray_local, tmp_path, gpt2_bl_model):
     data = write_jsonl(tmp_path / "c.jsonl", BAD_INPUT_DOCS[:5])
     build_teacher_cache(_config(gpt2_bl_model, data, tmp_path / "cache"))
-    shard = tmp_path / "cache" / "shards" / "shard-00000.parquet"
+    shard = tmp_path / "cache" / "shards" / store.shard_name(0)
     blob = bytearray(shard.read_bytes())
     blob[len(blob) // 2] ^= 0xFF
     shard.write_bytes(bytes(blob))
-    with pytest.raises(CacheIntegrityError, match="shard-00000.parquet: checksum"):
+    with pytest.raises(CacheIntegrityError, match=f"{store.shard_name(0)}: checksum"):
         open_cache(tmp_path / "cache")
     manifest_file = tmp_path / "cache" / "manifest.json"
     manifest = json.loads(manifest_file.read_text())
@@ -320,7 +320,7 @@ def test_resume_after_kill_gives_identical_cache(ray_local, tmp_path, assets_dir
         np.testing.assert_array_equal(np.array(a["boundary_logprob"]), np.array(b["boundary_logprob"]))
     assert not (out / "_staging").exists()
     # parquet files are readable by plain pyarrow with the documented columns
-    table = pq.read_table(out / "shards" / "shard-00000.parquet")
+    table = pq.read_table(out / "shards" / store.shard_name(0))
     assert table.column_names == [
         "doc_id",
         "text",
