@@ -123,7 +123,7 @@ def main() -> None:
     from tests.s3server import in_env, start_s3_server
 
     work = Path(tempfile.mkdtemp(prefix="bench-storage-"))
-    teacher = random_llama(resolve_model("gpt2"), work / "teacher", args.size)
+    teacher = random_llama(resolve_model("gpt2-tokenizer"), work / "teacher", args.size)
     corpus = _corpus(work / "corpus.jsonl", args.docs)
     server = start_s3_server(work / "seaweedfs")
     try:
