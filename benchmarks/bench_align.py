@@ -31,7 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pyarrow as pa  # noqa: E402
-from harness import print_table, run_paired  # noqa: E402
+from harness import print_table, run_paired, shard_bytes_for  # noqa: E402
 from models import random_llama  # noqa: E402
 
 from alm_pipeline.assets import bundled_corpus_path, is_installed, resolve_model  # noqa: E402
@@ -79,7 +79,7 @@ def main() -> None:
             corpus=CorpusConfig(path=bundled_corpus_path(), limit=args.docs),
             output=str(cache_dir),
             max_length=args.max_length,
-            shard_size=128,
+            shard_size=shard_bytes_for(bundled_corpus_path(), 128, args.docs),
             batch_tokens=16384,
             num_cpus_per_actor=1.5,
         )

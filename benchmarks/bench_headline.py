@@ -64,7 +64,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pyarrow as pa  # noqa: E402
-from harness import Spread, print_table, run_paired  # noqa: E402
+from harness import Spread, print_table, run_paired, shard_bytes_for  # noqa: E402
 
 from alm_pipeline.trainer.data import AlignedRows  # noqa: E402
 from alm_pipeline.trainer.worker import Worker  # noqa: E402
@@ -256,7 +256,7 @@ def run_cached(setup: Setup, out: Path) -> dict:
             corpus=CorpusConfig(path=str(setup.corpus), id_field="id"),
             output=str(out / "cache"),
             max_length=a.max_length,
-            shard_size=a.shard_size,
+            shard_size=shard_bytes_for(str(setup.corpus), a.shard_docs),
             batch_tokens=a.batch_tokens,
             num_cpus_per_actor=a.threads,
             ray=ray,
@@ -526,7 +526,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--epochs", type=int, default=1, help="documents = steps × batch size ÷ epochs")
     ap.add_argument("--doc-bytes", type=int, default=600)
     ap.add_argument("--max-length", type=int, default=256, help="teacher tokens per document")
-    ap.add_argument("--shard-size", type=int, default=32)
+    ap.add_argument("--shard-docs", type=int, default=32, help="about this many documents per cache shard")
     ap.add_argument("--batch-tokens", type=int, default=8192, help="teacher padded tokens per forward pass")
     ap.add_argument("--micro-batch-tokens", type=int, default=4096)
     ap.add_argument("--gamma", type=float, default=0.1)

@@ -33,7 +33,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
-from harness import print_table, run_paired  # noqa: E402
+from harness import planned_shard_docs, print_table, run_paired, shard_bytes_for  # noqa: E402
 from models import random_llama  # noqa: E402
 
 from alm_pipeline.assets import bundled_corpus_path, resolve_model  # noqa: E402
@@ -117,7 +117,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--docs", type=int, default=32)
     ap.add_argument("--max-length", type=int, default=256)
-    ap.add_argument("--shard-size", type=int, default=4)
+    ap.add_argument("--shard-docs", type=int, default=4, help="about this many documents per shard")
     ap.add_argument("--batch-tokens", type=int, default=2048)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument(
@@ -136,6 +136,7 @@ def main() -> None:
     t0 = time.perf_counter()
     ensure_ray(RayConfig())
     ray_start = time.perf_counter() - t0
+    shard_size = shard_bytes_for(str(corpus), args.shard_docs)
     threads = max(1, round(args.actor_cpus))  # the scoring actor's torch threads (see engine_hf)
 
     rows = []
@@ -149,13 +150,16 @@ def main() -> None:
         view = load_byte_view(model)
         texts = [json.loads(line)["text"] for line in lines]
         seqs = [view.encode(t, max_length=args.max_length).token_ids for t in texts]
-        shards = [seqs[i : i + args.shard_size] for i in range(0, len(seqs), args.shard_size)]
+        shards, start = [], 0
+        for n in planned_shard_docs(str(corpus), shard_size):  # the stage's own cuts, for both sides
+            shards.append(seqs[start : start + n])
+            start += n
         config = TeacherCacheConfig(
             teacher=model,
             corpus=CorpusConfig(path=str(corpus)),
             output=str(work / f"cache_{name}"),
             max_length=args.max_length,
-            shard_size=args.shard_size,
+            shard_size=shard_size,
             batch_tokens=args.batch_tokens,
             num_cpus_per_actor=args.actor_cpus,
         )
@@ -187,7 +191,7 @@ def main() -> None:
         )
 
         out = Path(config.output)  # the last pipeline run's cache
-        size_tables[f"{name}, {len(shards)} shards of {args.shard_size} docs"] = (
+        size_tables[f"{name}, {len(shards)} shards of ~{args.shard_docs} docs"] = (
             column_bytes(out),
             pipe[-1]["tokens"],
         )
@@ -206,7 +210,7 @@ def main() -> None:
                 corpus=CorpusConfig(path=str(big)),
                 output=str(out),
                 max_length=args.max_length,
-                shard_size=args.size_docs,
+                shard_size=big.stat().st_size + 1,
                 num_cpus_per_actor=args.actor_cpus,
             )
         )

@@ -102,7 +102,7 @@ def build_cache_and_aligned(args, work: Path, say) -> tuple[Path, Path]:
             corpus=CorpusConfig(path=str(work / "train.jsonl")),
             output=str(cache),
             max_length=args.teacher_max_length,
-            shard_size=256,
+            shard_size=1 << 20,  # bytes of corpus per shard
             num_cpus_per_actor=1.5,
         ),
         progress=say,

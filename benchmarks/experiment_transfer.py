@@ -160,7 +160,7 @@ def prepare(args) -> None:
                 corpus=CorpusConfig(path=str(corpus / f"{part}.jsonl")),
                 output=str(work / f"cache-{part}"),
                 max_length=args.teacher_max_length,
-                shard_size=256,
+                shard_size=1 << 20,  # bytes of corpus per shard
                 num_cpus_per_actor=args.cpus_per_actor,
             ),
             progress=say,

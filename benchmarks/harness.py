@@ -106,3 +106,25 @@ def print_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], title: st
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for row in cells[1:]:
         print(line(row))
+
+
+def shard_bytes_for(path: str, docs_per_shard: int, docs: int | None = None) -> int:
+    """A teacher-cache ``shard_size`` (bytes) giving about ``docs_per_shard`` documents per shard of the jsonl
+    file ``path`` (its first ``docs`` lines, when given): the mean line length times the count."""
+    with open(path, "rb") as f:
+        lines = f.read().splitlines()
+    lines = lines[:docs] if docs is not None else lines
+    mean = sum(len(line) + 1 for line in lines) / max(1, len(lines))
+    return max(1, round(mean * docs_per_shard))
+
+
+def planned_shard_docs(path: str, shard_size: int) -> list[int]:
+    """How many documents each shard of the teacher-cache stage holds for the jsonl file ``path`` cut at
+    ``shard_size`` bytes (the stage's own planner and reader), so a baseline can batch the same documents."""
+    from alm_pipeline.pipeline.corpus import CorpusConfig, CorpusStats, list_corpus, plan_shards, read_shard
+
+    config = CorpusConfig(path=path)
+    return [
+        sum(1 for _ in read_shard(entry, config, CorpusStats()))
+        for entry in plan_shards(list_corpus(config), shard_size)
+    ]

@@ -58,10 +58,11 @@ def teacher_cache(config: TeacherCacheConfig) -> None:
     """
     from alm_pipeline.locking import OutputError
     from alm_pipeline.pipeline.teacher_cache import TeacherCacheError, build_teacher_cache
+    from alm_pipeline.storage import StorageError
 
     try:
         summary = build_teacher_cache(config, progress=say)
-    except (TeacherCacheError, OutputError, ValueError, FileNotFoundError) as err:
+    except (TeacherCacheError, OutputError, StorageError, ValueError, FileNotFoundError) as err:
         fail(str(err))
     say(
         f"done: {summary.docs} documents, {summary.tokens} tokens in {summary.shards_total} shards "

@@ -29,6 +29,7 @@ def train(config: TrainConfig) -> None:
     """
     from alm_pipeline.locking import OutputError
     from alm_pipeline.optional import MissingDependencyError
+    from alm_pipeline.storage import StorageError
     from alm_pipeline.trainer.checkpoint import CheckpointError
     from alm_pipeline.trainer.driver import run_training
     from alm_pipeline.trainer.errors import TrainingError
@@ -40,6 +41,7 @@ def train(config: TrainConfig) -> None:
         OutputError,
         CheckpointError,
         MissingDependencyError,
+        StorageError,
         NotImplementedError,
         ValueError,
         FileNotFoundError,

@@ -57,8 +57,13 @@ def _shard_uris(dataset) -> tuple[list[str], list[str], list[int]]:
     from alm_pipeline.storage import location
 
     root = location(dataset.root)
-    shards = dataset.shards
-    return [(root / s.file).uri for s in shards], [s.sha256 for s in shards], [s.rows for s in shards]
+    index = dataset.shard_index  # columnar: no per-shard stats objects (seconds at 10^5 shards)
+    files = index.column("file").to_pylist()
+    return (
+        [(root / f).uri for f in files],
+        index.column("sha256").to_pylist(),
+        index.column("rows").to_pylist(),
+    )
 
 
 def training_index(config: TrainConfig) -> TrainIndex:

@@ -214,3 +214,40 @@ def test_stream_reader_aligns_only_the_cache_shards_of_its_documents(
 def _aligned_file(table, path) -> str:
     pq.write_table(table, path)
     return str(path)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_stream_reader_reads_16_bit_log_probs_as_fp32(
+    gpt2_bl_model, teacher_table, tokenizer_dirs, tmp_path, dtype
+):
+    """train --cache on a cache written with --logprob-dtype float16/bfloat16: the aligned chunk log-probs equal
+    those of the same rows rounded to 16 bits and read back as fp32 (bfloat16 is stored as its raw uint16 bits,
+    which must never reach the alignment as numbers)."""
+    from alm_pipeline.cache.teacher import TeacherCache, decode_logprobs, encode_logprobs
+    from alm_pipeline.pipeline.align_stage import AlignSettings, align_table
+    from alm_pipeline.pipeline.byteview import load_byte_view
+    from alm_pipeline.trainer.index import index_cache
+    from alm_pipeline.trainer.reader import CacheBlockReader
+
+    teacher = load_byte_view(gpt2_bl_model)
+    student = load_byte_view(str(tokenizer_dirs["byte_level_small"]))
+    table = teacher_table.slice(0, 6)
+    if "truncated" not in table.column_names:
+        table = table.append_column("truncated", pa.array([False] * 6))
+    info = TeacherCache.write_shard(tmp_path, 0, table, stats={}, logprob_dtype=dtype)
+    stored = pq.read_schema(tmp_path / info.file).field("logprob").type.value_type
+    assert not pa.types.is_float32(stored)  # the case under test: 16-bit values on disk
+
+    def align(t):
+        return align_table(t, teacher.is_special, student, AlignSettings())
+
+    reader = CacheBlockReader(index_cache([str(tmp_path / info.file)], [6]), align, need_groups=True)
+    rows = reader.rows(np.arange(6))
+    expected = read_aligned_rows(
+        [_aligned_file(align(decode_logprobs(encode_logprobs(table, dtype))), tmp_path / "ref.parquet")]
+    )
+    assert rows.num_docs == expected.num_docs > 0
+    assert rows.doc_ids.tolist() == expected.doc_ids.tolist()
+    assert np.all(rows.grp_logprob <= 0) and np.all(rows.grp_boundary <= 0)
+    np.testing.assert_allclose(rows.grp_logprob, expected.grp_logprob, rtol=1e-6)
+    np.testing.assert_allclose(rows.grp_boundary, expected.grp_boundary, rtol=1e-6)
