@@ -188,7 +188,7 @@ class Location:
     # ------------------------------------------------------------------ reading
     def read_bytes(self) -> bytes:
         try:
-            with self.fs.open_input_stream(self.path) as f:
+            with self.fs.open_input_stream(self.path, compression=None) as f:
                 return f.read()
         except FileNotFoundError:
             raise FileNotFoundError(f"{self.uri}: no such file") from None
@@ -223,7 +223,9 @@ class Location:
             _atomic_local_write(Path(self.path), data)
             return
         try:
-            with self.fs.open_output_stream(self.path) as f:  # one PUT: the object appears when complete
+            with self.fs.open_output_stream(
+                self.path, compression=None
+            ) as f:  # one PUT: the object appears when complete
                 f.write(data)
         except OSError as err:
             raise _storage_error(self, "write", err) from None

@@ -126,7 +126,7 @@ def sha256_file(path: str | os.PathLike[str] | Location) -> str:
     loc = location(path)
     h = hashlib.sha256()
     try:
-        with loc.fs.open_input_stream(loc.path) as f:
+        with loc.fs.open_input_stream(loc.path, compression=None) as f:
             while block := f.read(1 << 22):
                 h.update(block)
     except FileNotFoundError:

@@ -531,7 +531,9 @@ class _ShardReader:
 
         start, stop = self.entry.start, self.entry.stop
         if self.entry.kind == "jsonl.gz":
-            stream = pa.CompressedInputStream(self.loc.fs.open_input_stream(self.loc.path), "gzip")
+            stream = pa.CompressedInputStream(
+                self.loc.fs.open_input_stream(self.loc.path, compression=None), "gzip"
+            )
         else:
             stream = self.loc.open_input_file()
         with stream:

@@ -20,6 +20,25 @@ def test_unknown_scheme_refused_naming_the_uri(uri):
         location(uri)
 
 
+def test_files_named_gz_are_bytes_as_they_are_on_every_backend(tmp_path, s3_bucket):
+    """pyarrow guesses a compression from a ``.gz`` name unless told not to: reads, writes and checksums of
+    such files must see the stored bytes (a downloaded ``.tar.gz``'s digest; a ``.jsonl.gz`` corpus is unzipped
+    by its reader, once)."""
+    import gzip
+    import hashlib
+
+    from alm_pipeline.cache.store import sha256_file
+
+    data = gzip.compress(b"some text\n" * 100)
+    (tmp_path / "a.tar.gz").write_bytes(data)
+    for root in (location(str(tmp_path)), location(f"{s3_bucket}/gz")):
+        (root / "b.tar.gz").write_bytes(data)
+        assert (root / "b.tar.gz").size() == len(data)
+        assert (root / "b.tar.gz").read_bytes() == data
+        assert sha256_file(root / "b.tar.gz") == hashlib.sha256(data).hexdigest()
+    assert sha256_file(tmp_path / "a.tar.gz") == hashlib.sha256(data).hexdigest()
+
+
 def test_s3_round_trip_and_no_local_folder(s3_bucket, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     root = location(f"{s3_bucket}/data/set")

@@ -47,6 +47,16 @@ def test_jsonl_parquet_and_saved_dataset_agree(tmp_path):
     assert results[0] == results[1] == results[2] == [(r["id"], r["text"]) for r in records]
 
 
+def test_a_gzipped_jsonl_corpus_reads_as_the_plain_one(tmp_path):
+    import gzip
+
+    records = [{"id": f"d{i}", "text": f"document number {i}"} for i in range(5)]
+    plain = _jsonl(tmp_path / "c.jsonl", records)
+    (tmp_path / "c.jsonl.gz").write_bytes(gzip.compress(plain.read_bytes()))
+    got = [(d.doc_id, d.text) for d in _docs(tmp_path / "c.jsonl.gz", id_field="id")[0]]
+    assert got == [(r["id"], r["text"]) for r in records]
+
+
 def test_empty_and_whitespace_documents_are_skipped_and_counted(tmp_path):
     path = _jsonl(tmp_path / "c.jsonl", [{"text": "a"}, {"text": ""}, {"text": " \n\t "}, {"text": "b"}])
     docs, stats = _docs(path)
