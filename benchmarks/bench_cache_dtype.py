@@ -14,7 +14,10 @@ computed for two students, the same for every dtype:
 The table gives the loss at each dtype and its difference to float32, plus the largest change of a teacher
 chunk log-likelihood C_T (or, when a rounded σ moved a γ-merged chunk's end, how many documents' chunks moved).
 
-    python benchmarks/bench_cache_dtype.py [--docs 48] [--max-length 256]
+Each dtype is also written with ``--derive-text`` (no ``text``/``offsets`` columns; checked to read back
+exactly), and reading + aligning the bfloat16 shard is timed both ways (paired rounds).
+
+    python benchmarks/bench_cache_dtype.py [--docs 48] [--max-length 256] [--reps 7]
 """
 
 from __future__ import annotations
@@ -32,10 +35,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
-from harness import print_table  # noqa: E402
+from harness import print_table, run_paired  # noqa: E402
 
 from alm_pipeline.assets import bundled_corpus_path, resolve_model  # noqa: E402
 from alm_pipeline.cache.teacher import CACHE_SCHEMA, LOGPROB_DTYPES, TeacherCache  # noqa: E402
+from alm_pipeline.cache.token_bytes import write_token_bytes  # noqa: E402
 from alm_pipeline.pipeline.align_stage import AlignSettings, align_table  # noqa: E402
 from alm_pipeline.pipeline.byteview import load_byte_view  # noqa: E402
 from alm_pipeline.pipeline.engine_hf import HFEngineConfig, HFTeacherEngine  # noqa: E402
@@ -105,6 +109,7 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=48)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--teacher", default="smollm2-135m")
+    parser.add_argument("--reps", type=int, default=7, help="rounds of the read + align timing")
     args = parser.parse_args()
     teacher = resolve_model(args.teacher)
     table = teacher_rows(teacher, args.docs, args.max_length)
@@ -113,13 +118,38 @@ def main() -> None:
     config = ALMLossConfig()
 
     with tempfile.TemporaryDirectory(prefix="bench-dtype-") as tmp:
-        aligned_at, sizes = {}, {}
+        aligned_at, sizes, compact_sizes = {}, {}, {}
         for dtype in LOGPROB_DTYPES:
             info = TeacherCache.write_shard(Path(tmp) / dtype, 0, table, stats={}, logprob_dtype=dtype)
             sizes[dtype] = info.bytes / info.tokens
             back = TeacherCache.read_shard_entry(Path(tmp) / dtype, info)
             aligned_at[dtype] = align_table(back, view.is_special, view, settings)
+            # --derive-text: the same rows without text and offsets (derived again when read)
+            compact_root = Path(tmp) / f"{dtype}-compact"
+            write_token_bytes(compact_root, view.token_bytes)
+            compact = TeacherCache.write_shard(
+                compact_root, 0, table, stats={}, logprob_dtype=dtype, derive_text=True
+            )
+            compact_sizes[dtype] = compact.bytes / compact.tokens
+            again = TeacherCache.read_shard_entry(compact_root, compact)
+            assert again.drop_columns(["logprob"]).equals(back.drop_columns(["logprob"])), (
+                "reads back exactly"
+            )
+            lp = [t["logprob"].combine_chunks().values.to_numpy(zero_copy_only=False) for t in (again, back)]
+            assert np.array_equal(*lp, equal_nan=True), "reads back exactly"
         tokens = info.tokens
+
+        def read_align(root: Path, entry) -> None:
+            align_table(TeacherCache.read_shard_entry(root, entry), view.is_special, view, settings)
+
+        runs = run_paired(
+            {
+                "stored": lambda: read_align(Path(tmp) / "bfloat16", info),
+                "derived": lambda: read_align(Path(tmp) / "bfloat16-compact", compact),
+            },
+            reps=args.reps,
+            warmup=1,
+        )
 
     boundary = np.zeros(view.vocab_size, dtype=bool)
     boundary[view.boundary_token_ids()] = True
@@ -157,7 +187,7 @@ def main() -> None:
             )
         )
         delta = f"{np.abs(c - c_ref).max():.2e}" if same else f"({moved} docs' chunks moved)"
-        row = [dtype, f"{sizes[dtype]:.2f}", delta]
+        row = [dtype, f"{sizes[dtype]:.2f}", f"{compact_sizes[dtype]:.2f}", delta]
         for name in students:
             loss, ref = losses[name, dtype], losses[name, "float32"]
             row += [
@@ -165,7 +195,7 @@ def main() -> None:
                 f"{loss - ref:+.2e}" + (f" ({(loss - ref) / ref:+.2%})" if ref > 1e-3 else ""),
             ]
         rows.append(row)
-    columns = ["logprob dtype", "bytes/token", "max |ΔC_T|"]
+    columns = ["logprob dtype", "bytes/token", "bytes/token, --derive-text", "max |ΔC_T|"]
     for name in students:
         columns += [f"ALM loss, {name}", f"Δ vs float32, {name}"]
     print_table(
@@ -173,6 +203,18 @@ def main() -> None:
         rows,
         title=f"{args.docs} documents, {tokens} teacher tokens ({args.teacher}, max length {args.max_length}); "
         f"python {sys.version.split()[0]}, torch {torch.__version__}",
+    )
+    print_table(
+        ["read + align one bfloat16 shard", "seconds", "÷ stored"],
+        [
+            ["text and offsets stored", runs.spread("stored").format(".3f"), "1"],
+            [
+                "--derive-text",
+                runs.spread("derived").format(".3f"),
+                runs.ratio("derived", "stored").format(".2f"),
+            ],
+        ],
+        title=f"paired, alternating order, {args.reps} rounds after 1 warm-up; median [min-max]",
     )
 
 

@@ -174,10 +174,15 @@ class ShardedDataset:
                 raise store.CacheIntegrityError(
                     f"{path}: {source.size()} bytes, the manifest says {info.bytes} (replaced or truncated shard)"
                 )
-            table = cls.decode(pq.ParquetFile(source).read(columns=columns))
+            table = cls.read_stored(pq.ParquetFile(source), columns, path)
         if columns is None:
             check_schema(table.schema, cls.schema, str(path))
         return table
+
+    @classmethod
+    def read_stored(cls, parquet: pq.ParquetFile, columns: list[str] | None, path: Location) -> pa.Table:
+        """``columns`` (all when None) of the open shard ``path`` (``ROOT/shards/NAME``), as readers get them."""
+        return cls.decode(parquet.read(columns=columns))
 
     @classmethod
     def decode(cls, table: pa.Table) -> pa.Table:

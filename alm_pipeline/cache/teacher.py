@@ -26,6 +26,10 @@ truncated          bool                  the document was longer than ``max_leng
 =================  ====================  =====================================================================
 
 (†) as read; stored at ``logprob_dtype``.
+
+A compact cache (``--derive-text``, manifest ``"text": "derived"``) stores neither ``text`` nor ``offsets`` but a
+``text_bytes`` int32 per row and the teacher's token bytes once (``token_bytes.parquet``); readers get both
+columns back exactly (:mod:`alm_pipeline.cache.token_bytes`).
 """
 
 from __future__ import annotations
@@ -37,10 +41,19 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from alm_pipeline.cache import store
 from alm_pipeline.cache.dataset import PathLike, ShardedDataset
-from alm_pipeline.storage import location
+from alm_pipeline.cache.token_bytes import (
+    DERIVED_COLUMNS,
+    TEXT_BYTES_COLUMN,
+    TOKEN_BYTES_FILE,
+    add_derived_columns,
+    drop_derived_columns,
+    load_token_table,
+)
+from alm_pipeline.storage import Location, location
 
 FORMAT_VERSION = 2
 CACHE_KIND = "alm-teacher-cache"
@@ -64,8 +77,9 @@ LOGPROB_DTYPES = ("float32", "float16", "bfloat16")
 _DTYPE_KEY = b"alm.dtype"
 
 
-def cache_schema(logprob_dtype: str = "float32") -> pa.Schema:
-    """The schema cache shards are stored with at ``logprob_dtype`` (ℓ and σ columns differ)."""
+def cache_schema(logprob_dtype: str = "float32", derive_text: bool = False) -> pa.Schema:
+    """The schema cache shards are stored with at ``logprob_dtype`` (ℓ and σ columns differ), without ``text``
+    and ``offsets`` but with ``text_bytes`` when ``derive_text``."""
     if logprob_dtype not in LOGPROB_DTYPES:
         raise ValueError(f"logprob dtype {logprob_dtype!r}: use one of {', '.join(LOGPROB_DTYPES)}")
     fields = []
@@ -74,7 +88,10 @@ def cache_schema(logprob_dtype: str = "float32") -> pa.Schema:
             f = pa.field(f.name, pa.list_(pa.float16()), nullable=False)
         elif f.name in LOGPROB_COLUMNS and logprob_dtype == "bfloat16":
             f = pa.field(f.name, pa.list_(pa.uint16()), nullable=False, metadata={_DTYPE_KEY: b"bfloat16"})
-        fields.append(f)
+        if not (derive_text and f.name in DERIVED_COLUMNS):
+            fields.append(f)
+    if derive_text:
+        fields.append(pa.field(TEXT_BYTES_COLUMN, pa.int32(), nullable=False))
     return pa.schema(fields)
 
 
@@ -130,14 +147,33 @@ class TeacherCache(ShardedDataset):
     rerun = "alm-pipeline teacher-cache"
     schema = CACHE_SCHEMA
     token_column = "token_ids"
+    contents = (*ShardedDataset.contents, BOUNDARY_FILE, TOKEN_BYTES_FILE)
 
     @property
     def logprob_dtype(self) -> str:
         """How ℓ and σ are stored (readers get fp32 whatever it is)."""
         return self.manifest.get("logprob_dtype", "float32")
 
+    @property
+    def derive_text(self) -> bool:
+        """True for a compact cache: ``text`` and ``offsets`` are derived from the token ids when read."""
+        return self.manifest.get("text", "stored") == "derived"
+
     def stored_schema(self) -> pa.Schema:
-        return cache_schema(self.logprob_dtype)
+        return cache_schema(self.logprob_dtype, self.derive_text)
+
+    @classmethod
+    def read_stored(cls, parquet: pq.ParquetFile, columns: list[str] | None, path: Location) -> pa.Table:
+        """ℓ and σ as fp32; a compact cache's ``text``/``offsets`` derived (see :mod:`~.token_bytes`)."""
+        stored = parquet.schema_arrow.names
+        wanted = list(CACHE_SCHEMA.names) if columns is None else list(columns)
+        if TEXT_BYTES_COLUMN not in stored or not set(wanted) & set(DERIVED_COLUMNS):
+            return decode_logprobs(parquet.read(columns=columns))
+        read = [c for c in wanted if c not in DERIVED_COLUMNS]
+        read += [c for c in ("token_ids", TEXT_BYTES_COLUMN) if c not in read]
+        table = decode_logprobs(parquet.read(columns=read))
+        table = add_derived_columns(table, load_token_table(path.parent.parent.uri), str(path))
+        return table.select(wanted)
 
     @classmethod
     def decode(cls, table: pa.Table) -> pa.Table:
@@ -152,9 +188,15 @@ class TeacherCache(ShardedDataset):
         stats: dict,
         row_group_size: int | None = None,
         logprob_dtype: str = "float32",
+        derive_text: bool = False,
     ) -> store.ShardInfo:
-        """Write shard ``index`` (fp32 rows in :data:`CACHE_SCHEMA`) with ℓ and σ stored at ``logprob_dtype``."""
+        """Write shard ``index`` (fp32 rows in :data:`CACHE_SCHEMA`) with ℓ and σ stored at ``logprob_dtype``;
+        with ``derive_text``, without ``text`` and ``offsets`` (the cache's ``token_bytes.parquet`` must be
+        written first: each row is checked to derive back exactly)."""
         table = encode_logprobs(table.select(CACHE_SCHEMA.names).cast(CACHE_SCHEMA), logprob_dtype)
+        if derive_text:
+            where = f"{store.shard_path(root, index)}"
+            table = drop_derived_columns(table, load_token_table(location(root).uri), where)
         tokens = int(pc.sum(pc.list_value_length(table[cls.token_column])).as_py() or 0)
         return store.write_shard(
             root, index, table, tokens=tokens, stats=stats, row_group_size=row_group_size
@@ -193,6 +235,7 @@ class TeacherCache(ShardedDataset):
             "state": self.manifest["state"],
             "format_version": self.manifest["format_version"],
             "logprob_dtype": self.logprob_dtype,
+            "text": "derived from the token ids" if self.derive_text else "stored",
             "teacher": self.manifest["teacher"]["name"],
             "teacher_path": self.manifest["teacher"]["path"],
             "engine": self.manifest["teacher"]["engine"],

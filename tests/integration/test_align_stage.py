@@ -241,3 +241,38 @@ def test_inspect_reads_a_cache_on_s3_and_verifies_it(cache_dir, tmp_path, s3_buc
     result = CliRunner().invoke(app, ["inspect", uri])
     assert result.exit_code == 2 and f"{uri}/shards/shard-00000000.parquet: shard listed" in result.output
     assert not any(p.name.startswith("s3:") for p in tmp_path.rglob("*"))
+
+
+def test_a_compact_cache_reads_and_aligns_exactly_as_the_full_one(
+    cache_dir, tmp_path, llama_sp_model, tokenizer_dirs
+):
+    """teacher-cache --derive-text: no text/offsets stored (a smaller cache), the same rows read back, the same
+    aligned sets; resuming it with the other setting is refused."""
+    from alm_pipeline.cache.token_bytes import TOKEN_BYTES_FILE
+    from alm_pipeline.pipeline.teacher_cache import TeacherCacheError
+
+    data = cache_dir.parent / "corpus.jsonl"
+    full = open_cache(cache_dir)
+    settings = {"max_length": 64, "shard_size": shard_bytes(data, 2)}
+    build_teacher_cache(
+        teacher_cache_config(llama_sp_model, data, tmp_path / "compact", derive_text=True, **settings)
+    )
+    compact = open_cache(tmp_path / "compact")
+    assert compact.manifest["text"] == "derived" and (tmp_path / "compact" / TOKEN_BYTES_FILE).is_file()
+    assert "text" not in pq.read_schema(compact.shard_files()[0]).names
+    assert compact.summary()["bytes_on_disk"] < full.summary()["bytes_on_disk"]
+    for got, want in zip(compact.iter_tables(), full.iter_tables(), strict=True):
+        assert got.drop_columns(["logprob"]).equals(want.drop_columns(["logprob"]))
+        np.testing.assert_array_equal(
+            got["logprob"].combine_chunks().values, want["logprob"].combine_chunks().values
+        )
+    open_cache(tmp_path / "compact", checksums=True)  # the verify pass checks the compact schema
+    students = ["bytes", str(tokenizer_dirs["byte_level"])]
+    for a, b in zip(
+        _align(cache_dir, tmp_path / "a_full", students),
+        _align(tmp_path / "compact", tmp_path / "a_compact", students),
+        strict=True,
+    ):
+        assert _rows(a.path) == _rows(b.path) and a.docs == b.docs > 0
+    with pytest.raises(TeacherCacheError, match="text"):
+        build_teacher_cache(teacher_cache_config(llama_sp_model, data, tmp_path / "compact", **settings))

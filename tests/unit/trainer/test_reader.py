@@ -216,13 +216,15 @@ def _aligned_file(table, path) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_stream_reader_reads_16_bit_log_probs_as_fp32(
-    gpt2_bl_model, teacher_table, tokenizer_dirs, tmp_path, dtype
+@pytest.mark.parametrize(
+    ("dtype", "derive_text"), [("float16", False), ("bfloat16", False), ("bfloat16", True)]
+)
+def test_stream_reader_reads_compact_caches_as_full_ones(
+    gpt2_bl_model, teacher_table, tokenizer_dirs, tmp_path, dtype, derive_text
 ):
-    """train --cache on a cache written with --logprob-dtype float16/bfloat16: the aligned chunk log-probs equal
-    those of the same rows rounded to 16 bits and read back as fp32 (bfloat16 is stored as its raw uint16 bits,
-    which must never reach the alignment as numbers)."""
+    """train --cache on a cache written with --logprob-dtype float16/bfloat16 (and --derive-text): the aligned
+    chunk log-probs equal those of the same rows rounded to 16 bits and read back as fp32 (bfloat16 is stored as
+    its raw uint16 bits, which must never reach the alignment as numbers; a compact cache's text is derived)."""
     from alm_pipeline.cache.teacher import TeacherCache, decode_logprobs, encode_logprobs
     from alm_pipeline.pipeline.align_stage import AlignSettings, align_table
     from alm_pipeline.pipeline.byteview import load_byte_view
@@ -234,7 +236,14 @@ def test_stream_reader_reads_16_bit_log_probs_as_fp32(
     table = teacher_table.slice(0, 6)
     if "truncated" not in table.column_names:
         table = table.append_column("truncated", pa.array([False] * 6))
-    info = TeacherCache.write_shard(tmp_path, 0, table, stats={}, logprob_dtype=dtype)
+    if derive_text:
+        from alm_pipeline.cache.token_bytes import write_token_bytes
+
+        write_token_bytes(tmp_path, teacher.token_bytes)
+    info = TeacherCache.write_shard(
+        tmp_path, 0, table, stats={}, logprob_dtype=dtype, derive_text=derive_text
+    )
+    assert ("text" in pq.read_schema(tmp_path / info.file).names) != derive_text
     stored = pq.read_schema(tmp_path / info.file).field("logprob").type.value_type
     assert not pa.types.is_float32(stored)  # the case under test: 16-bit values on disk
 
