@@ -68,6 +68,28 @@ def test_unreachable_endpoint_is_a_clear_error(monkeypatch):
     storage._filesystem.cache_clear()
 
 
+@pytest.mark.parametrize("credentials", ["wrong", "none"])
+def test_refused_or_missing_credentials_are_a_clear_error(s3_bucket, monkeypatch, tmp_path, credentials):
+    """The real server refuses a wrong secret and an unsigned request: both name the URI and say what to set."""
+    from alm_pipeline import storage
+
+    (location(s3_bucket) / "x.json").write_json({"a": 1})  # with the right key: the object is there
+    if credentials == "wrong":
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    else:
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+        monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+        monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    storage._filesystem.cache_clear()
+    try:
+        with pytest.raises(StorageError, match=rf"{s3_bucket}/x.json: cannot .*AWS_ACCESS_KEY_ID"):
+            (location(s3_bucket) / "x.json").read_json()
+    finally:
+        storage._filesystem.cache_clear()
+
+
 def test_local_copy_and_upload_round_trip(s3_bucket, tmp_path):
     from alm_pipeline.storage import local_copy, upload_folder
 
