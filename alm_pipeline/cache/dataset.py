@@ -275,6 +275,7 @@ class ShardedDataset:
             raise OutputRefusedError(f"{root}: exists and is not {cls.a_what()} (kind={found!r})")
         differences = diff_identity(existing.get("identity", {}), identity)
         if not differences:
+            store.remove_orphaned_temp_files(root)  # a killed writer's; we hold the output lock
             return existing
         if not overwrite:
             lines = "\n".join(f"  {k}: {cls.short} has {a!r}, this run has {b!r}" for k, a, b in differences)

@@ -134,6 +134,22 @@ def sha256_file(path: str | os.PathLike[str] | Location) -> str:
     return h.hexdigest()
 
 
+def remove_orphaned_temp_files(root: str | os.PathLike[str] | Location) -> int:
+    """Remove the temporary files a killed writer left in a local dataset folder and its ``shards/`` (atomic
+    writes go through ``.NAME.PID.RANDOM.tmp`` files; object stores have none: a PUT is all or nothing). Only
+    for a caller holding the output lock. Returns how many were removed."""
+    root = location(root)
+    if not root.is_local:
+        return 0
+    removed = 0
+    for folder in (root, root / SHARD_DIR):
+        for info in folder.list():
+            if info.is_file and info.base_name.startswith(".") and info.base_name.endswith(".tmp"):
+                folder.child(info).remove()
+                removed += 1
+    return removed
+
+
 def check_relative(name: object, what: str) -> str:
     """``name`` if it is a relative path that stays inside the dataset folder (no absolute path, no ``..``);
     a manifest or marker entry that points elsewhere is refused, so a crafted manifest cannot make a reader

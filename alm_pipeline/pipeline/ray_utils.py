@@ -93,6 +93,9 @@ def configure_ray_data(progress_bars: bool = False) -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress_bars
     ctx.print_on_execution_start = False
+    # a step's own exception reaches the driver (Ray's UserCodeException wrapper drops it on the way): the
+    # stages name the document, file or shard from it and decide whether a retry can help
+    ctx.raise_original_map_exception = True
     if not progress_bars:
         # our own progress bar reports shards; keep Ray Data's per-dataset INFO lines and its notice that
         # its bars are off out of the console (they still go to Ray's log files)

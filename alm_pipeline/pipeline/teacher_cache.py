@@ -65,7 +65,7 @@ from alm_pipeline.pipeline.corpus import (
 )
 from alm_pipeline.pipeline.engine_hf import HFEngineConfig
 from alm_pipeline.pipeline.ray_utils import RayConfig, cluster_cpus
-from alm_pipeline.pipeline.stage import finished_shards, run_shards
+from alm_pipeline.pipeline.stage import ShardAttemptError, finished_shards, run_shards
 from alm_pipeline.storage import Location, StorageError, is_uri, location
 
 PLAN_FILE = "corpus_plan.json"
@@ -128,6 +128,16 @@ class TeacherCacheConfig:
     )
     num_cpus_per_actor: float = option(1.0, "CPUs per teacher replica")
     threads_per_actor: int | None = option(None, "torch threads per CPU replica (default: its CPUs, rounded)")
+    shard_attempts: int = option(
+        3,
+        "Attempts per shard: a shard whose scoring fails (a dead engine, a CUDA or transient storage error) runs "
+        "again on a fresh actor, with the other unwritten shards; after this many failures the run stops naming "
+        "it (what was written stays, a re-run resumes)",
+    )
+    fail_shard: int | None = option(
+        None, "Testing: the scoring actor raises on this shard (its first --fail-times attempts)"
+    )
+    fail_times: int = option(1, "Testing: with --fail-shard, how many attempts fail")
     overwrite: bool = option(False, "Replace an existing cache that has other settings")
     ray: RayConfig = field(default_factory=RayConfig)
     # vLLM engine (engine="vllm"; see alm_pipeline.pipeline.engine_vllm)
@@ -156,7 +166,16 @@ class TeacherCacheConfig:
         check_choice("--logprob-dtype", self.logprob_dtype, LOGPROB_DTYPES)
         check_choice("--boundary-mode", self.boundary_mode, ("exact", "topk"))
         check_int("--max-length", self.max_length, minimum=2)  # at least one predicted token
-        for name in ("shard_size", "batch_tokens", "concurrency", "tensor_parallel_size", "boundary_topk"):
+        check_int("--fail-shard", self.fail_shard, minimum=0, allow_none=True)
+        for name in (
+            "shard_size",
+            "batch_tokens",
+            "concurrency",
+            "tensor_parallel_size",
+            "boundary_topk",
+            "shard_attempts",
+            "fail_times",
+        ):
             check_int(f"--{name.replace('_', '-')}", getattr(self, name))
         check_int("--threads-per-actor", self.threads_per_actor, allow_none=True)
         check_int("--vllm-max-num-batched-tokens", self.vllm_max_num_batched_tokens, allow_none=True)
@@ -284,7 +303,7 @@ def _build(
     if pending:
         say(f"scoring {len(pending)} shards with engine {config.engine!r}")
         timings["until_pipeline"] = time.time() - t0
-        timings.update(_run_ray_pipeline(config, teacher_path, view, out, [plan[k] for k in pending]))
+        timings.update(_run_ray_pipeline(config, teacher_path, view, out, [plan[k] for k in pending], say))
 
     infos = finished_shards(TeacherCache, root, num_shards, TeacherCacheError)
     corpus.update(_corpus_totals(infos, listing))
@@ -503,7 +522,12 @@ def _manifest(
 
 
 def _run_ray_pipeline(
-    config: TeacherCacheConfig, teacher_path: str, view: ByteView, out: Location, pending: list[ShardEntry]
+    config: TeacherCacheConfig,
+    teacher_path: str,
+    view: ByteView,
+    out: Location,
+    pending: list[ShardEntry],
+    say: Callable[[str], None],
 ) -> dict:
     """Run the Ray Data steps over the ``pending`` shards; returns timings (seconds, tokens)."""
     import ray.data
@@ -525,6 +549,9 @@ def _run_ray_pipeline(
                 "engine_config": engine_config,
                 "boundary_file": (out / BOUNDARY_FILE).uri,
                 "tokenizer_size": view.vocab_size,
+                "fault": (out.uri, config.fail_shard, config.fail_times)
+                if config.fail_shard is not None
+                else None,
             },
             batch_size=1,
             batch_format="numpy",
@@ -538,6 +565,12 @@ def _run_ray_pipeline(
 
     # run_shards hands each item to the steps as the row's "shard" value: here the shard's own plan entry
     # (JSON), so that a task receives its slice of the corpus and nothing of the others'
+    plan = {entry.index: entry for entry in pending}
+
+    def still_pending() -> list[str]:  # after a failed attempt: the shards without a finished marker
+        todo = TeacherCache.pending_shards(_root(out), max(plan) + 1)
+        return [json.dumps(plan[k].to_json()) for k in todo if k in plan]
+
     run = run_shards(
         [json.dumps(entry.to_json()) for entry in pending],
         steps,
@@ -546,6 +579,9 @@ def _run_ray_pipeline(
         rate_unit="tok",
         ray_config=config.ray,
         error=TeacherCacheError,
+        attempts=config.shard_attempts,
+        still_pending=still_pending,
+        say=say,
     )
     timings = {
         "ray_pipeline": run.seconds,
@@ -693,7 +729,8 @@ class _ReadTokenizeShard:
 class _ScoreShards:
     """Ray Data actor: one teacher engine, scores whole shards (length-sorted batches inside)."""
 
-    def __init__(self, engine: str, engine_config, boundary_file: str, tokenizer_size: int):
+    def __init__(self, engine: str, engine_config, boundary_file: str, tokenizer_size: int, fault=None):
+        self.fault = fault  # (output URI, shard, attempts to fail): --fail-shard, for tests
         boundary_ids = read_boundary_tokens(_root(location(boundary_file))).astype(np.int64)
         if engine == "hf":
             from alm_pipeline.pipeline.engine_hf import HFTeacherEngine
@@ -716,7 +753,13 @@ class _ScoreShards:
             t0 = time.perf_counter()
             table = ipc_to_table(payload)
             seqs = [np.asarray(x, dtype=np.int32) for x in table["token_ids"].to_numpy(zero_copy_only=False)]
-            scored = self.engine.score(seqs) if seqs else []
+            try:
+                self._maybe_fail(int(k))
+                scored = self.engine.score(seqs) if seqs else []
+            except (TeacherCacheError, TokenizerMismatchError):
+                raise  # a bad document or setting: another attempt would fail the same way
+            except Exception as err:  # the engine or the device: worth a fresh actor (run_shards retries)
+                raise ShardAttemptError(int(k), f"{type(err).__name__}: {err}") from err
             table = table.append_column("logprob", ragged_list_array([s[0] for s in scored], pa.float32()))
             table = table.append_column(
                 "boundary_logprob", ragged_list_array([s[1] for s in scored], pa.float32())
@@ -730,6 +773,17 @@ class _ScoreShards:
             "actor_seconds": np.array(busy),  # time this shard occupied the scoring actor
             "corpus": batch["corpus"],
         }
+
+    def _maybe_fail(self, shard: int) -> None:
+        """--fail-shard: raise on that shard while fewer than --fail-times attempts have failed (counted in
+        OUTPUT/.injected_failures/, so a fresh actor sees the count)."""
+        if self.fault is None or shard != self.fault[1]:
+            return
+        counter = location(self.fault[0]) / ".injected_failures" / f"shard-{shard}"
+        failed = int(counter.read_text()) if counter.exists() else 0
+        if failed < self.fault[2]:
+            counter.write_bytes(str(failed + 1).encode())
+            raise RuntimeError(f"injected failure {failed + 1} of {self.fault[2]} (--fail-shard)")
 
 
 class _WriteShard:

@@ -96,6 +96,7 @@ BAD_TRAIN_OPTIONS = [
     (["+", "--micro-batch-tokens", "0"], "--micro-batch-tokens must be an integer >= 1"),
     (["+", "--packing=no"], "'--packing' does not take a value"),
     (["+", "--bf16=yes"], "'--bf16' does not take a value"),
+    (["+", "--verify=yes"], "'--verify' does not take a value"),
     (["+", "--gradient-checkpointing=1"], "'--gradient-checkpointing' does not take a value"),
     (["+", "--slice-size", "0"], "--slice-size must be an integer >= 1"),
     (["+", "--recompute-logits=1"], "'--recompute-logits' does not take a value"),
