@@ -11,7 +11,6 @@ stages hold their steps and their manifests (in the spirit of datatrove's execut
 
 from __future__ import annotations
 
-import gc
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,13 +24,11 @@ from alm_pipeline.storage import StorageError
 
 # errors whose message already names the document or file: shown as they are, not as Ray's wrapper
 _OUR_ERRORS = (TokenizerMismatchError, CorpusError, store.CacheIntegrityError, StorageError)
-# errors that a second attempt would meet again (the document or file is bad): never retried
-_DETERMINISTIC = (TokenizerMismatchError, CorpusError, store.CacheIntegrityError)
 
 
 class ShardAttemptError(RuntimeError):
-    """One attempt at a shard failed inside a Ray task or actor for a reason that may not recur on a fresh
-    worker (a dead inference engine, a CUDA error, a transient storage error). ``shard`` is the shard's index."""
+    """A shard failed inside a Ray task or actor for a reason that was not the input's (a dead inference engine,
+    a CUDA error, a storage error), after its retries. ``shard`` is the shard's index."""
 
     def __init__(self, shard: int, message: str):
         super().__init__(f"shard {shard}: {message}")
@@ -67,66 +64,45 @@ def run_shards(
     rate_unit: str,
     ray_config: RayConfig,
     error: type[Exception],
-    attempts: int = 1,
-    still_pending: Callable[[], list] | None = None,
-    say: Callable[[str], None] | None = None,
 ) -> ShardRun:
     """Map ``shards`` through ``steps`` (a function of a Ray Dataset of ``{"shard": k}`` rows, or of the given
     dicts, which hold ``"shard"`` and whatever else the shard's task needs; one block per shard; returning
     the Dataset whose rows report the finished shards) with a progress bar showing
     ``rate_column`` per second. An exception inside a step is raised as ``error`` with the message of the
-    stage's own error that caused it (naming the document or file) rather than Ray's wrapper.
-
-    Retries: when a step fails for a reason that may not recur (anything but a bad document or file, e.g. a
-    :class:`ShardAttemptError` from a scoring actor), the shards ``still_pending()`` returns (those without a
-    finished marker: what finished is never redone) run again through fresh ``steps`` — fresh Ray tasks and
-    actors — until one shard has failed ``attempts`` times; then ``error`` names it and its last error."""
+    stage's own error that caused it (naming the document or file) rather than Ray's wrapper. A row with a
+    non-empty ``"error"`` is a shard its step gave up on (the teacher-cache's scoring actor does, after its own
+    bounded restarts): the run finishes the other shards, then raises ``error`` naming them."""
     import ray.data
     from tqdm import tqdm
 
     ensure_ray(ray_config)
+    rows = [k if isinstance(k, dict) else {"shard": k} for k in shards]
+    ds = steps(ray.data.from_items(rows, override_num_blocks=len(rows)))
     bar = tqdm(total=len(shards), unit="shard", desc=desc, dynamic_ncols=True)
     totals: dict = {}
     t0 = time.time()
     first_done, first_count = None, 0
-    failures: dict[int | None, int] = {}  # shard (None: not known) -> failed attempts
+    failed: list[str] = []
     try:
-        while True:
-            rows = [k if isinstance(k, dict) else {"shard": k} for k in shards]
-            ds = steps(ray.data.from_items(rows, override_num_blocks=len(rows)))
-            it = iter(ds.iter_rows())
-            try:
-                for row in it:
-                    for key, value in row.items():
-                        if key != "shard":
-                            totals[key] = totals.get(key, 0) + value
-                    if first_done is None:
-                        first_done, first_count = time.time(), totals[rate_column]
-                    rate = totals[rate_column] / max(time.time() - t0, 1e-9)
-                    bar.set_postfix_str(f"{rate:,.0f} {rate_unit}/s")
-                    bar.update(1)
-                break
-            except Exception as err:
-                cause = _retryable(err, error)
-                if cause is None or still_pending is None:
-                    raise error(root_cause_message(err, error)) from err
-                shard, message = getattr(cause, "shard", None), str(cause)
-                failures[shard] = failures.get(shard, 0) + 1
-                what = f"shard {shard}" if shard is not None else "a shard"
-                if failures[shard] >= attempts:
-                    raise error(f"{what} failed {failures[shard]} time(s), giving up: {message}") from err
-            # Ray Data releases a failed run's actors by reference counting, and the exception's frames hold
-            # them: drop every reference now, or the retry waits forever for the CPUs and GPUs they hold
-            del it, ds, cause
-            gc.collect()
-            shards = still_pending()
-            if say is not None:
-                say(
-                    f"{what} failed ({message}); attempt {failures[shard] + 1} of {attempts} on fresh workers "
-                    f"for the {len(shards)} shard(s) not yet written"
-                )
+        for row in ds.iter_rows():
+            if row.get("error"):  # a shard its step gave up on (the others go on)
+                failed.append(str(row["error"]))
+                bar.update(1)
+                continue
+            for key, value in row.items():
+                if key not in ("shard", "error"):
+                    totals[key] = totals.get(key, 0) + value
+            if first_done is None:
+                first_done, first_count = time.time(), totals[rate_column]
+            bar.set_postfix_str(f"{totals[rate_column] / max(time.time() - t0, 1e-9):,.0f} {rate_unit}/s")
+            bar.update(1)
+    except Exception as err:
+        raise error(root_cause_message(err, error)) from err
     finally:
         bar.close()
+    if failed:
+        more = f" (and {len(failed) - 3} more)" if len(failed) > 3 else ""
+        raise error(f"{len(failed)} shard(s) not written: " + "; ".join(failed[:3]) + more)
     end = time.time()
     steady = None
     if first_done is not None and end > first_done:
@@ -158,16 +134,6 @@ def _chain(err: BaseException) -> list[BaseException]:
         chain.append(seen)
         seen = getattr(seen, "cause", None) or seen.__cause__ or seen.__context__
     return chain
-
-
-def _retryable(err: BaseException, stage_error: type[Exception]) -> BaseException | None:
-    """The cause to retry ``err`` for (its :class:`ShardAttemptError`, else ``err``), or None when a cause in
-    its chain is a bad document or file or the stage's own error (another attempt would fail the same way)."""
-    chain = _chain(err)
-    if any(isinstance(e, (*_DETERMINISTIC, stage_error)) for e in chain):
-        return None
-    attempts = [e for e in chain if isinstance(e, ShardAttemptError) and hasattr(e, "shard")]
-    return attempts[-1] if attempts else err
 
 
 def root_cause_message(err: BaseException, stage_error: type[Exception]) -> str:

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -83,6 +85,9 @@ TOKENIZED_SCHEMA = pa.schema(
 )
 
 
+ATTEMPTS_DIR = ".attempts"  # per-shard attempt counts of a running teacher-cache (see _ScoreShards)
+
+
 class TeacherCacheError(RuntimeError):
     """The teacher-cache stage cannot proceed; the message says why and names the file or document."""
 
@@ -130,9 +135,9 @@ class TeacherCacheConfig:
     threads_per_actor: int | None = option(None, "torch threads per CPU replica (default: its CPUs, rounded)")
     shard_attempts: int = option(
         3,
-        "Attempts per shard: a shard whose scoring fails (a dead engine, a CUDA or transient storage error) runs "
-        "again on a fresh actor, with the other unwritten shards; after this many failures the run stops naming "
-        "it (what was written stays, a re-run resumes)",
+        "Attempts per shard: when scoring a shard fails (a dead engine, a CUDA or storage error) or its actor "
+        "dies, Ray restarts the actor (a fresh engine) and gives it the shard again; after this many attempts "
+        "the run stops naming the shard and its error (what was written stays, a re-run resumes)",
     )
     fail_shard: int | None = option(
         None, "Testing: the scoring actor raises on this shard (its first --fail-times attempts)"
@@ -549,9 +554,9 @@ def _run_ray_pipeline(
                 "engine_config": engine_config,
                 "boundary_file": (out / BOUNDARY_FILE).uri,
                 "tokenizer_size": view.vocab_size,
-                "fault": (out.uri, config.fail_shard, config.fail_times)
-                if config.fail_shard is not None
-                else None,
+                "out": out.uri,
+                "attempts": config.shard_attempts,
+                "fault": None if config.fail_shard is None else (config.fail_shard, config.fail_times),
             },
             batch_size=1,
             batch_format="numpy",
@@ -565,12 +570,7 @@ def _run_ray_pipeline(
 
     # run_shards hands each item to the steps as the row's "shard" value: here the shard's own plan entry
     # (JSON), so that a task receives its slice of the corpus and nothing of the others'
-    plan = {entry.index: entry for entry in pending}
-
-    def still_pending() -> list[str]:  # after a failed attempt: the shards without a finished marker
-        todo = TeacherCache.pending_shards(_root(out), max(plan) + 1)
-        return [json.dumps(plan[k].to_json()) for k in todo if k in plan]
-
+    (out / ATTEMPTS_DIR).remove_tree()  # attempt counts of an earlier run
     run = run_shards(
         [json.dumps(entry.to_json()) for entry in pending],
         steps,
@@ -579,10 +579,8 @@ def _run_ray_pipeline(
         rate_unit="tok",
         ray_config=config.ray,
         error=TeacherCacheError,
-        attempts=config.shard_attempts,
-        still_pending=still_pending,
-        say=say,
     )
+    (out / ATTEMPTS_DIR).remove_tree()
     timings = {
         "ray_pipeline": run.seconds,
         "first_shard": run.first_shard_seconds,
@@ -729,8 +727,18 @@ class _ReadTokenizeShard:
 class _ScoreShards:
     """Ray Data actor: one teacher engine, scores whole shards (length-sorted batches inside)."""
 
-    def __init__(self, engine: str, engine_config, boundary_file: str, tokenizer_size: int, fault=None):
-        self.fault = fault  # (output URI, shard, attempts to fail): --fail-shard, for tests
+    def __init__(
+        self,
+        engine: str,
+        engine_config,
+        boundary_file: str,
+        tokenizer_size: int,
+        out: str,
+        attempts: int,
+        fault: tuple[int, int] | None = None,
+    ):
+        self.out, self.attempts = out, attempts
+        self.fault = fault  # (shard, attempts to fail): --fail-shard, for tests
         boundary_ids = read_boundary_tokens(_root(location(boundary_file))).astype(np.int64)
         if engine == "hf":
             from alm_pipeline.pipeline.engine_hf import HFTeacherEngine
@@ -748,18 +756,23 @@ class _ScoreShards:
             raise TeacherCacheError(f"unknown engine {engine!r}")
 
     def __call__(self, batch: dict) -> dict:
-        shards, payloads, busy = [], [], []
+        shards, payloads, busy, errors = [], [], [], []
         for k, payload in zip(batch["shard"], batch["payload"], strict=True):
             t0 = time.perf_counter()
             table = ipc_to_table(payload)
             seqs = [np.asarray(x, dtype=np.int32) for x in table["token_ids"].to_numpy(zero_copy_only=False)]
             try:
+                self._start_attempt(int(k))
                 self._maybe_fail(int(k))
                 scored = self.engine.score(seqs) if seqs else []
-            except (TeacherCacheError, TokenizerMismatchError):
-                raise  # a bad document or setting: another attempt would fail the same way
-            except Exception as err:  # the engine or the device: worth a fresh actor (run_shards retries)
-                raise ShardAttemptError(int(k), f"{type(err).__name__}: {err}") from err
+            except ShardAttemptError as err:  # the shard's last attempt: reported, the run goes on without it
+                shards.append(int(k))
+                payloads.append(b"")
+                busy.append(time.perf_counter() - t0)
+                errors.append(str(err))
+                continue
+            except Exception as err:  # the engine or the device (tokenized input cannot fail here)
+                self._failed(int(k), err)
             table = table.append_column("logprob", ragged_list_array([s[0] for s in scored], pa.float32()))
             table = table.append_column(
                 "boundary_logprob", ragged_list_array([s[1] for s in scored], pa.float32())
@@ -767,23 +780,49 @@ class _ScoreShards:
             shards.append(int(k))
             payloads.append(table_to_ipc(table))
             busy.append(time.perf_counter() - t0)
+            errors.append("")
         return {
             "shard": np.array(shards),
             "payload": np.array(payloads, dtype=object),
             "actor_seconds": np.array(busy),  # time this shard occupied the scoring actor
             "corpus": batch["corpus"],
+            "error": np.array(errors, dtype=object),  # a shard given up on: why (its payload is empty)
         }
+
+    def _start_attempt(self, shard: int) -> None:
+        """Count an attempt at ``shard`` (in OUTPUT/.attempts/, which the run clears at its start and end, so a
+        restarted actor sees it); refuse one past --shard-attempts: the earlier ones died without a word (the
+        process crashed)."""
+        counter = location(self.out) / ATTEMPTS_DIR / f"shard-{shard}"
+        attempt = (int(counter.read_text()) if counter.exists() else 0) + 1
+        counter.write_bytes(str(attempt).encode())
+        if attempt > self.attempts:
+            last = location(self.out) / ATTEMPTS_DIR / f"shard-{shard}.error"
+            why = last.read_text() if last.exists() else "the scoring actor died on it without a word"
+            raise ShardAttemptError(shard, f"failed {attempt - 1} time(s), giving up: {why}")
+
+    def _failed(self, shard: int, err: Exception) -> None:
+        """After a failed attempt: record the error and end this process, so that Ray Data starts a fresh actor
+        (a new engine) and gives it the shard again; the attempt after the last one reports the shard."""
+        what = f"{type(err).__name__}: {err}"
+        (location(self.out) / ATTEMPTS_DIR / f"shard-{shard}.error").write_bytes(what.encode())
+        print(
+            f"[alm-pipeline] shard {shard}: an attempt failed ({what}); restarting the scoring actor",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(75)  # an unexpected exit: Ray restarts the actor and retries its tasks
 
     def _maybe_fail(self, shard: int) -> None:
         """--fail-shard: raise on that shard while fewer than --fail-times attempts have failed (counted in
         OUTPUT/.injected_failures/, so a fresh actor sees the count)."""
-        if self.fault is None or shard != self.fault[1]:
+        if self.fault is None or shard != self.fault[0]:
             return
-        counter = location(self.fault[0]) / ".injected_failures" / f"shard-{shard}"
+        counter = location(self.out) / ".injected_failures" / f"shard-{shard}"
         failed = int(counter.read_text()) if counter.exists() else 0
-        if failed < self.fault[2]:
+        if failed < self.fault[1]:
             counter.write_bytes(str(failed + 1).encode())
-            raise RuntimeError(f"injected failure {failed + 1} of {self.fault[2]} (--fail-shard)")
+            raise RuntimeError(f"injected failure {failed + 1} of {self.fault[1]} (--fail-shard)")
 
 
 class _WriteShard:
@@ -794,6 +833,14 @@ class _WriteShard:
 
     def __call__(self, row: dict) -> dict:
         k = int(row["shard"])
+        if row["error"]:  # given up on: nothing to write
+            return {
+                "shard": k,
+                "tokens": 0,
+                "rows": 0,
+                "actor_seconds": float(row["actor_seconds"]),
+                "error": row["error"],
+            }
         table = ipc_to_table(row["payload"])
         stats = {**shard_stats(table), "corpus": json.loads(row["corpus"])}
         info = TeacherCache.write_shard(
@@ -809,4 +856,5 @@ class _WriteShard:
             "tokens": info.tokens,
             "rows": info.rows,
             "actor_seconds": float(row["actor_seconds"]),
+            "error": "",
         }
