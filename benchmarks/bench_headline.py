@@ -65,6 +65,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pyarrow as pa  # noqa: E402
 from harness import Spread, print_table, run_paired, shard_bytes_for  # noqa: E402
+from models import random_llama  # noqa: E402
 
 from alm_pipeline.trainer.data import AlignedRows  # noqa: E402
 from alm_pipeline.trainer.worker import Worker  # noqa: E402
@@ -85,31 +86,6 @@ def say(msg: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- models
-
-
-def random_llama(tokenizer_dir: str, out: Path, shape: tuple[int, int, int, int]) -> Path:
-    """A seeded random ``LlamaForCausalLM`` of ``shape`` with the tokenizer of ``tokenizer_dir``, saved to ``out``."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    hidden, mlp, layers, heads = shape
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=hidden,
-        intermediate_size=mlp,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(str(out))
-    tok.save_pretrained(str(out))
-    return out
 
 
 def forward_params(model_dir: str | Path) -> int:

@@ -11,13 +11,14 @@ LLAMA_SIZES = {
 }
 
 
-def random_llama(tokenizer_dir: str, out: Path, size: str) -> str:
-    """Save a random ``LlamaForCausalLM`` of ``LLAMA_SIZES[size]`` (seed 0) with the tokenizer of
-    ``tokenizer_dir`` into ``out``; returns its path."""
+def random_llama(tokenizer_dir: str, out: Path, size: str | tuple[int, int, int, int]) -> str:
+    """Save a random ``LlamaForCausalLM`` (seed 0) of ``size`` — a name in :data:`LLAMA_SIZES` or a shape
+    (hidden size, MLP size, layers, attention heads) — with the tokenizer of ``tokenizer_dir`` (its BOS/EOS ids
+    in the config) into ``out``; returns its path."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    hidden, mlp, layers, heads = LLAMA_SIZES[size]
+    hidden, mlp, layers, heads = LLAMA_SIZES[size] if isinstance(size, str) else size
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)
     cfg = LlamaConfig(
@@ -28,6 +29,9 @@ def random_llama(tokenizer_dir: str, out: Path, size: str) -> str:
         num_attention_heads=heads,
         num_key_value_heads=heads,
         max_position_embeddings=2048,
+        tie_word_embeddings=False,  # (the default) forward_params counts the LM head on its own
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
     )
     LlamaForCausalLM(cfg).save_pretrained(str(out))
     tok.save_pretrained(str(out))

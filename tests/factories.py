@@ -10,6 +10,7 @@ users hit (``AutoTokenizer`` / ``AutoModelForCausalLM``).
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import math
 import subprocess
@@ -233,6 +234,20 @@ def shard_bytes(path: Path, shards: int) -> int:
         if sum(1 for _ in plan_shards(listing, budget)) == shards:
             return budget
     raise ValueError(f"{path}: no shard size cuts it into {shards} slices")
+
+
+def load_benchmark(name: str):
+    """The module of ``benchmarks/NAME.py`` (its sibling modules, such as ``harness``, importable while it loads)."""
+    folder = str(REPO / "benchmarks")
+    sys.path.insert(0, folder)
+    try:
+        spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(folder)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -4,27 +4,9 @@ with the same losses, and the online teacher scores exactly the cached documents
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _load_bench():
-    sys.path.insert(0, str(REPO / "benchmarks"))  # the script imports its sibling `harness`
-    try:
-        spec = importlib.util.spec_from_file_location(
-            "bench_headline", REPO / "benchmarks" / "bench_headline.py"
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+from tests import factories
 
 
 def test_quick_run_completes(tmp_path, capsys):
@@ -32,7 +14,7 @@ def test_quick_run_completes(tmp_path, capsys):
 
     if not is_installed("smollm2-135m"):
         pytest.skip("the real tokenizers are not installed (scripts/setup.sh)")
-    bench = _load_bench()
+    bench = factories.load_benchmark("bench_headline")
     result = bench.main(["--quick", "--students", "gpt2", "--workdir", str(tmp_path)])
     cached, online = result["runs"].results["cached"][0], result["runs"].results["online"][0]
     assert result["loss_diff"] < 1e-4

@@ -4,7 +4,6 @@ The smallest whole run (it starts Ray) is in tests/integration/test_bench_headli
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from argparse import Namespace
@@ -15,22 +14,10 @@ import pytest
 from alm_pipeline.trainer.driver import train_local
 from tests import factories
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(REPO / "benchmarks"))  # the script imports its sibling `harness`
-    try:
-        spec = importlib.util.spec_from_file_location(
-            "bench_headline", REPO / "benchmarks" / "bench_headline.py"
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    return factories.load_benchmark("bench_headline")
 
 
 ENGINE = Namespace(batch_tokens=8192, threads=1, max_length=48, gamma=0.1)  # as factories.teacher_cache_table
