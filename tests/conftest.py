@@ -97,14 +97,21 @@ def mixed_aligned(tmp_path_factory, gpt2_bl_model, tokenizer_dirs) -> Path:
     )
 
 
+def local_ray_config():
+    """The settings of the session's local Ray (also restored after the multi-node tests)."""
+    from alm_pipeline.pipeline.ray_utils import RayConfig
+
+    return RayConfig(num_cpus=2, object_store_memory=512 * 1024**2)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray instance for the whole test session (2 logical CPUs, small object store)."""
     import ray
 
-    from alm_pipeline.pipeline.ray_utils import RayConfig, ensure_ray
+    from alm_pipeline.pipeline.ray_utils import ensure_ray
 
-    ensure_ray(RayConfig(num_cpus=2, object_store_memory=512 * 1024**2))
+    ensure_ray(local_ray_config())
     yield ray
     ray.shutdown()
 

@@ -338,6 +338,17 @@ def cache_rows(cache_dir: Path) -> list[dict]:
     return rows
 
 
+def assert_same_cache_rows(got: list[dict], expected: list[dict]) -> None:
+    """Two caches' rows (:func:`cache_rows`) are equal, value for value (ℓ is NaN at position 0)."""
+    assert len(got) == len(expected) > 0
+    for a, b in zip(got, expected, strict=True):
+        assert {k: v for k, v in a.items() if "logprob" not in k} == {
+            k: v for k, v in b.items() if "logprob" not in k
+        }
+        for key in ("logprob", "boundary_logprob"):
+            np.testing.assert_array_equal(np.array(a[key]), np.array(b[key]))
+
+
 def teacher_cache_config(teacher: Path, data: Path, output: Path, id_field: str | None = "id", **settings):
     """A teacher-cache stage config on a local corpus file, on 2 Ray CPUs; ``settings`` by field name."""
     return TeacherCacheConfig(

@@ -103,6 +103,28 @@ def configure_ray_data(progress_bars: bool = False) -> None:
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
+def parse_resources(option_name: str, items: tuple[str, ...] | list[str]) -> dict[str, float]:
+    """``("accel=1", "memory_gb=8")`` → ``{"accel": 1.0, "memory_gb": 8.0}``: custom Ray resources a task, actor or
+    training worker needs (e.g. a node-type label resource, so that it is placed on worker nodes). ``CPU``/``GPU``
+    have their own options. Raises ``ValueError`` naming ``option_name`` and the bad item."""
+    out: dict[str, float] = {}
+    for item in items:
+        name, sep, amount = str(item).partition("=")
+        name = name.strip()
+        try:
+            value = float(amount) if sep else float("nan")
+        except ValueError:
+            value = float("nan")
+        if not name or not (value > 0 and value < float("inf")):
+            raise ValueError(f"{option_name} must be NAME=AMOUNT with AMOUNT > 0, got {item!r}")
+        if name in ("CPU", "GPU"):
+            raise ValueError(f"{option_name} {item!r}: CPUs and GPUs have their own options")
+        if name in out:
+            raise ValueError(f"{option_name}: resource {name!r} given twice")
+        out[name] = value
+    return out
+
+
 def cluster_cpus() -> float:
     import ray
 

@@ -66,7 +66,7 @@ from alm_pipeline.pipeline.corpus import (
     read_shard,
 )
 from alm_pipeline.pipeline.engine_hf import HFEngineConfig
-from alm_pipeline.pipeline.ray_utils import RayConfig, cluster_cpus
+from alm_pipeline.pipeline.ray_utils import RayConfig, cluster_cpus, parse_resources
 from alm_pipeline.pipeline.stage import ShardAttemptError, finished_shards, run_shards
 from alm_pipeline.storage import Location, StorageError, is_uri, location
 
@@ -132,6 +132,12 @@ class TeacherCacheConfig:
         0.0, "GPUs per teacher replica (default: --tensor-parallel-size when that is > 1, else 0)"
     )
     num_cpus_per_actor: float = option(1.0, "CPUs per teacher replica")
+    actor_resources: tuple[str, ...] = option(
+        (),
+        "Custom Ray resource a teacher replica needs, NAME=AMOUNT (repeatable), e.g. a label resource of the "
+        "GPU nodes so replicas are placed there",
+        cli="actor_resource",
+    )
     threads_per_actor: int | None = option(None, "torch threads per CPU replica (default: its CPUs, rounded)")
     shard_attempts: int = option(
         3,
@@ -186,6 +192,7 @@ class TeacherCacheConfig:
         check_int("--vllm-max-num-batched-tokens", self.vllm_max_num_batched_tokens, allow_none=True)
         check_number("--num-gpus-per-actor", self.num_gpus_per_actor, 0)
         check_number("--num-cpus-per-actor", self.num_cpus_per_actor, 0.01)
+        parse_resources("--actor-resource", self.actor_resources)
         check_number(
             "--vllm-gpu-memory-utilization", self.vllm_gpu_memory_utilization, 0.01, 1, allow_none=True
         )
@@ -563,6 +570,7 @@ def _run_ray_pipeline(
             compute=ray.data.ActorPoolStrategy(size=config.concurrency),
             num_cpus=config.num_cpus_per_actor,
             num_gpus=config.num_gpus_per_actor or None,
+            resources=parse_resources("--actor-resource", config.actor_resources) or None,
             **remote,
         )
         write = _WriteShard(out.uri, config.logprob_dtype, config.derive_text)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from alm_pipeline.configs import check_choice, check_int, check_number, check_positive, option
-from alm_pipeline.pipeline.ray_utils import RayConfig
+from alm_pipeline.pipeline.ray_utils import RayConfig, parse_resources
 from alm_pipeline.storage import is_uri
 from alm_pipeline.trainer.loss import DISTANCES, ALMLossConfig, Distance
 
@@ -283,6 +283,9 @@ class CombineConfig:
         check_number("--ntp-weight", self.ntp_weight, 0)
 
 
+MULTI_WORKER_FAILURES = 3  # default --max-failures of a run with several workers (or on a cluster)
+
+
 @dataclass(frozen=True)
 class DistributedConfig:
     """Ray Train workers and the Ray instance."""
@@ -295,18 +298,36 @@ class DistributedConfig:
     cpus_per_worker: float | None = option(
         None, "Ray CPUs per worker (default: leave one CPU to Ray, at most 1)"
     )
+    worker_resources: tuple[str, ...] = option(
+        (),
+        "Custom Ray resource a worker needs, NAME=AMOUNT (repeatable), e.g. a label resource of the GPU nodes",
+        cli="worker_resource",
+    )
     torch_threads: int | None = option(None, "torch threads per worker (default: cores/workers)")
-    max_failures: int = option(
-        0, "Restart failed workers from the latest checkpoint up to N times (Ray FailureConfig; -1: no limit)"
+    max_failures: int | None = option(
+        None,
+        "Restart the workers from the latest checkpoint up to N times after a failure or a lost node (Ray "
+        f"FailureConfig; -1: no limit; default: {MULTI_WORKER_FAILURES} with several workers or a cluster "
+        "--address, else 0)",
+    )
+    placement_timeout: float = option(
+        600.0,
+        "Seconds to wait for the cluster to place the workers (at the start, and after a lost node) before the "
+        "run fails naming the missing resources",
     )
     ray: RayConfig = field(default_factory=RayConfig)
 
     def __post_init__(self) -> None:
         check_int("--num-workers", self.num_workers)
+        check_positive("--placement-timeout", self.placement_timeout)
         check_int("--torch-threads", self.torch_threads, allow_none=True)
         check_choice("--strategy", self.strategy, ("ddp", "fsdp"))
         check_positive("--cpus-per-worker", self.cpus_per_worker, allow_none=True)
-        check_int("--max-failures", self.max_failures, minimum=-1)
+        parse_resources("--worker-resource", self.worker_resources)
+        check_int("--max-failures", self.max_failures, minimum=-1, allow_none=True)
+        if self.max_failures is None:  # a run spread over machines should outlive one of them
+            spread = self.num_workers > 1 or bool(self.ray.address or os.environ.get("RAY_ADDRESS"))
+            object.__setattr__(self, "max_failures", MULTI_WORKER_FAILURES if spread else 0)
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ import torch.distributed as dist
 
 from alm_pipeline.locking import output_lock
 from alm_pipeline.optional import check
+from alm_pipeline.pipeline.ray_utils import parse_resources
 from alm_pipeline.storage import Location, location
 from alm_pipeline.trainer import checkpoint as ckpt_io
 from alm_pipeline.trainer.config import TrainConfig
@@ -488,6 +489,7 @@ def _fit(config: TrainConfig, source: dict, say: Callable[[str], None], t0: floa
     workers = config.distributed.num_workers
     if config.distributed.use_gpu:
         resources["GPU"] = 1.0
+    resources.update(parse_resources("--worker-resource", config.distributed.worker_resources))
     # Ray would wait forever for workers that cannot be placed: say so instead (on a cluster, an autoscaler may
     # still add nodes, so only warn there)
     have = ray.cluster_resources()
@@ -500,7 +502,10 @@ def _fit(config: TrainConfig, source: dict, say: Callable[[str], None], t0: floa
             )
             if not _cluster_address(config):
                 raise TrainingError(message)
-            say(f"warning: {message} (waiting for the cluster to grow)")
+            say(
+                f"warning: {message} (waiting up to --placement-timeout "
+                f"{config.distributed.placement_timeout:g} s for the cluster to grow)"
+            )
     # the index (16 bytes per document) goes to the workers through the object store; each worker reads only
     # the row groups (stream mode: the cache shards) that hold its documents
     index = training_index(config)
@@ -510,7 +515,8 @@ def _fit(config: TrainConfig, source: dict, say: Callable[[str], None], t0: floa
             "check the aligned set's coverage"
         )
     index_ref = ray.put(index)
-    queue = Queue(actor_options={"num_cpus": 0})
+    # on the driver's node: the metrics path must outlive the loss of any worker node
+    queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": _on_this_node()})
     driver = _MetricsSink(config, resume_step, say, _recent_metrics(resume_from))
     if resume_from is not None:
         say(f"resuming from {resume_from} (step {resume_step})")
@@ -533,6 +539,7 @@ def _fit(config: TrainConfig, source: dict, say: Callable[[str], None], t0: floa
 
     thread = threading.Thread(target=pump, name="alm-train-metrics", daemon=True)
     thread.start()
+    os.environ[WORKER_GROUP_START_TIMEOUT] = str(config.distributed.placement_timeout)
     trainer = TorchTrainer(
         ray_train_loop,
         train_loop_config={
@@ -548,7 +555,11 @@ def _fit(config: TrainConfig, source: dict, say: Callable[[str], None], t0: floa
             name=ckpt_io.CHECKPOINTS_DIR,
             storage_path=config.output,
             checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoint.keep),
-            failure_config=FailureConfig(max_failures=config.distributed.max_failures),
+            # a worker group that cannot be placed within --placement-timeout (Ray Train's start timeout, set
+            # below) ends the run instead of waiting forever
+            failure_config=FailureConfig(
+                max_failures=config.distributed.max_failures, controller_failure_limit=0
+            ),
         ),
     )
     error: BaseException | None = None
@@ -564,8 +575,39 @@ def _fit(config: TrainConfig, source: dict, say: Callable[[str], None], t0: floa
         with contextlib.suppress(Exception):
             ray.kill(queue.actor)
     if error is not None:
+        if _startup_timed_out(error):
+            raise TrainingError(
+                f"training failed: the Ray cluster could not place {workers} worker(s) needing "
+                + ", ".join(f"{name}={amount:g}" for name, amount in resources.items())
+                + f" each within --placement-timeout {config.distributed.placement_timeout:g} s (the cluster has "
+                + ", ".join(f"{name}={ray.available_resources().get(name, 0.0):g}" for name in resources)
+                + " free); checkpoints so far are kept, --resume continues"
+            ) from error
         raise TrainingError(f"training failed: {_root_cause(error)}") from error
     return _finish(config, driver, resume_step if resume_from else 0, t0)
+
+
+WORKER_GROUP_START_TIMEOUT = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # read by Ray Train's controller
+
+
+def _on_this_node():
+    """A scheduling strategy that pins an actor to the driver's node."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+
+
+def _startup_timed_out(err: BaseException) -> bool:
+    """Whether Ray Train gave up placing the worker group (``WorkerGroupStartupTimeoutError`` in the chain)."""
+    seen: BaseException | None = err
+    for _ in range(20):
+        if seen is None:
+            return False
+        if type(seen).__name__ == "WorkerGroupStartupTimeoutError":
+            return True
+        seen = getattr(seen, "controller_failure", None) or seen.__cause__ or getattr(seen, "cause", None)
+    return False
 
 
 def _root_cause(err: BaseException) -> str:

@@ -20,6 +20,7 @@ from alm_pipeline.pipeline.byteview import load_byte_view
 from alm_pipeline.pipeline.teacher_cache import TeacherCacheConfig, TeacherCacheError, build_teacher_cache
 from tests.factories import (
     BAD_INPUT_DOCS,
+    assert_same_cache_rows,
     cache_rows,
     reference_scores,
     shard_bytes,
@@ -357,7 +358,7 @@ def test_a_failing_scoring_actor_is_retried_on_a_fresh_one_then_named(ray_local,
     )
     assert (out / ".injected_failures" / "shard-1").read_text() == "1"  # the fault did happen
     assert summary.docs == clean.docs and not (out / ".attempts").exists()
-    _assert_same_rows(cache_rows(out), cache_rows(tmp_path / "clean"))
+    assert_same_cache_rows(cache_rows(out), cache_rows(tmp_path / "clean"))
 
     out = tmp_path / "given_up"
     with pytest.raises(
@@ -374,14 +375,4 @@ def test_a_failing_scoring_actor_is_retried_on_a_fresh_one_then_named(ray_local,
     resumed = build_teacher_cache(_config(gpt2_bl_model, data, out, shard_size=size))
     assert resumed.shards_reused == len(written) and resumed.shards_written == 3 - len(written)
     assert not orphan.exists()
-    _assert_same_rows(cache_rows(out), cache_rows(tmp_path / "clean"))
-
-
-def _assert_same_rows(got: list[dict], expected: list[dict]) -> None:
-    assert len(got) == len(expected) > 0
-    for a, b in zip(got, expected, strict=True):
-        assert {k: v for k, v in a.items() if "logprob" not in k} == {
-            k: v for k, v in b.items() if "logprob" not in k
-        }
-        for key in ("logprob", "boundary_logprob"):  # NaN at position 0
-            np.testing.assert_array_equal(np.array(a[key]), np.array(b[key]))
+    assert_same_cache_rows(cache_rows(out), cache_rows(tmp_path / "clean"))

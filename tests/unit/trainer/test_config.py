@@ -64,3 +64,19 @@ def test_config_tree_round_trips_through_json_and_zero_means_off(tmp_path):
     assert again == cfg and isinstance(again.distributed.ray, RayConfig)
     with pytest.raises(ValueError, match="unknown LossConfig setting"):
         TrainConfig.from_dict({**cfg.to_dict(), "loss": {"temperature": 1.0}})
+
+
+def test_max_failures_default_restarts_runs_spread_over_workers_or_a_cluster(monkeypatch):
+    from alm_pipeline.pipeline.ray_utils import RayConfig
+    from alm_pipeline.trainer.config import MULTI_WORKER_FAILURES
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert DistributedConfig().max_failures == 0
+    assert DistributedConfig(num_workers=2).max_failures == MULTI_WORKER_FAILURES > 0
+    assert DistributedConfig(ray=RayConfig(address="auto")).max_failures == MULTI_WORKER_FAILURES
+    assert DistributedConfig(num_workers=2, max_failures=0).max_failures == 0  # an explicit value stays
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert DistributedConfig().max_failures == MULTI_WORKER_FAILURES
+    # resolved once: a config read back from its JSON keeps the number
+    cfg = DistributedConfig(num_workers=2)
+    assert DistributedConfig(**{**cfg.__dict__, "ray": cfg.ray}).max_failures == MULTI_WORKER_FAILURES
