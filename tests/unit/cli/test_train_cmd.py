@@ -120,7 +120,10 @@ BAD_TRAIN_OPTIONS = [
     (["+", "--cpus-per-worker", "0"], "--cpus-per-worker must be a finite number > 0"),
     (["+", "--torch-threads", "0"], "--torch-threads must be an integer >= 1"),
     (["+", "--max-failures", "-2"], "--max-failures must be an integer >= -1"),
-    (["+", "--worker-resource", "accel"], "--worker-resource must be NAME=AMOUNT with AMOUNT > 0, got 'accel'"),
+    (
+        ["+", "--worker-resource", "accel"],
+        "--worker-resource must be NAME=AMOUNT with AMOUNT > 0, got 'accel'",
+    ),
     (["+", "--worker-resource", "GPU=1"], "--worker-resource 'GPU=1': CPUs and GPUs have their own options"),
     (["+", "--placement-timeout", "0"], "--placement-timeout must be a finite number > 0"),
     # ray
