@@ -64,3 +64,23 @@ def test_config_tree_round_trips_through_json_and_zero_means_off(tmp_path):
     assert again == cfg and isinstance(again.distributed.ray, RayConfig)
     with pytest.raises(ValueError, match="unknown LossConfig setting"):
         TrainConfig.from_dict({**cfg.to_dict(), "loss": {"temperature": 1.0}})
+
+
+@pytest.mark.parametrize(
+    ("use_gpu", "bf16", "resolved"),
+    [(False, None, False), (True, None, True), (True, False, False), (False, True, True), (True, True, True)],
+)
+def test_bf16_defaults_to_on_with_gpus_and_an_explicit_choice_stays(use_gpu, bf16, resolved):
+    """--bf16 unset: bfloat16 autocast with --use-gpu, fp32 on CPU; --bf16 / --no-bf16 as given. The worker
+    reads the resolved value (TrainConfig.resolved(), which the driver applies first)."""
+    from alm_pipeline.trainer.config import ComputeConfig
+
+    config = TrainConfig(
+        data=DataConfig(aligned="a"),
+        student=StudentSpec(student="x"),
+        compute=ComputeConfig(bf16=bf16),
+        distributed=DistributedConfig(use_gpu=use_gpu),
+    )
+    assert config.compute.bf16 is bf16 and config.resolved().compute.bf16 is resolved
+    assert build_config(TrainConfig, {"aligned": "a", "student": "x"}).compute.bf16 is None
+    assert build_config(TrainConfig, {"aligned": "a", "student": "x", "bf16": False}).compute.bf16 is False
