@@ -32,6 +32,7 @@ Peak memory, measured for each mode in its own fresh process: on CUDA ``torch.cu
 CPU the peak resident set size sampled every 5 ms during one step after a warm-up step (process RSS, so it includes the weights, the optimizer state and the teacher copy).
 
     python benchmarks/bench_train.py [--num-layers N] [--batch-size 4] [--seq-len 256] [--steps 3]
+    python benchmarks/bench_train.py --device cuda --bf16 --modes ntp_hf,alm   # what benchmarks/gpu_check.sh runs
 """
 
 from __future__ import annotations
@@ -274,6 +275,18 @@ def build_steps(args, modes: list[str], data: Path) -> tuple[dict, dict]:
     def make_step(mode: str):
         def step() -> float:
             opt.zero_grad(set_to_none=True)
+            with torch.autocast(
+                device.type, dtype=torch.bfloat16, enabled=args.bf16
+            ):  # as the trainer's --bf16
+                loss = forward_loss()
+            if mode not in HYBRID:
+                loss.backward()
+            opt.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            return float(loss.detach())
+
+        def forward_loss() -> torch.Tensor:
             if mode in HYBRID:
                 loss = torch.tensor(hybrid_step(mode))
             elif mode == "ntp_hf":
@@ -290,12 +303,7 @@ def build_steps(args, modes: list[str], data: Path) -> tuple[dict, dict]:
                 else:
                     groups = teacher_groups() if mode == "alm_online" else mb.groups
                     loss = alm_loss(stats, groups, cfg, num_groups_global=n_groups).loss
-            if mode not in HYBRID:
-                loss.backward()
-            opt.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            return float(loss.detach())
+            return loss
 
         return step
 
@@ -346,6 +354,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--slice-size", type=int, default=1024)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast around each step, as train --bf16")
     ap.add_argument("--modes", default=",".join(MODES), help=f"any of {','.join(MODES + HYBRID)}")
     ap.add_argument(
         "--micro-batches",
@@ -386,6 +395,8 @@ def main() -> None:
             cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
         if args.num_layers:
             cmd += ["--num-layers", str(args.num_layers)]
+        if args.bf16:
+            cmd.append("--bf16")
         out = subprocess.run(cmd, capture_output=True, text=True)
         line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if out.returncode != 0 or line is None:
@@ -415,7 +426,7 @@ def main() -> None:
     print(
         f"\nstudent {args.model} ({meta['layers']} blocks, {meta['params'] / 1e6:.1f}M params, vocab "
         f"{meta['vocab']}), batch {args.batch_size} x {args.seq_len} tokens ({meta['tokens']} tokens, "
-        f"{meta['groups']} chunks), device {args.device}, {args.threads} threads; {args.warmup} untimed warm-up "
+        f"{meta['groups']} chunks), device {args.device}{' bf16 autocast' if args.bf16 else ''}, {args.threads} threads; {args.warmup} untimed warm-up "
         f"step(s) of every mode, then {args.steps} rounds in alternating order; median [min–max] (1-min load "
         f"average {load_before:.1f} before, {load_after:.1f} after)"
     )

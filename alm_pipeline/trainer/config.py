@@ -202,7 +202,9 @@ class ComputeConfig:
         True,
         "Pack several documents per row (attention never crosses documents); --no-packing: length buckets",
     )
-    bf16: bool = option(False, "bfloat16 autocast (default fp32; loss statistics stay fp32)")
+    bf16: bool | None = option(
+        None, "bfloat16 autocast (default: on with --use-gpu, else fp32; loss statistics stay fp32)"
+    )
     gradient_checkpointing: bool = option(False, "Recompute activations in the backward")
     slice_size: int = option(1024, "Positions per LM-head slice of the student statistics")
     recompute_logits: bool | None = option(
@@ -427,9 +429,12 @@ class TrainConfig:
         return self.loss.alm and self.loss.next_token_loss and self.combine.method == "gradmag"
 
     def resolved(self) -> TrainConfig:
-        """Local paths made absolute (Ray Train needs an absolute storage path; workers may run elsewhere)."""
+        """Local paths made absolute (Ray Train needs an absolute storage path; workers may run elsewhere), and
+        ``--bf16`` decided when not given (on with ``--use-gpu``, off on CPU)."""
+        bf16 = self.compute.bf16 if self.compute.bf16 is not None else self.distributed.use_gpu
         return dataclasses.replace(
             self,
+            compute=dataclasses.replace(self.compute, bf16=bf16),
             data=dataclasses.replace(
                 self.data,
                 aligned=_absolute(self.data.aligned),

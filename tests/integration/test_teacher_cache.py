@@ -94,6 +94,27 @@ def test_refusal_on_different_settings_and_overwrite(ray_local, tmp_path, gpt2_b
     assert again.shards_reused == again.shards_total and again.shards_written == 0
 
 
+def test_a_float32_cache_resumes_with_the_default_auto_dtype_on_cpu(ray_local, tmp_path, gpt2_bl_model):
+    """A cache written with an explicit --dtype float32 (the default before --dtype auto) is resumed by a run with
+    the defaults on this CPU cluster (auto resolves to float32, no GPU per actor), here with an autoscaling pool
+    (--concurrency 1,2); the manifest records the resolved dtype and how the actors ran; bfloat16 is refused."""
+    data = write_jsonl(tmp_path / "c.jsonl", BAD_INPUT_DOCS[:6])
+    out = tmp_path / "cache"
+    first = build_teacher_cache(_config(gpt2_bl_model, data, out, dtype="float32", num_gpus_per_actor=0))
+    kept = store.shard_path(out, 0).local_path.read_bytes()
+    store.marker_path(out, 1).local_path.unlink()  # one shard to redo
+    again = build_teacher_cache(_config(gpt2_bl_model, data, out, concurrency="1,2"))
+    assert again.shards_total == first.shards_total and again.shards_reused == first.shards_total - 1
+    manifest = open_cache(out).manifest
+    assert manifest["teacher"]["dtype"] == manifest["identity"]["settings"]["dtype"] == "float32"
+    assert manifest["runtime"] == {"concurrency": "1,2", "num_gpus_per_actor": 0.0, "num_cpus_per_actor": 1.0}
+    assert store.shard_path(out, 0).local_path.read_bytes() == kept  # reused, not rewritten
+    with pytest.raises(
+        TeacherCacheError, match=r"settings\.dtype: cache has 'float32', this run has 'bfloat16'"
+    ):
+        build_teacher_cache(_config(gpt2_bl_model, data, out, dtype="bfloat16"))
+
+
 def test_relative_then_absolute_paths_resume_and_skipped_files_are_reported(
     ray_local, tmp_path, gpt2_bl_model, monkeypatch
 ):

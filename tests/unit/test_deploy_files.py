@@ -203,7 +203,7 @@ def pipeline_problems(configs: list[tuple[str, object]], gpus_per_node: int, nod
     sets = [f"{align.output.rstrip('/')}/{tok}" for tok in align.student_tokenizers]
     if train.data.aligned not in sets:
         problems.append(f"train reads {train.data.aligned}, align writes {sets}")
-    wanted = cache.concurrency * cache.num_gpus_per_actor
+    wanted = cache.max_concurrency * (cache.num_gpus_per_actor or 0)
     if not 0 < wanted <= gpus_per_node:
         problems.append(f"teacher-cache asks for {wanted:g} GPUs; a worker has {gpus_per_node}")
     if not train.distributed.use_gpu or train.distributed.num_workers > gpus_per_node * nodes:

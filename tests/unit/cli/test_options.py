@@ -57,6 +57,23 @@ def test_generated_options_build_what_the_python_api_builds():
     # derived in the config, so the API and the CLI agree: a replica holds its tensor-parallel GPUs
     assert got[-1].num_gpus_per_actor == TeacherCacheConfig(tensor_parallel_size=2).num_gpus_per_actor == 2.0
     assert CorpusConfig().path.endswith("shakespeare.jsonl")
+    # --concurrency MIN,MAX (an autoscaling pool) and the vLLM Ray executor, as the Python API takes them
+    args = [
+        "run",
+        "--engine",
+        "vllm",
+        "--concurrency",
+        "2,8",
+        "--vllm-executor",
+        "ray",
+        "--dtype",
+        "bfloat16",
+    ]
+    assert runner.invoke(tc_app, args).exit_code == 0
+    assert got[-1] == TeacherCacheConfig(
+        engine="vllm", concurrency="2,8", vllm_executor="ray", dtype="bfloat16"
+    )
+    assert (got[-1].min_concurrency, got[-1].max_concurrency, got[-1].num_gpus_per_actor) == (2, 8, 0.0)
 
     align_app, got = _capturing_app(AlignConfig)
     args = [

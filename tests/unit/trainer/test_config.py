@@ -80,3 +80,23 @@ def test_max_failures_default_restarts_runs_spread_over_workers_or_a_cluster(mon
     # resolved once: a config read back from its JSON keeps the number
     cfg = DistributedConfig(num_workers=2)
     assert DistributedConfig(**{**cfg.__dict__, "ray": cfg.ray}).max_failures == MULTI_WORKER_FAILURES
+
+
+@pytest.mark.parametrize(
+    ("use_gpu", "bf16", "resolved"),
+    [(False, None, False), (True, None, True), (True, False, False), (False, True, True), (True, True, True)],
+)
+def test_bf16_defaults_to_on_with_gpus_and_an_explicit_choice_stays(use_gpu, bf16, resolved):
+    """--bf16 unset: bfloat16 autocast with --use-gpu, fp32 on CPU; --bf16 / --no-bf16 as given. The worker
+    reads the resolved value (TrainConfig.resolved(), which the driver applies first)."""
+    from alm_pipeline.trainer.config import ComputeConfig
+
+    config = TrainConfig(
+        data=DataConfig(aligned="a"),
+        student=StudentSpec(student="x"),
+        compute=ComputeConfig(bf16=bf16),
+        distributed=DistributedConfig(use_gpu=use_gpu),
+    )
+    assert config.compute.bf16 is bf16 and config.resolved().compute.bf16 is resolved
+    assert build_config(TrainConfig, {"aligned": "a", "student": "x"}).compute.bf16 is None
+    assert build_config(TrainConfig, {"aligned": "a", "student": "x", "bf16": False}).compute.bf16 is False
