@@ -136,3 +136,43 @@ def cluster_gpus() -> float:
     import ray
 
     return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+def describe_resources(need: dict[str, float]) -> str:
+    """``{"CPU": 1.0, "accel": 1.0}`` → ``"CPU=1, accel=1"``."""
+    return ", ".join(f"{name}={amount:g}" for name, amount in need.items())
+
+
+def placeable(need: dict[str, float]) -> int:
+    """How many actors (or tasks) needing ``need`` the live nodes of the Ray cluster can hold at once, counted
+    from each node's total resources (what other work holds now is not subtracted: it ends)."""
+    import ray
+
+    count = 0
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        have = node.get("Resources", {})
+        count += int(
+            min((have.get(name, 0.0) + 1e-9) // amount for name, amount in need.items() if amount > 0)
+        )
+    return count
+
+
+@dataclass(frozen=True)
+class PlacementWatch:
+    """What :func:`~alm_pipeline.pipeline.stage.run_shards` keeps checking while a stage runs: that at least one
+    ``what`` (e.g. "teacher replica") needing ``need`` can be placed on the live nodes. When none can for
+    ``timeout`` seconds (its nodes were lost and none joined), the run stops naming the missing resources."""
+
+    what: str
+    need: dict
+    timeout: float
+    period: float = 1.0
+
+    def message(self, waited: float) -> str:
+        return (
+            f"no node of the Ray cluster can hold a {self.what} (needs {describe_resources(self.need)}) and none "
+            f"joined within {waited:.0f} s (--placement-timeout {self.timeout:g}); the shards written so far are "
+            "kept and a re-run resumes"
+        )

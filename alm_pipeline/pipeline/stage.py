@@ -11,6 +11,7 @@ stages hold their steps and their manifests (in the spirit of datatrove's execut
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +20,13 @@ from alm_pipeline.cache import store
 from alm_pipeline.cache.dataset import PathLike, ShardedDataset
 from alm_pipeline.pipeline.byteview import TokenizerMismatchError
 from alm_pipeline.pipeline.corpus import CorpusError
-from alm_pipeline.pipeline.ray_utils import RayConfig, ensure_ray
+from alm_pipeline.pipeline.ray_utils import (
+    PlacementWatch,
+    RayConfig,
+    describe_resources,
+    ensure_ray,
+    placeable,
+)
 from alm_pipeline.storage import StorageError
 
 # errors whose message already names the document or file: shown as they are, not as Ray's wrapper
@@ -64,6 +71,8 @@ def run_shards(
     rate_unit: str,
     ray_config: RayConfig,
     error: type[Exception],
+    watch: PlacementWatch | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> ShardRun:
     """Map ``shards`` through ``steps`` (a function of a Ray Dataset of ``{"shard": k}`` rows, or of the given
     dicts, which hold ``"shard"`` and whatever else the shard's task needs; one block per shard; returning
@@ -71,7 +80,9 @@ def run_shards(
     ``rate_column`` per second. An exception inside a step is raised as ``error`` with the message of the
     stage's own error that caused it (naming the document or file) rather than Ray's wrapper. A row with a
     non-empty ``"error"`` is a shard its step gave up on (the teacher-cache's scoring actor does, after its own
-    bounded restarts): the run finishes the other shards, then raises ``error`` naming them."""
+    bounded restarts): the run finishes the other shards, then raises ``error`` naming them. With ``watch``, a
+    run whose workers can no longer be placed anywhere (their nodes were lost and none joined) waits
+    ``watch.timeout`` seconds, saying so through ``say``, then raises ``error`` naming the missing resources."""
     import ray.data
     from tqdm import tqdm
 
@@ -84,7 +95,7 @@ def run_shards(
     first_done, first_count = None, 0
     failed: list[str] = []
     try:
-        for row in ds.iter_rows():
+        for row in _rows(ds, watch, say or (lambda message: None)):
             if row.get("error"):  # a shard its step gave up on (the others go on)
                 failed.append(str(row["error"]))
                 bar.update(1)
@@ -96,6 +107,8 @@ def run_shards(
                 first_done, first_count = time.time(), totals[rate_column]
             bar.set_postfix_str(f"{totals[rate_column] / max(time.time() - t0, 1e-9):,.0f} {rate_unit}/s")
             bar.update(1)
+    except _Unplaceable as err:
+        raise error(str(err)) from None
     except Exception as err:
         raise error(root_cause_message(err, error)) from err
     finally:
@@ -111,6 +124,77 @@ def run_shards(
     return ShardRun(
         seconds=end - t0, first_shard_seconds=(first_done or end) - t0, totals=totals, steady_rate=steady
     )
+
+
+class _Unplaceable(RuntimeError):
+    """The watched workers could not be placed for the watch's timeout."""
+
+
+_DONE = object()
+
+
+def _rows(ds, watch: PlacementWatch | None, say: Callable[[str], None]):
+    """``ds.iter_rows()``; with ``watch``, read in a thread while this one checks, every ``watch.period``
+    seconds, that the cluster can still place a worker, and raises :class:`_Unplaceable` after ``watch.timeout``
+    seconds without one. The reading thread is then stopped the way Ctrl-C would stop it (an exception raised
+    in it while it waits for Ray Data's next row): Ray Data's iterator shuts its executor down on the way out,
+    releasing the actors it was waiting for, so nothing keeps running after the stage has failed."""
+    if watch is None:
+        yield from ds.iter_rows()
+        return
+    import queue
+    import threading
+
+    rows: queue.Queue = queue.Queue(maxsize=64)
+
+    def read() -> None:
+        try:
+            for row in ds.iter_rows():
+                rows.put(row)
+            rows.put(_DONE)
+        except BaseException as err:  # noqa: BLE001 - handed to the consuming thread
+            with contextlib.suppress(queue.Full):
+                rows.put_nowait(err)
+
+    reader = threading.Thread(target=read, name="alm-stage-rows", daemon=True)
+    reader.start()
+    lost_since: float | None = None
+    while True:
+        try:
+            item = rows.get(timeout=watch.period)
+        except queue.Empty:
+            if placeable(watch.need) > 0:
+                lost_since = None
+                continue
+            now = time.monotonic()
+            if lost_since is None:
+                lost_since = now
+                say(
+                    f"no node of the Ray cluster can hold a {watch.what} now (needs "
+                    f"{describe_resources(watch.need)}): waiting up to {watch.timeout:g} s for one to join"
+                )
+            elif now - lost_since >= watch.timeout:
+                _stop(reader)
+                raise _Unplaceable(watch.message(now - lost_since)) from None
+            continue
+        if item is _DONE:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+class _Stopped(BaseException):
+    """Raised inside the reading thread of :func:`_rows` to end it."""
+
+
+def _stop(reader, timeout: float = 30.0) -> None:
+    """End ``reader`` (a thread iterating a Ray Dataset) by raising :class:`_Stopped` in it, and wait for it."""
+    import ctypes
+
+    if reader.ident is not None and reader.is_alive():
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(reader.ident), ctypes.py_object(_Stopped))
+        reader.join(timeout)
 
 
 def finished_shards(

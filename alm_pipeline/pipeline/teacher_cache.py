@@ -48,7 +48,7 @@ from alm_pipeline.cache.teacher import (
     write_boundary_tokens,
 )
 from alm_pipeline.cache.token_bytes import TOKEN_BYTES_FILE, write_token_bytes
-from alm_pipeline.configs import check_choice, check_int, check_number, option
+from alm_pipeline.configs import check_choice, check_int, check_number, check_positive, option
 from alm_pipeline.locking import output_lock
 from alm_pipeline.model_files import ModelFilesError, check_model
 from alm_pipeline.modeling import DTYPES
@@ -66,7 +66,15 @@ from alm_pipeline.pipeline.corpus import (
     read_shard,
 )
 from alm_pipeline.pipeline.engine_hf import HFEngineConfig
-from alm_pipeline.pipeline.ray_utils import RayConfig, cluster_cpus, cluster_gpus, parse_resources
+from alm_pipeline.pipeline.ray_utils import (
+    PlacementWatch,
+    RayConfig,
+    cluster_cpus,
+    cluster_gpus,
+    describe_resources,
+    parse_resources,
+    placeable,
+)
 from alm_pipeline.pipeline.stage import ShardAttemptError, finished_shards, run_shards
 from alm_pipeline.storage import Location, StorageError, is_uri, location
 
@@ -145,6 +153,11 @@ class TeacherCacheConfig:
         cli="actor_resource",
     )
     threads_per_actor: int | None = option(None, "torch threads per CPU replica (default: its CPUs, rounded)")
+    placement_timeout: float = option(
+        600.0,
+        "Seconds to wait when no node of the cluster can hold a teacher replica (its nodes were lost and none "
+        "joined, or none ever could) before the run fails naming the missing resources",
+    )
     shard_attempts: int = option(
         3,
         "Attempts per shard: when scoring a shard fails (a dead engine, a CUDA or storage error) or its actor "
@@ -207,6 +220,7 @@ class TeacherCacheConfig:
         check_number("--num-gpus-per-actor", self.num_gpus_per_actor, 0, allow_none=True)
         check_number("--num-cpus-per-actor", self.num_cpus_per_actor, 0.01)
         parse_resources("--actor-resource", self.actor_resources)
+        check_positive("--placement-timeout", self.placement_timeout)
         check_number(
             "--vllm-gpu-memory-utilization", self.vllm_gpu_memory_utilization, 0.01, 1, allow_none=True
         )
@@ -639,12 +653,14 @@ def _run_ray_pipeline(
 
     engine_config = _engine_config(config, teacher_path)
     remote = _storage_env(config, out)
+    need = _replica_needs(config)
+    pool = _fit_pool(config, need, say)
     light = {"num_cpus": 0.25, **remote}  # tokenize/write are short and must not starve the scoring actors
 
     def steps(ds):
         # cap the read/tokenize and write tasks so that they leave the scoring actors their CPUs: Ray Data would
         # otherwise start the cheap tasks of every shard first, and the first shard would wait for all of them
-        spare = cluster_cpus() - config.max_concurrency * config.num_cpus_per_actor
+        spare = cluster_cpus() - pool[1] * config.num_cpus_per_actor
         tasks = ray.data.TaskPoolStrategy(size=min(len(pending), max(2, int(spare / light["num_cpus"] / 2))))
         ds = ds.map(_ReadTokenizeShard(view, config.corpus, config.max_length), compute=tasks, **light)
         ds = ds.map_batches(
@@ -660,10 +676,10 @@ def _run_ray_pipeline(
             },
             batch_size=1,
             batch_format="numpy",
-            compute=_actor_pool(config),
+            compute=_actor_pool(*pool),
             num_cpus=config.num_cpus_per_actor,
             num_gpus=config.num_gpus_per_actor or None,
-            resources=parse_resources("--actor-resource", config.actor_resources) or None,
+            resources={k: v for k, v in need.items() if k not in ("CPU", "GPU")} or None,
             **remote,
         )
         write = _WriteShard(out.uri, config.logprob_dtype, config.derive_text)
@@ -680,6 +696,8 @@ def _run_ray_pipeline(
         rate_unit="tok",
         ray_config=config.ray,
         error=TeacherCacheError,
+        watch=PlacementWatch("teacher replica", need, config.placement_timeout),
+        say=say,
     )
     (out / ATTEMPTS_DIR).remove_tree()
     timings = {
@@ -692,16 +710,50 @@ def _run_ray_pipeline(
     return timings
 
 
-def _actor_pool(config: TeacherCacheConfig):
+def _replica_needs(config: TeacherCacheConfig) -> dict[str, float]:
+    """The Ray resources of one scoring actor."""
+    need = {"CPU": config.num_cpus_per_actor}
+    if config.num_gpus_per_actor:
+        need["GPU"] = config.num_gpus_per_actor
+    return {**need, **parse_resources("--actor-resource", config.actor_resources)}
+
+
+def _fit_pool(
+    config: TeacherCacheConfig, need: dict[str, float], say: Callable[[str], None]
+) -> tuple[int, int]:
+    """The actor pool's (MIN, MAX) for what the cluster can place now. A --concurrency larger than that starts
+    with the replicas that fit and says so (on a cluster the pool may still grow to MAX as nodes join; a local Ray
+    never grows). A cluster that cannot place even one replica: refused at once on a local Ray; on a cluster
+    the run waits (up to --placement-timeout, see run_shards) for a node to join."""
+    import os
+
+    low, high = config.min_concurrency, config.max_concurrency
+    fits = placeable(need)
+    on_cluster = bool(config.ray.address or os.environ.get("RAY_ADDRESS"))
+    if fits == 0 and not on_cluster:
+        raise TeacherCacheError(
+            f"no node of the local Ray instance can hold a teacher replica (needs {describe_resources(need)}); "
+            "lower --num-cpus-per-actor / --num-gpus-per-actor / --actor-resource or give --address of a cluster"
+        )
+    if fits < low:
+        start = max(1, fits)
+        grow = f", growing to {high} if nodes join" if on_cluster else ""
+        say(
+            f"--concurrency {config.concurrency}: the Ray cluster can place {fits} teacher replica(s) now (each "
+            f"needs {describe_resources(need)}); starting with {start}{grow}"
+        )
+        return start, (high if on_cluster else start)
+    return low, high
+
+
+def _actor_pool(low: int, high: int):
     """The scoring actors: ``--concurrency`` N (a fixed pool) or MIN,MAX (Ray Data adds actors while shards
     wait, up to MAX, and removes idle ones down to MIN). Each actor has two shards in flight, so that the next
     shard's input is already at the actor when one finishes; an actor runs one call at a time, so a queued shard
     has not started (nor counted an attempt, see ``_ScoreShards``) when its actor dies, and Ray hands it on."""
     import ray.data
 
-    return ray.data.ActorPoolStrategy(
-        min_size=config.min_concurrency, max_size=config.max_concurrency, max_tasks_in_flight_per_actor=2
-    )
+    return ray.data.ActorPoolStrategy(min_size=low, max_size=high, max_tasks_in_flight_per_actor=2)
 
 
 def _storage_env(config: TeacherCacheConfig, out: Location) -> dict:

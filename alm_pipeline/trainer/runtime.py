@@ -265,6 +265,15 @@ class RayRuntime(Runtime):
                 out.append(Path(ckpt.to_directory(tempfile.mkdtemp(prefix="alm-resume-"))))
         if self.resume_from and location(self.resume_from).path.rstrip("/") != remote_path:
             out.append(ckpt_io.local_checkpoint(self.resume_from))  # a local copy when it is a URI
+        # a restart after a lost node: Ray Train knows a checkpoint only once its controller has collected every
+        # worker's report of that step (it polls every few seconds), so a node lost just after a checkpoint was
+        # written leaves Ray's record behind. The output is this run's alone (it holds the output lock; an
+        # earlier run's checkpoints were either resumed from or removed), so its newest complete checkpoint is
+        # this run's latest state
+        newest = ckpt_io.list_checkpoints(self.config.output)
+        known = max((ckpt_io.checkpoint_step(c) for c in out if ckpt_io.is_complete(c)), default=0)
+        if newest and newest[-1][0] > known:
+            out.append(ckpt_io.local_checkpoint(newest[-1][1]))
         return out
 
     def emit(self, kind: str, payload: dict) -> None:

@@ -397,3 +397,32 @@ def test_a_failing_scoring_actor_is_retried_on_a_fresh_one_then_named(ray_local,
     assert resumed.shards_reused == len(written) and resumed.shards_written == 3 - len(written)
     assert not orphan.exists()
     assert_same_cache_rows(cache_rows(out), cache_rows(tmp_path / "clean"))
+
+
+def test_concurrency_larger_than_the_cluster_starts_with_what_fits(ray_local, tmp_path, gpt2_bl_model):
+    """Three replicas of 0.75 CPU on a 2-CPU local Ray: the run starts with the two that fit and says so; a replica
+    that no node can hold (a resource the cluster lacks) is refused before anything runs."""
+    data = write_jsonl(
+        tmp_path / "c.jsonl", [{"id": f"d{i}", "text": f"document {i} " * 5} for i in range(6)]
+    )
+    said: list[str] = []
+    summary = build_teacher_cache(
+        _config(
+            gpt2_bl_model,
+            data,
+            tmp_path / "cache",
+            concurrency=3,
+            num_cpus_per_actor=0.75,
+            shard_size=shard_bytes(data, 3),
+        ),
+        progress=said.append,
+    )
+    assert summary.shards_written == 3
+    assert any("--concurrency 3: the Ray cluster can place 2 teacher replica(s) now" in m for m in said), said
+    assert any("starting with 2" in m and "growing" not in m for m in said), said
+    with pytest.raises(
+        TeacherCacheError,
+        match=r"no node of the local Ray instance can hold a teacher replica \(needs CPU=1, accel=1\)",
+    ):
+        build_teacher_cache(_config(gpt2_bl_model, data, tmp_path / "other", actor_resources=("accel=1",)))
+    assert not (tmp_path / "other" / "shards").exists() or not any((tmp_path / "other" / "shards").iterdir())

@@ -41,7 +41,9 @@ def sim_cluster():
 
 
 @pytest.fixture
-def cluster(sim_cluster):
-    """The simulated cluster with two live worker nodes (a test before may have removed one)."""
+def cluster(sim_cluster, monkeypatch):
+    """The simulated cluster with two live worker nodes (a test before may have removed one), named by
+    ``RAY_ADDRESS`` as on a real cluster (the stages then wait for nodes to join rather than refuse)."""
     sim_cluster.ensure_workers(2)
+    monkeypatch.setenv("RAY_ADDRESS", sim_cluster.address)
     return sim_cluster

@@ -73,10 +73,11 @@ class SimCluster:
         *,
         progress: Callable[[], int] | None = None,
         replace_after: float | None = None,
+        nodes: int = 1,
         timeout: float = 600,
     ) -> tuple[Any, NodeLoss]:
-        """Call ``run()`` in a thread; once ``condition()`` holds, remove worker node 0 without a graceful shutdown
-        (a preempted machine); with ``replace_after``, add a fresh worker node that many seconds later (an
+        """Call ``run()`` in a thread; once ``condition()`` holds, remove ``nodes`` worker nodes without a graceful
+        shutdown (preempted machines); with ``replace_after``, add a fresh worker node that many seconds later (an
         autoscaler replacing it). Node changes happen in this thread: Ray's ``Cluster`` sets signal handlers,
         which only the main thread may. Returns ``run()``'s result (or raises its exception) and the loss."""
         loss = NodeLoss()
@@ -96,7 +97,8 @@ class SimCluster:
             assert time.monotonic() < deadline, "the node-loss condition never held"
             time.sleep(0.05)
         if thread.is_alive():
-            self.remove_worker(0)
+            for _ in range(nodes):
+                self.remove_worker(0)
             loss.removed_at = time.monotonic()
             loss.progress = progress() if progress is not None else None
             if replace_after is not None:

@@ -4,12 +4,13 @@ for step). Prints the time from the node loss to the run's end (the recovery mea
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from alm_pipeline.pipeline.teacher_cache import build_teacher_cache
+from alm_pipeline.pipeline.teacher_cache import ATTEMPTS_DIR, build_teacher_cache
 from tests import factories
 from tests.factories import assert_same_cache_rows, cache_rows, shard_bytes, teacher_cache_config, write_jsonl
 from tests.multinode.simcluster import ACCEL
@@ -28,7 +29,7 @@ def _shards_written(out: Path) -> int:
     return len(list((out / "shards").glob("*.done.json"))) if (out / "shards").exists() else 0
 
 
-def _cache_config(model: Path, corpus: Path, out: Path):
+def _cache_config(model: Path, corpus: Path, out: Path, **kw):
     return teacher_cache_config(
         model,
         corpus,
@@ -39,6 +40,7 @@ def _cache_config(model: Path, corpus: Path, out: Path):
         concurrency=2,
         num_cpus_per_actor=0.5,
         actor_resources=ON_WORKERS,
+        **kw,
     )
 
 
@@ -69,7 +71,7 @@ def _logged_steps(out: Path) -> int:
     return max(0, len(path.read_text().splitlines()) - 1) if path.exists() else 0
 
 
-def _train_config(aligned: Path, out: Path, model: Path):
+def _train_config(aligned: Path, out: Path, model: Path, **kw):
     return factories.train_config(
         aligned,
         out,
@@ -80,6 +82,7 @@ def _train_config(aligned: Path, out: Path, model: Path):
         num_workers=2,
         cpus_per_worker=0.5,
         worker_resource=ON_WORKERS,
+        **kw,
     )
 
 
@@ -143,3 +146,57 @@ def test_align_survives_a_lost_worker_node(cluster, tmp_path, reference_cache, t
     for name, table in got.items():
         assert table.equals(expected[name]), f"{name} differs from the run without the fault"
     print(f"\nalign: node lost -> run finished in {loss.recovery_seconds:.1f} s")
+
+
+# The runs below end with lost nodes that never come back (until the test brings them back).
+
+
+def test_training_whose_node_never_comes_back_fails_naming_the_resource(
+    cluster, tmp_path, small_aligned, gpt2_bl_model
+):
+    from alm_pipeline.trainer.driver import run_training
+    from alm_pipeline.trainer.errors import TrainingError
+
+    out = tmp_path / "run"
+    with pytest.raises(TrainingError) as caught:
+        cluster.run_losing_a_node(
+            lambda: run_training(_train_config(small_aligned, out, gpt2_bl_model, placement_timeout=5)),
+            lambda: _logged_steps(out) >= 3,
+        )
+    message = str(caught.value)
+    assert (
+        "could not place 2 worker(s) needing CPU=0.5, accel=1 each within --placement-timeout 5 s" in message
+    )
+    assert "--resume continues" in message and (out / "checkpoints" / "checkpoint-000002").exists()
+
+
+def test_teacher_cache_whose_nodes_never_come_back_fails_naming_the_resource(
+    cluster, tmp_path, gpt2_bl_model, corpus, reference_cache
+):
+    from alm_pipeline.pipeline.teacher_cache import TeacherCacheError
+
+    out = tmp_path / "cache"
+    said: list[str] = []
+    with pytest.raises(TeacherCacheError) as caught:
+        cluster.run_losing_a_node(
+            lambda: build_teacher_cache(
+                _cache_config(gpt2_bl_model, corpus, out, placement_timeout=5), progress=said.append
+            ),
+            # as soon as a replica has begun scoring (its attempt is counted), before most shards are done
+            lambda: (out / ATTEMPTS_DIR).exists() and any((out / ATTEMPTS_DIR).iterdir()),
+            nodes=2,
+        )
+    assert (
+        "no node of the Ray cluster can hold a teacher replica (needs CPU=0.5, accel=1) and none joined within"
+        in str(caught.value)
+    )
+    assert any("waiting up to 5 s for one to join" in m for m in said), said
+    written = _shards_written(out)
+    assert written < 8  # what was written stays for a re-run
+    # the failed run stopped reading from its Ray Data executor (which shuts down; its tasks already submitted
+    # may still finish when nodes join, writing whole shards that a re-run keeps)
+    assert not [t for t in threading.enumerate() if t.name == "alm-stage-rows"]
+    cluster.ensure_workers(2)
+    summary = build_teacher_cache(_cache_config(gpt2_bl_model, corpus, out))
+    assert summary.shards_reused >= written and summary.shards_reused + summary.shards_written == 8
+    assert_same_cache_rows(cache_rows(out), cache_rows(reference_cache))

@@ -101,13 +101,10 @@ def test_bad_concurrency_is_refused_naming_the_option(value, message):
 
 
 def test_the_actor_pool_follows_concurrency_with_two_shards_in_flight():
-    """--concurrency N is a fixed pool, MIN,MAX an autoscaling one; each actor gets two shards in flight."""
+    """(MIN, MAX) = (N, N) is a fixed pool, else an autoscaling one; each actor gets two shards in flight."""
     from alm_pipeline.pipeline.teacher_cache import _actor_pool
 
-    fixed, scaling = (
-        _actor_pool(TeacherCacheConfig(concurrency=3)),
-        _actor_pool(TeacherCacheConfig(concurrency="1,4")),
-    )
+    fixed, scaling = _actor_pool(3, 3), _actor_pool(1, 4)
     assert (fixed.min_size, fixed.max_size, fixed.max_tasks_in_flight_per_actor) == (3, 3, 2)
     assert (scaling.min_size, scaling.max_size, scaling.initial_size) == (1, 4, 1)
 
