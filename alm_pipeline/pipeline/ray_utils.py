@@ -96,6 +96,11 @@ def configure_ray_data(progress_bars: bool = False) -> None:
     # a step's own exception reaches the driver (Ray's UserCodeException wrapper drops it on the way): the
     # stages name the document, file or shard from it and decide whether a retry can help
     ctx.raise_original_map_exception = True
+    # Ray Data ends an execution in which no block moved for 30 minutes; scoring one shard (64 MiB of text by
+    # default) can take longer than that on a CPU or a slow teacher, with nothing else moving. The stages watch
+    # what that guard stands in for themselves: a failed shard is retried, a worker no node can hold any more
+    # ends the run after --placement-timeout (see stage.run_shards)
+    ctx.execution_no_progress_timeout_s = -1
     if not progress_bars:
         # our own progress bar reports shards; keep Ray Data's per-dataset INFO lines and its notice that
         # its bars are off out of the console (they still go to Ray's log files)

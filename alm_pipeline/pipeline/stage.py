@@ -23,6 +23,7 @@ from alm_pipeline.pipeline.corpus import CorpusError
 from alm_pipeline.pipeline.ray_utils import (
     PlacementWatch,
     RayConfig,
+    configure_ray_data,
     describe_resources,
     ensure_ray,
     placeable,
@@ -87,6 +88,7 @@ def run_shards(
     from tqdm import tqdm
 
     ensure_ray(ray_config)
+    configure_ray_data()  # this run's settings, whatever the process set since Ray started
     rows = [k if isinstance(k, dict) else {"shard": k} for k in shards]
     ds = steps(ray.data.from_items(rows, override_num_blocks=len(rows)))
     bar = tqdm(total=len(shards), unit="shard", desc=desc, dynamic_ncols=True)

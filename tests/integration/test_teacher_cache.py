@@ -426,3 +426,21 @@ def test_concurrency_larger_than_the_cluster_starts_with_what_fits(ray_local, tm
     ):
         build_teacher_cache(_config(gpt2_bl_model, data, tmp_path / "other", actor_resources=("accel=1",)))
     assert not (tmp_path / "other" / "shards").exists() or not any((tmp_path / "other" / "shards").iterdir())
+
+
+def test_a_shard_longer_than_ray_datas_no_progress_guard_is_not_cut_off(ray_local, tmp_path, gpt2_bl_model):
+    """Ray Data ends an execution in which no block moves for execution_no_progress_timeout_s (30 min by default);
+    one shard can take longer on a CPU (its actor starting, then scoring, with nothing else moving). The stages
+    turn that guard off for their runs: here it is set to 1 s, far below the actor's start-up, and the run
+    completes. (With the guard left on, this run fails with Ray Data's ExecutionTimeoutError.)"""
+    import ray.data
+
+    data = write_jsonl(tmp_path / "c.jsonl", [{"id": "d0", "text": "one shard, scored slowly " * 8}])
+    ctx = ray.data.DataContext.get_current()
+    before = ctx.execution_no_progress_timeout_s
+    ctx.execution_no_progress_timeout_s = 1.0
+    try:
+        summary = build_teacher_cache(_config(gpt2_bl_model, data, tmp_path / "cache"))
+    finally:
+        ctx.execution_no_progress_timeout_s = before
+    assert summary.shards_written == 1 and summary.docs == 1
