@@ -1,5 +1,5 @@
 """Multi-node tests: one simulated cluster (a head and two worker nodes, see :mod:`tests.multinode.simcluster`)
-for the whole folder. Marked ``multinode``: CI runs them; ``pytest -m "not multinode"`` leaves them out locally.
+for the whole folder. Marked ``multinode``; left out of the default run (pyproject addopts), run them with ``pytest -m multinode``.
 
 The rest of the suite shares one local Ray (``ray_local``); the cluster replaces it while these tests run, and
 the local instance is started again afterwards for the tests that follow."""
