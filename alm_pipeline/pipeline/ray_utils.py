@@ -62,7 +62,14 @@ def ensure_ray(config: RayConfig = RayConfig()) -> None:
                 f"--address {address}: cannot connect to a Ray cluster ({first})"
             ) from None
     else:
-        ray.init(num_cpus=config.num_cpus, object_store_memory=config.object_store_memory, **common)
+        # "local": always a new instance. Without it ray.init joins the cluster recorded in Ray's temp dir
+        # (ray_current_cluster), which a head killed without cleanup leaves behind pointing at nothing
+        ray.init(
+            address="local",
+            num_cpus=config.num_cpus,
+            object_store_memory=config.object_store_memory,
+            **common,
+        )
     configure_ray_data()
 
 

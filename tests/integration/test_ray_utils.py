@@ -64,3 +64,39 @@ def test_the_embedded_ray_refuses_a_client_without_its_token(tmp_path):
     finally:
         head.stdin.close()
         head.wait(timeout=120)
+
+
+_LOCAL = """
+import ray
+from alm_pipeline.pipeline.ray_utils import RayConfig, ensure_ray
+
+ensure_ray(RayConfig(num_cpus=1))
+print(ray.get_runtime_context().gcs_address, flush=True)
+"""
+
+
+def test_a_local_run_starts_its_own_ray_even_when_a_dead_cluster_is_recorded():
+    """A head node killed without cleanup leaves its address in Ray's temp dir (``ray_current_cluster``); plain
+    ``ray.init()`` then tries to join it and fails ("Failed to connect to Ray cluster at ..."). A run without
+    --address/RAY_ADDRESS must start its own instance instead. Before: every later local run on the machine failed."""
+    import shutil
+    import tempfile
+
+    temp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # short: Ray's socket paths live under it
+    try:
+        os.makedirs(os.path.join(temp, "ray"))
+        dead = "192.0.2.2:1"  # TEST-NET-1: nothing answers there
+        with open(os.path.join(temp, "ray", "ray_current_cluster"), "w") as f:
+            f.write(dead)
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        done = subprocess.run(
+            [sys.executable, "-c", _LOCAL],
+            env={**env, "RAY_TMPDIR": temp, "RAY_AUTH_MODE": "disabled"},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.strip() and dead not in done.stdout, done.stdout
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
