@@ -160,5 +160,9 @@ def drop_derived_columns(table: pa.Table, tokens: TokenTable, where: str) -> pa.
         if not derived.equals(stored):
             same = np.array([a == b for a, b in zip(derived.to_pylist(), stored.to_pylist(), strict=True)])
             doc = table["doc_id"][int(np.flatnonzero(~same)[0])].as_py()
-            raise ValueError(f"{where}: document {doc!r}: its {name} does not follow from its token ids")
+            raise ValueError(
+                f"{where}: document {doc!r}: its {name} does not follow from its token ids (a token read per "
+                "occurrence, such as a SentencePiece ▁ that is the character U+2581 in this text); a cache "
+                "without text (--derive-text) cannot hold it: run without --derive-text"
+            )
     return compact

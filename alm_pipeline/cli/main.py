@@ -92,7 +92,23 @@ def align(config: AlignConfig) -> None:
 
 @app.command()
 def inspect(
-    path: Annotated[str, typer.Argument(help="A teacher cache or aligned set (folder or URI)")],
+    path: Annotated[
+        str | None, typer.Argument(help="A teacher cache or aligned set (folder or URI)", show_default=False)
+    ] = None,
+    tokenizer: Annotated[
+        str | None,
+        typer.Option(
+            "--tokenizer",
+            help="Instead of a cache: check a tokenizer (folder, installed asset name, or bytes) - how it is "
+            "classified, whether it is accepted as teacher and student, which sample texts it cannot "
+            "reproduce. Exit status 0 fine, 1 usable with limits, 2 refused",
+            show_default=False,
+        ),
+    ] = None,
+    texts: Annotated[
+        list[str] | None,
+        typer.Option("--text", help="With --tokenizer: a sample text of your own to try (repeatable)"),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
     verify: Annotated[
         bool,
@@ -104,7 +120,14 @@ def inspect(
     ] = False,
 ) -> None:
     """Summarise a teacher cache (teacher, tokenizer, documents, tokens, size, bits per byte) or an aligned
-    set (student tokenizer, coverage report)."""
+    set (student tokenizer, coverage report); or, with --tokenizer, check a tokenizer before any GPU work."""
+    if (path is None) == (tokenizer is None):
+        fail("give a cache or aligned set to inspect, or --tokenizer T (one of the two)")
+    if tokenizer is not None:
+        _inspect_tokenizer(tokenizer, texts or [], as_json)
+        return
+    if texts:
+        fail("--text goes with --tokenizer")
     from alm_pipeline.cache import open_cache
     from alm_pipeline.cache.aligned import ALIGNED_KIND, open_aligned_set
     from alm_pipeline.cache.store import MANIFEST, CacheIntegrityError, read_json
@@ -126,6 +149,18 @@ def inspect(
         typer.echo(json.dumps(summary, indent=2))
         return
     _print_table(summary)
+
+
+def _inspect_tokenizer(name: str, texts: list[str], as_json: bool) -> None:
+    from alm_pipeline.pipeline.tokenizer_check import check_tokenizer
+
+    report = check_tokenizer(name, texts)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        for line in report.lines():
+            typer.echo(line)
+    raise typer.Exit(code=report.exit_code)
 
 
 @app.command()

@@ -10,6 +10,13 @@ token id of a tokenizer, the exact UTF-8 bytes that token stands for in the text
 * plain tokenizers whose vocabulary strings are the text itself (character- or word-level);
 * special tokens (BOS, EOS, chat-template tokens) cover no bytes of the text.
 
+In a SentencePiece-style tokenizer a ``▁`` stands for a space, but the same character can also be in the text
+itself (U+2581), and non-special added tokens (Gemma's whitespace runs ``▁▁``, ``▁▁▁``, ...) are matched in the
+raw text while the model produces the same ids from normalised spaces. So the bytes of such a token are read per
+occurrence: ``token_bytes`` holds the usual reading (``▁`` = space), and a text whose tokens do not join to it is
+read again token by token, each ``▁`` as a space where the text has one and as U+2581 where the text has that
+(:meth:`ByteView.reads_as`).
+
 ``encode`` tokenizes a text as plain text (strings such as ``<|endoftext|>`` or ``<s>`` inside a document are
 never turned into control tokens), adds the tokenizer's own prefix/suffix special tokens, and returns per
 token the byte END offset into the text's UTF-8 encoding. It checks that the tokens' bytes concatenate to
@@ -90,6 +97,11 @@ class ByteView:
     eos_id: int | None = None
     bos_id: int | None = None
     pad_id: int | None = None
+    # the token (when the tokenizer has one) that stands for characters outside the vocabulary: such a tokenizer
+    # cannot reproduce a text containing them (no byte fallback)
+    unknown_token: str | None = None
+    # per id, the piece string whose ``▁`` may read as a space or as U+2581 (SentencePiece style only)
+    flex_pieces: dict[int, str] = field(default_factory=dict, repr=False)
     token_lengths: np.ndarray = field(init=False)
     boundary_mask: np.ndarray = field(init=False)
     _flat_bytes: np.ndarray = field(init=False, repr=False)  # all tokens' bytes, concatenated (uint8)
@@ -115,6 +127,21 @@ class ByteView:
     @property
     def vocab_size(self) -> int:
         return len(self.token_bytes)
+
+    @property
+    def emits_unknown(self) -> bool:
+        """Whether characters outside the vocabulary become an unknown token (no byte fallback): a text with such
+        a character cannot be reproduced."""
+        return self.unknown_token is not None
+
+    def reads_as(self, token_id: int, data: bytes) -> bool:
+        """Whether an occurrence of ``token_id`` may cover exactly ``data``: its usual bytes, or (SentencePiece
+        style) its piece with each ``▁`` read as a space or as U+2581, or that with a leading dummy-prefix ``▁``
+        read as nothing."""
+        if data == self.token_bytes[token_id]:
+            return True
+        ids = np.array([token_id], dtype=np.int64)
+        return any(self._read_occurrences(ids, data, dummy) is not None for dummy in (False, True))
 
     @property
     def max_token_bytes(self) -> int:
@@ -169,10 +196,12 @@ class ByteView:
             ):
                 lengths = lengths.copy()
                 lengths[0] -= 1  # dummy-prefix space: carried by the first token, not in the text
+            elif (read := self._read_text(ids_arr, source_bytes)) is not None:
+                lengths = read  # some ▁ stand for U+2581 in this text (see the module docstring)
             else:
                 raise TokenizerMismatchError(
                     f"tokenizer {self.name!r} does not reproduce the bytes of the text{where}: "
-                    f"{_first_difference(joined.tobytes(), source_bytes)}"
+                    f"{self._unknown_note(ids)}{_first_difference(joined.tobytes(), source_bytes)}"
                 )
         all_ids = np.array(list(prefix) + list(ids) + list(suffix), dtype=np.int32)
         body_ends = np.cumsum(lengths, dtype=np.int64)
@@ -326,7 +355,7 @@ class ByteView:
                 )
             except TokenizerMismatchError as err:
                 failed[i] = str(err)[:200]
-        if replaced:  # pragma: no cover - the batched check and ByteView.encode agree
+        if replaced:  # texts read per occurrence (a literal ▁) or, should the two ever disagree, re-encoded
             split_ids = np.split(out_ids, rows[1:-1])
             split_off = np.split(offsets, rows[1:-1])
             for i, enc in replaced.items():
@@ -340,6 +369,52 @@ class ByteView:
             text_bytes=np.fromiter(map(len, data), dtype=np.int64, count=num_docs),
             failed=failed,
         )
+
+    def _unknown_note(self, ids: list[int]) -> str:
+        unk = self.tokenizer.token_to_id(self.unknown_token) if self.unknown_token is not None else None
+        if unk is None or unk not in ids:
+            return ""
+        return f"characters outside its vocabulary became {self.unknown_token!r}; "
+
+    def _read_text(self, ids: np.ndarray, data: bytes) -> np.ndarray | None:
+        """Each token's byte length in ``data``, reading the tokens one occurrence at a time (without, then with a
+        dummy-prefix ``▁`` on the first token); None when no reading reproduces ``data``."""
+        if not self.flex_pieces:
+            return None
+        for dummy in (False, True):
+            lengths = self._read_occurrences(ids, data, dummy)
+            if lengths is not None:
+                return lengths
+        return None
+
+    def _read_occurrences(self, ids: np.ndarray, data: bytes, dummy: bool) -> np.ndarray | None:
+        """Walk ``data`` token by token: a token in ``flex_pieces`` matches its piece character by character,
+        ``▁`` matching a space or U+2581 (the two differ in their first byte, so at most one matches); any other
+        token matches its bytes. With ``dummy``, the first token's leading ``▁`` is the dummy prefix (no bytes).
+        The tokens' byte lengths, or None when they do not cover ``data`` exactly."""
+        pos, out = 0, np.zeros(len(ids), dtype=np.int64)
+        for k, token in enumerate(ids.tolist()):
+            start = pos
+            piece = self.flex_pieces.get(token)
+            if dummy and k == 0:
+                if piece is None or not piece.startswith(_SPIECE_SPACE):
+                    return None
+                piece = piece[1:]
+            if piece is None:
+                expected = self.token_bytes[token]
+                if not data.startswith(expected, pos):
+                    return None
+                pos += len(expected)
+            else:
+                for char in piece:
+                    if char == _SPIECE_SPACE and data.startswith(b" ", pos):
+                        pos += 1
+                    elif data.startswith(encoded := char.encode("utf-8"), pos):
+                        pos += len(encoded)
+                    else:
+                        return None
+            out[k] = pos - start
+        return out if pos == len(data) else None
 
     def _joined_bytes(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """The concatenated bytes of ``ids`` as a uint8 array (one vectorised gather, no Python loop)."""
@@ -359,6 +434,7 @@ class ByteView:
             "suffix_ids": self.suffix_ids,
             "special_ids": np.flatnonzero(self.is_special).tolist(),
             "text_normalization": self.text_normalization,
+            "unknown_token": self.unknown_token,
             "fingerprint": self.fingerprint,
         }
 
@@ -389,6 +465,12 @@ def byte_view_from_hf(tokenizer, name: str | None = None) -> ByteView:
         )
     name = name or getattr(tokenizer, "name_or_path", None) or "tokenizer"
     spec = json.loads(backend.to_str())
+    if (spec.get("model") or {}).get("type") == "WordPiece":
+        raise TokenizerMismatchError(
+            f"tokenizer {name!r} is a WordPiece tokenizer (BERT style): its pieces drop the spaces between words "
+            "and mark continuations with '##', so its tokens cannot be mapped back to the document's bytes; "
+            "not supported"
+        )
     backend, normalization = _strip_unicode_normalizers(backend, spec, name)
     spec = json.loads(backend.to_str())
     backend.encode_special_tokens = True  # special-token strings inside documents are plain text
@@ -403,17 +485,30 @@ def byte_view_from_hf(tokenizer, name: str | None = None) -> ByteView:
     for tok, i in vocab.items():
         if i < size:
             strings[i] = tok
+    model = spec.get("model") or {}
     table = unicode_to_bytes()
     token_bytes: list[bytes] = []
+    flex_pieces: dict[int, str] = {}
     is_special = np.zeros(size, dtype=bool)
     for i, tok in enumerate(strings):
-        if i in added:
-            is_special[i] = added[i].special
-            token_bytes.append(b"" if added[i].special else added[i].content.encode("utf-8"))
+        if i in added and added[i].special:
+            is_special[i] = True
+            token_bytes.append(b"")
+        elif i in added:  # matched in the raw text, or produced by the model under the same id
+            content = added[i].content
+            token_bytes.append(
+                _token_to_bytes(content, "sentencepiece", table)
+                if kind == "sentencepiece"
+                else content.encode("utf-8")
+            )
+            if kind == "sentencepiece" and _SPIECE_SPACE in content:
+                flex_pieces[i] = content
         elif tok is None:
             token_bytes.append(b"")
         else:
             token_bytes.append(_token_to_bytes(tok, kind, table))
+            if kind == "sentencepiece" and _SPIECE_SPACE in tok:
+                flex_pieces[i] = tok
 
     with_specials = backend.encode("a", add_special_tokens=True).ids
     without = backend.encode("a", add_special_tokens=False).ids
@@ -435,6 +530,8 @@ def byte_view_from_hf(tokenizer, name: str | None = None) -> ByteView:
         eos_id=_special_id(tokenizer, "eos_token_id"),
         bos_id=_special_id(tokenizer, "bos_token_id"),
         pad_id=_special_id(tokenizer, "pad_token_id"),
+        unknown_token=_unknown_token(model, kind, vocab),
+        flex_pieces=flex_pieces,
     )
     _probe(view)
     return view
@@ -463,6 +560,24 @@ def _split_around(with_specials: list[int], without: list[int]) -> tuple[list[in
     raise TokenizerMismatchError(
         "could not locate the text tokens inside the tokenizer's special-token template"
     )
+
+
+def _unknown_token(model: dict, kind: str, vocab: dict[str, int]) -> str | None:
+    """The token a model turns characters outside its vocabulary into, when it can do that: it has an unknown
+    token and no byte fallback, and (byte-level) its vocabulary lacks some of the 256 byte symbols."""
+    if model.get("byte_fallback"):
+        return None
+    if model.get("type") == "Unigram":
+        unk_id = model.get("unk_id")
+        pieces = model.get("vocab") or []
+        unk = pieces[unk_id][0] if isinstance(unk_id, int) and 0 <= unk_id < len(pieces) else None
+    else:
+        unk = model.get("unk_token")
+    if unk is None:
+        return None
+    if kind == "byte_level" and all(c in vocab for c in unicode_to_bytes()):
+        return None  # every byte has a token: nothing is unknown
+    return str(unk)
 
 
 def _detect_kind(spec: dict) -> str:
@@ -517,13 +632,17 @@ def _strip_unicode_normalizers(backend: Tokenizer, spec: dict, name: str) -> tup
         elif (
             kind == "Replace"
             and child.get("content") == _SPIECE_SPACE
+            and child.get("pattern") == {"String": " "}
             or kind == "Prepend"
             and child.get("prepend") == _SPIECE_SPACE
         ):
-            kept.append(child)
+            kept.append(child)  # one space -> one ▁ (or a dummy-prefix ▁): the bytes can be read back
         else:
+            what = f"{kind!r} normalizer"
+            if kind == "Replace":
+                what += f" (pattern {child.get('pattern')}, content {child.get('content')!r})"
             raise TokenizerMismatchError(
-                f"tokenizer {name!r} has a {kind!r} normalizer, which rewrites the text; its tokens cannot "
+                f"tokenizer {name!r} has a {what}, which rewrites the text; its tokens cannot "
                 "be mapped back to the document's bytes, so it is not supported"
             )
     if len(forms) > 1:

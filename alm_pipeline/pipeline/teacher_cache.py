@@ -575,9 +575,18 @@ def _teacher_byte_view(teacher_path: str) -> ByteView:
     except Exception as err:
         raise TeacherCacheError(f"{teacher_path}: cannot load the teacher's tokenizer ({err})") from None
     try:
-        return byte_view_from_hf(tok, name=teacher_path)
+        view = byte_view_from_hf(tok, name=teacher_path)
     except TokenizerMismatchError as err:
         raise TeacherCacheError(str(err)) from None
+    if view.emits_unknown:
+        # refused before any scoring: the first document with such a character would otherwise end the run
+        raise TeacherCacheError(
+            f"{teacher_path}: the teacher's tokenizer turns characters outside its vocabulary into "
+            f"{view.unknown_token!r} (it has no byte fallback), so documents with such characters cannot be "
+            f"scored as their text; it is not supported as a teacher (`alm-pipeline inspect --tokenizer "
+            f"{teacher_path}` shows what it can reproduce)"
+        )
+    return view
 
 
 def _weights_digest(path: str) -> str:

@@ -258,15 +258,20 @@ def test_max_docs_reads_only_the_documents_it_needs(ray_local, tmp_path, gpt2_bl
     assert summary.docs == 4
 
 
-def test_untokenizable_document_is_named(ray_local, tmp_path, tokenizer_dirs, assets_dir):
+def test_a_teacher_whose_tokenizer_emits_unknown_tokens_is_refused_before_scoring(
+    ray_local, tmp_path, tokenizer_dirs, assets_dir
+):
+    """A teacher tokenizer without byte fallback turns characters outside its vocabulary into <unk>: refused up
+    front naming the reason, nothing written. Before: the run failed at the first such document, after scoring."""
     from tests import factories
 
     model = factories.make_model("gpt2", tokenizer_dirs["char"], assets_dir / "gpt2_char")
     data = write_jsonl(
         tmp_path / "c.jsonl", [{"id": "ok", "text": "fine"}, {"id": "omega", "text": "Ω here"}]
     )
-    with pytest.raises(TeacherCacheError, match=r"document omega at .*c\.jsonl:2"):
+    with pytest.raises(TeacherCacheError, match=r"turns characters outside its vocabulary into '<unk>'"):
         build_teacher_cache(_config(model, data, tmp_path / "cache"))
+    assert not (tmp_path / "cache" / "manifest.json").exists()
 
 
 @pytest.mark.slow

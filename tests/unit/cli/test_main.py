@@ -3,6 +3,7 @@ not a cache, quickstart checks its settings before anything runs."""
 
 from __future__ import annotations
 
+import json
 import shlex
 import shutil
 import subprocess
@@ -270,3 +271,41 @@ def test_an_output_on_a_read_only_filesystem_is_a_one_line_error(tmp_path, gpt2_
     done = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-3000:]
     assert f"{ro / 'cache'}: cannot write the output here (Read-only file system)" in _error_line(done.stderr)
+
+
+def test_inspect_tokenizer_reports_the_classification_and_the_texts_it_cannot_reproduce(tokenizer_dirs):
+    """`inspect --tokenizer`: exit 0 for a tokenizer that reproduces every sample; 1 with the failing sample named
+    (a text of the user's own with a character outside the char tokenizer's vocabulary); JSON carries the same."""
+    ok = runner.invoke(app, ["inspect", "--tokenizer", str(tokenizer_dirs["sentencepiece"])])
+    assert ok.exit_code == 0, ok.output
+    assert "SentencePiece, legacy" in ok.output and "teacher    yes" in ok.output
+    assert "samples    14/14 reproduced byte for byte" in ok.output
+    limited = runner.invoke(
+        app, ["inspect", "--tokenizer", str(tokenizer_dirs["char"]), "--text", "snow \u2603", "--json"]
+    )
+    assert limited.exit_code == 1, limited.output
+    report = json.loads(limited.output)
+    failed = {s["name"] for s in report["samples"] if not s["ok"]}
+    assert "--text 1" in failed and "plain" not in failed, failed
+    assert report["as_teacher"].startswith("no: characters outside its vocabulary become '<unk>'")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["inspect"], "give a cache or aligned set to inspect, or --tokenizer T"),
+        (
+            ["inspect", "somewhere", "--tokenizer", "bytes"],
+            "give a cache or aligned set to inspect, or --tokenizer T",
+        ),
+        (["inspect", "somewhere", "--text", "x"], "--text goes with --tokenizer"),
+    ],
+)
+def test_inspect_needs_either_a_cache_or_a_tokenizer(args, message):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_inspect_tokenizer_refuses_a_missing_folder_with_exit_2(tmp_path):
+    result = runner.invoke(app, ["inspect", "--tokenizer", str(tmp_path / "nowhere")])
+    assert result.exit_code == 2 and "nowhere: no such file or folder" in result.output

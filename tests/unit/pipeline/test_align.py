@@ -38,13 +38,17 @@ def encode(view, text, max_length=None):
 
 
 def token_spans(view, enc):
-    """Per token: (start, end, bytes from token_bytes with a dummy-prefix space removed, special)."""
+    """Per token: (start, end, bytes from token_bytes with a dummy-prefix space removed, special); a token read
+    per occurrence (a ``▁`` that is U+2581 in the text) gets the text's bytes when it may read as them."""
     spans, prev, seen_text_token = [], 0, False
+    data = enc.text.encode("utf-8")
     for tok, end in zip(enc.token_ids.tolist(), enc.offsets.tolist(), strict=True):
         raw = view.token_bytes[tok]
         special = bool(view.is_special[tok])
         if not special and not seen_text_token and len(raw) == end - prev + 1 and raw[:1] == b" ":
             raw = raw[1:]  # dummy prefix: the first text token carries a space that is not in the text
+        elif raw != data[prev:end] and view.reads_as(tok, data[prev:end]):
+            raw = data[prev:end]
         if not special:
             seen_text_token = True
         spans.append((prev, end, raw, special))
