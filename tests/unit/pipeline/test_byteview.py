@@ -134,6 +134,15 @@ def test_whitespace_dropping_tokenizer_is_refused():
         byte_view_from_hf(tok, name="wordlevel")
 
 
+def test_a_tokenizer_without_byte_fallback_that_knows_no_probe_text_is_refused():
+    """Probe texts with unknown characters are skipped for such tokenizers (a per-document problem), but one
+    whose vocabulary lacks characters of every probe text cannot be checked and is refused."""
+    tok = Tokenizer(models.WordLevel(vocab={"[UNK]": 0, "q": 1}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    with pytest.raises(TokenizerMismatchError, match="every probe text .* outside its vocabulary"):
+        byte_view_from_hf(tok, name="tiny")
+
+
 def test_nfc_normalizer_is_recorded_and_applied_to_text():
     tok = factories.train_byte_level_bpe()
     tok.normalizer = normalizers.NFC()
