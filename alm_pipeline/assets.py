@@ -270,6 +270,12 @@ def bundled_corpus_path() -> str:
     return str(_DATA_DIR / "shakespeare.jsonl")
 
 
+def bundled_chat_path() -> str:
+    """Path of the bundled conversations (JSONL: 16 rows with ``messages``, 2 plain ``text`` rows; see
+    data/README.md)."""
+    return str(_DATA_DIR / "chat.jsonl")
+
+
 def bundled_heldout_path() -> str:
     """Path of the bundled held-out documents (100 documents from plays not in the main corpus)."""
     return str(_DATA_DIR / "heldout.jsonl")

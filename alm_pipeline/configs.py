@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any
 
 __all__ = ["check_choice", "check_int", "check_number", "check_positive", "option"]
@@ -52,6 +53,12 @@ def check_positive(name: str, value: Any, allow_none: bool = False) -> None:
     ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def check_file(name: str, value: str | None) -> None:
+    """Raise ``ValueError`` naming the setting when ``value`` is given and is not an existing local file."""
+    if value is not None and not os.path.isfile(os.path.expanduser(str(value))):
+        raise ValueError(f"{name} {value}: no such file")
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

@@ -10,6 +10,10 @@ recomputing, a finished training run with the same settings is kept, and so is t
    FVT-initialised embeddings, trained with ALM from the cache (the teacher is not loaded);
 4. ``evaluate``: bits per byte on bundled held-out documents (plays that are not in the training corpus) of the
    teacher, the student before training (its FVT initialisation) and the student after;
+5. ``chat``: the bundled conversations (``data/chat.jsonl``) cached with the teacher's chat template and aligned
+   to every student tokenizer that has a chat template of its own (``bytes`` has one; the GPT-2 tokenizer has
+   none and is skipped, saying so), the loss restricted to assistant turns; skipped when the teacher has no
+   chat template;
 
 and a final table with each artefact's path and its key numbers. ``seconds`` breaks the wall time down by stage.
 """
@@ -64,6 +68,11 @@ class QuickstartConfig:
     lr: float = option(5e-5, "Peak learning rate (10% warm-up, linear decay)")
     eval_docs: int = option(16, "Bundled held-out documents for bits per byte")
     eval_max_bytes: int = option(1024, "Held-out documents are cut at a line end to this many UTF-8 bytes")
+    chat: bool = option(
+        True,
+        "Last stage: cache the bundled conversations with the teacher's chat template and align them to the "
+        "students that have one (--no-chat: skip)",
+    )
     ray: RayConfig = field(default_factory=RayConfig)
 
     def __post_init__(self) -> None:
@@ -92,6 +101,7 @@ class QuickstartResult:
     seconds: dict
     training: dict | None = None  # {"student", "run", "final", "steps", "first_loss", "last_loss"}
     bits_per_byte: dict | None = None  # {"teacher": {...}, "student before": {...}, "student after": {...}}
+    chat: dict | None = None  # {"cache", "conversations", "aligned": [{"student", "path", "coverage", ...}]}
 
     def lines(self) -> list[str]:
         c = self.cache
@@ -125,6 +135,18 @@ class QuickstartResult:
             )
             for name, b in self.bits_per_byte.items():
                 out.append(f"                {name:<15} {b['bits_per_byte']:.4f}   {b['model']}")
+        if self.chat:
+            c = self.chat
+            out.append(f"chat cache      {c['cache']}")
+            out.append(
+                f"                {c['conversations']} conversations rendered with the teacher's chat template"
+            )
+            for a in c["aligned"]:
+                out.append(f"chat aligned    {a['path']}")
+                out.append(
+                    f"                student {a['student']}: coverage {a['coverage']:.2%} of assistant content "
+                    f"bytes, {a['paired_template_runs']}/{a['teacher_template_runs']} template runs paired"
+                )
         out.append("time            " + ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items()))
         return out
 
@@ -270,7 +292,7 @@ def _run(config: QuickstartConfig, progress: Callable[[str], None] | None) -> Qu
     say = progress or (lambda msg: None)
     out = Path(config.output).absolute()
     seconds: dict[str, float] = {}
-    stages = 4 if config.train else 2
+    stages = (4 if config.train else 2) + (1 if config.chat else 0)
 
     t = time.time()
     say(f"[1/{stages}] teacher cache: {config.teacher} over {config.max_docs} documents")
@@ -347,5 +369,62 @@ def _run(config: QuickstartConfig, progress: Callable[[str], None] | None) -> Qu
             say,
         )
         seconds["evaluate"] = time.time() - t
+    if config.chat:
+        t = time.time()
+        say(f"[{stages}/{stages}] chat: the bundled conversations, rendered per model")
+        result.chat = _chat_stage(config, out, students, say)
+        if result.chat is not None:
+            seconds["chat"] = time.time() - t
     (out / RESULT_FILE).write_text(json.dumps(result.to_json(), indent=2, default=str) + "\n")
     return result
+
+
+def _chat_stage(config: QuickstartConfig, out: Path, students: list[str], say) -> dict | None:
+    """Cache the bundled conversations with the teacher's chat template, align them to each student that has a
+    chat template; None (said) when the teacher has none."""
+    from alm_pipeline.assets import bundled_chat_path, resolve_model
+    from alm_pipeline.cache import open_cache
+    from alm_pipeline.pipeline.align_stage import AlignConfig, AlignSettings, build_aligned_sets
+    from alm_pipeline.pipeline.chat import load_chat_template
+    from alm_pipeline.pipeline.corpus import CorpusConfig
+    from alm_pipeline.pipeline.teacher_cache import TeacherCacheConfig, build_teacher_cache
+
+    if load_chat_template(resolve_model(config.teacher)) is None:
+        say(f"chat stage skipped: the teacher {config.teacher!r} has no chat template")
+        return None
+    with_template = []
+    for s in students:
+        if load_chat_template(s if s == "bytes" else resolve_model(s)) is None:
+            say(
+                f"chat stage: student tokenizer {s!r} has no chat template: not aligned (align --chat-template FILE)"
+            )
+        else:
+            with_template.append(s)
+    build_teacher_cache(
+        TeacherCacheConfig(
+            teacher=config.teacher,
+            corpus=CorpusConfig(path=bundled_chat_path(), id_field="id"),
+            output=str(out / "chat" / "cache"),
+            max_length=config.max_length,
+            num_cpus_per_actor=config.num_cpus_per_actor,
+            ray=config.ray,
+        ),
+        progress=say,
+    )
+    cache = open_cache(out / "chat" / "cache")
+    aligned = []
+    if with_template:
+        summaries = build_aligned_sets(
+            AlignConfig(
+                cache=str(out / "chat" / "cache"),
+                student_tokenizers=tuple(with_template),
+                output=str(out / "chat" / "aligned"),
+                settings=AlignSettings(gamma=config.gamma),
+                ray=config.ray,
+            ),
+            progress=say,
+        )
+        for summary, spec in zip(summaries, with_template, strict=True):
+            report = json.loads((Path(summary.path) / "manifest.json").read_text())["coverage"]["chat"]
+            aligned.append({"student": spec, "path": summary.path, **report})
+    return {"cache": str(out / "chat" / "cache"), "conversations": cache.chat_docs, "aligned": aligned}

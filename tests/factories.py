@@ -547,3 +547,12 @@ def lock_held_elsewhere(folder: Path, command: str = "train") -> Iterator[subpro
     finally:
         proc.stdin.close()
         proc.wait(timeout=30)
+
+
+# a Mistral-style template (the Mistral tokenizer here ships none): no newlines, [INST] markers in plain text,
+# the system prompt in its own markers, EOS after each assistant turn
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}[INST] {{ message['content'] }} "
+    "[/INST]{% elif message['role'] == 'system' %}[SYSTEM_PROMPT]{{ message['content'] }}[/SYSTEM_PROMPT]"
+    "{% else %}{{ message['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+)

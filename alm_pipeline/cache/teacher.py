@@ -72,14 +72,24 @@ CACHE_SCHEMA = pa.schema(
     ]
 )
 
+# Conversations (see alm_pipeline.pipeline.chat): the messages as canonical JSON, each message's content as
+# [start, end) bytes of the rendered ``text``, and per token the message it belongs to (-1: the chat template's
+# own text). Null for plain-text rows. Caches written before these columns have none of them.
+CHAT_FIELDS = [
+    pa.field("messages", pa.string(), nullable=True),
+    pa.field("content_spans", pa.list_(pa.int32()), nullable=True),
+    pa.field("token_message", pa.list_(pa.int16()), nullable=True),
+]
+CHAT_COLUMNS = tuple(f.name for f in CHAT_FIELDS)
+
 LOGPROB_COLUMNS = ("logprob", "boundary_logprob")
 LOGPROB_DTYPES = ("float32", "float16", "bfloat16")
 _DTYPE_KEY = b"alm.dtype"
 
 
-def cache_schema(logprob_dtype: str = "float32", derive_text: bool = False) -> pa.Schema:
+def cache_schema(logprob_dtype: str = "float32", derive_text: bool = False, chat: bool = False) -> pa.Schema:
     """The schema cache shards are stored with at ``logprob_dtype`` (ℓ and σ columns differ), without ``text``
-    and ``offsets`` but with ``text_bytes`` when ``derive_text``."""
+    and ``offsets`` but with ``text_bytes`` when ``derive_text``, with :data:`CHAT_FIELDS` when ``chat``."""
     if logprob_dtype not in LOGPROB_DTYPES:
         raise ValueError(f"logprob dtype {logprob_dtype!r}: use one of {', '.join(LOGPROB_DTYPES)}")
     fields = []
@@ -92,6 +102,8 @@ def cache_schema(logprob_dtype: str = "float32", derive_text: bool = False) -> p
             fields.append(f)
     if derive_text:
         fields.append(pa.field(TEXT_BYTES_COLUMN, pa.int32(), nullable=False))
+    if chat:
+        fields.extend(CHAT_FIELDS)
     return pa.schema(fields)
 
 
@@ -135,7 +147,7 @@ def decode_logprobs(table: pa.Table) -> pa.Table:
     return table
 
 
-_TOTALS = ("truncated_docs", "text_bytes", "predicted_tokens", "predicted_bytes", "sum_logprob")
+_TOTALS = ("truncated_docs", "text_bytes", "predicted_tokens", "predicted_bytes", "sum_logprob", "chat_docs")
 
 
 @dataclass
@@ -159,8 +171,17 @@ class TeacherCache(ShardedDataset):
         """True for a compact cache: ``text`` and ``offsets`` are derived from the token ids when read."""
         return self.manifest.get("text", "stored") == "derived"
 
+    @property
+    def has_chat_columns(self) -> bool:
+        """Whether the shards have :data:`CHAT_COLUMNS` (caches written since conversations are supported)."""
+        return bool(self.manifest.get("chat_columns", False))
+
+    @property
+    def chat_docs(self) -> int:
+        return int(self.manifest["totals"].get("chat_docs", 0))
+
     def stored_schema(self) -> pa.Schema:
-        return cache_schema(self.logprob_dtype, self.derive_text)
+        return cache_schema(self.logprob_dtype, self.derive_text, self.has_chat_columns)
 
     @classmethod
     def read_stored(cls, parquet: pq.ParquetFile, columns: list[str] | None, path: Location) -> pa.Table:
@@ -189,11 +210,13 @@ class TeacherCache(ShardedDataset):
         row_group_size: int | None = None,
         logprob_dtype: str = "float32",
         derive_text: bool = False,
+        chat: bool = False,
     ) -> store.ShardInfo:
         """Write shard ``index`` (fp32 rows in :data:`CACHE_SCHEMA`) with ℓ and σ stored at ``logprob_dtype``;
         with ``derive_text``, without ``text`` and ``offsets`` (the cache's ``token_bytes.parquet`` must be
         written first: each row is checked to derive back exactly)."""
-        table = encode_logprobs(table.select(CACHE_SCHEMA.names).cast(CACHE_SCHEMA), logprob_dtype)
+        schema = pa.schema([*CACHE_SCHEMA, *CHAT_FIELDS]) if chat else CACHE_SCHEMA
+        table = encode_logprobs(table.select(schema.names).cast(schema), logprob_dtype)
         if derive_text:
             where = f"{store.shard_path(root, index)}"
             table = drop_derived_columns(table, load_token_table(location(root).uri), where)
@@ -303,6 +326,9 @@ def shard_stats(table: pa.Table) -> dict:
         "predicted_tokens": int(np.isfinite(logprob).sum()),
         "predicted_bytes": predicted_bytes,
         "sum_logprob": float(np.nansum(logprob.astype(np.float64))),
+        "chat_docs": int(table.num_rows - table["messages"].null_count)
+        if "messages" in table.column_names
+        else 0,
     }
 
 

@@ -186,6 +186,10 @@ def iter_data_texts(
     config = CorpusConfig(path=path, text_field=text_field, id_field=id_field, limit=max_docs)
     try:
         for doc in iter_documents(config):
+            if doc.messages is not None:
+                raise CorpusError(
+                    f"{doc.source}: a conversation (messages); bits per byte is measured on plain text documents"
+                )
             yield f"{doc.doc_id} at {doc.source}", doc.text
     except CorpusError as err:
         raise EvalError(str(err)) from None

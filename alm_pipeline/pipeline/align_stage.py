@@ -17,7 +17,7 @@ import json
 import re
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,17 +33,24 @@ from alm_pipeline.cache.aligned import (
 )
 from alm_pipeline.cache.arrow import list_array, list_parts, take_rows
 from alm_pipeline.cache.dataset import OutputRefusedError
-from alm_pipeline.cache.teacher import TeacherCache, open_cache
-from alm_pipeline.configs import check_int, check_number, option
+from alm_pipeline.cache.teacher import CHAT_COLUMNS, TeacherCache, open_cache
+from alm_pipeline.configs import check_choice, check_file, check_int, check_number, option
 from alm_pipeline.locking import output_lock
 from alm_pipeline.pipeline.align import CoverageStats
 from alm_pipeline.pipeline.align_batch import align_batch, coverage_batch, merge_batch
+from alm_pipeline.pipeline.align_chat import LOSS_ON, ChatStats, encode_rows, is_conversation, loss_mask
 from alm_pipeline.pipeline.byteview import ByteView, TokenizerMismatchError, load_byte_view
+from alm_pipeline.pipeline.chat import ChatError, ChatTemplate, load_chat_template, no_template_message
 from alm_pipeline.pipeline.ray_utils import RayConfig, ensure_ray, worker_options
 from alm_pipeline.pipeline.stage import finished_shards, run_shards
 from alm_pipeline.storage import Location, StorageError, location
 
 CACHE_COLUMNS = ["doc_id", "text", "token_ids", "offsets", "logprob", "boundary_logprob"]
+
+
+def cache_columns(cache: TeacherCache) -> list[str]:
+    """The cache columns alignment reads: :data:`CACHE_COLUMNS`, and the conversation columns where it has them."""
+    return CACHE_COLUMNS + (list(CHAT_COLUMNS) if cache.has_chat_columns else [])
 
 
 class AlignError(RuntimeError):
@@ -60,14 +67,28 @@ class AlignSettings:
         None, "Student tokens per document (default: cover the cached text)"
     )
     min_coverage: float = option(0.8, "Warn when chunks cover less of the text than this")
+    loss_on: str = option(
+        "auto",
+        "Which chunks of a conversation count in the loss: assistant (inside assistant messages, and the "
+        "template tokens that end an assistant turn), all, or auto (assistant; plain texts always count whole)",
+    )
 
     def __post_init__(self) -> None:
         check_number("--gamma", self.gamma, 0, 1)
         check_int("--max-student-length", self.max_student_length, allow_none=True)
         check_number("--min-coverage", self.min_coverage, 0, 1)
+        check_choice("--loss-on", self.loss_on, LOSS_ON)
+
+    @property
+    def chat_loss_on(self) -> str:
+        """What ``loss_on`` means for conversations: ``assistant`` or ``all``."""
+        return "assistant" if self.loss_on == "auto" else self.loss_on
 
     def identity(self) -> dict:
-        return {"gamma": self.gamma, "debias": self.debias, "max_student_length": self.max_student_length}
+        identity = {"gamma": self.gamma, "debias": self.debias, "max_student_length": self.max_student_length}
+        if self.loss_on != "auto":  # only when set: sets aligned before the option keep their identity
+            identity["loss_on"] = self.loss_on
+        return identity
 
 
 @dataclass(frozen=True)
@@ -79,11 +100,19 @@ class AlignConfig:
     )
     output: str = option("aligned", "Parent folder or URI; one aligned set per student tokenizer inside")
     settings: AlignSettings = field(default_factory=AlignSettings)
+    chat_template: str | None = option(
+        None,
+        "Jinja chat template file for student tokenizers that have none of their own (conversations only; "
+        "`bytes` has a built-in one)",
+    )
     overwrite: bool = option(False, "Replace existing aligned sets made with other settings")
     verify: bool = option(
         False, "Check every cache shard's SHA-256 first (parallel Ray tasks; reads the whole cache)"
     )
     ray: RayConfig = field(default_factory=RayConfig)
+
+    def __post_init__(self) -> None:
+        check_file("--chat-template", self.chat_template)
 
 
 @dataclass
@@ -125,6 +154,8 @@ def align_table(
     settings: AlignSettings,
     coverage: CoverageStats | None = None,
     dropped: DroppedDocs | None = None,
+    student_template: ChatTemplate | None = None,
+    chat_stats: ChatStats | None = None,
 ) -> pa.Table:
     """Align one table of cache rows to ``student``; returns rows in ``ALIGNED_SCHEMA`` (documents with no
     valid chunk, or whose text the student tokenizer cannot reproduce, are dropped and counted).
@@ -135,6 +166,9 @@ def align_table(
     and merge all documents in one pass. The result is the same as :meth:`ByteView.encode`,
     :func:`~alm_pipeline.pipeline.align.align_document`, :func:`~alm_pipeline.pipeline.align.merge_and_debias`
     and :func:`~alm_pipeline.pipeline.align.coverage_stats` document by document.
+
+    Rows holding a conversation are rendered with ``student_template`` and aligned in content coordinates
+    (:mod:`alm_pipeline.pipeline.align_chat`; counted in ``chat_stats``).
     """
     coverage = coverage if coverage is not None else CoverageStats()
     dropped = dropped if dropped is not None else DroppedDocs()
@@ -152,36 +186,66 @@ def align_table(
                 f"token_ids has {int(t_rows[d + 1] - t_rows[d])}"
             )
 
-    encoded = student.encode_batch(texts, settings.max_student_length, doc_ids)
-    s_ids, s_off, s_rows, failed = encoded.token_ids, encoded.offsets, encoded.rows, encoded.failed
+    chat_rows = is_conversation(table)
+    loss_ranges: dict[int, np.ndarray] = {}
+    if chat_rows.any():
+        rows = encode_rows(
+            table,
+            chat_rows,
+            t_ids,
+            t_off,
+            t_rows,
+            teacher_is_special,
+            student,
+            student_template,
+            settings.max_student_length,
+            settings.chat_loss_on,
+            chat_stats if chat_stats is not None else ChatStats(),
+        )
+        t_off, t_special = rows.t_off, rows.t_special
+        s_ids, s_off, s_rows, s_special = rows.s_ids, rows.s_off, rows.s_rows, rows.s_special
+        failed, text_bytes, loss_ranges = rows.failed, rows.text_bytes, rows.loss_ranges
+    else:
+        encoded = student.encode_batch(texts, settings.max_student_length, doc_ids)
+        s_ids, s_off, s_rows, failed = encoded.token_ids, encoded.offsets, encoded.rows, encoded.failed
+        t_special, s_special, text_bytes = (
+            teacher_is_special[t_ids],
+            student.is_special[s_ids],
+            encoded.text_bytes,
+        )
     ok = np.ones(len(texts), dtype=bool)
     ok[list(failed)] = False
     docs = np.flatnonzero(ok)
     if len(failed):  # keep only the documents the student tokenizer could encode
         t_ids, _ = take_rows(t_ids, t_rows, ok)
         t_off, _ = take_rows(t_off, t_rows, ok)
+        t_special, _ = take_rows(t_special, t_rows, ok)
         logprob, _ = take_rows(logprob, t_rows, ok)
         sigma, t_rows = take_rows(sigma, t_rows, ok)
         s_ids, _ = take_rows(s_ids, s_rows, ok)
+        s_special, _ = take_rows(s_special, s_rows, ok)
         s_off, s_rows = take_rows(s_off, s_rows, ok)
 
     names = [doc_ids[d] for d in docs]
     alignment = align_batch(
-        t_ids,
-        t_off,
-        teacher_is_special[t_ids],
-        t_rows,
-        s_ids,
-        s_off,
-        student.is_special[s_ids],
-        s_rows,
-        document_names=names,
+        t_ids, t_off, t_special, t_rows, s_ids, s_off, s_special, s_rows, document_names=names
     )
+    if loss_ranges:  # conversations under --loss-on assistant: chunks outside assistant turns do not count
+        position = {int(d): i for i, d in enumerate(docs)}
+        ranges = {position[d]: r for d, r in loss_ranges.items() if d in position}
+        keep = loss_mask(
+            alignment.chunk_doc, alignment.byte_start, alignment.byte_end, alignment.is_special, ranges
+        )
+        alignment = replace(alignment, valid=alignment.valid & keep)
     merged = merge_batch(
         alignment, logprob, sigma, gamma=settings.gamma, debias=settings.debias, document_names=names
     )
-    text_bytes = encoded.text_bytes
     coverage.add(coverage_batch(alignment, merged, text_bytes[docs]))
+    if chat_stats is not None and chat_rows.any():
+        in_chat = chat_rows[docs][alignment.chunk_doc]
+        chat_stats.paired_template_runs += int((alignment.is_special & in_chat).sum())
+        counted = alignment.valid & in_chat
+        chat_stats.covered_bytes += int((alignment.byte_end - alignment.byte_start)[counted].sum())
 
     groups = merged.groups_per_document()
     kept = groups > 0
@@ -227,6 +291,7 @@ class _SetOutput:
     root: Location
     identity: dict
     pending: list[int]
+    template: ChatTemplate | None = None
 
 
 def set_name(student: str) -> str:
@@ -248,6 +313,7 @@ def build_aligned_sets(
     except (store.CacheIntegrityError, StorageError, ValueError) as err:
         raise AlignError(str(err)) from None
     views = _load_students(config.student_tokenizers)
+    templates = _student_templates(config.student_tokenizers, config.chat_template, cache.chat_docs > 0)
     names = [set_name(s) for s in config.student_tokenizers]
     if len(set(names)) != len(names):
         names = [f"{n}-{v.fingerprint[:8]}" for n, v in zip(names, views, strict=True)]
@@ -260,20 +326,21 @@ def build_aligned_sets(
     with contextlib.ExitStack() as locks:  # one writer per aligned set, for the whole run
         for name in names:
             locks.enter_context(output_lock(out_root / name, "align"))
-        return _build_sets(config, cache, views, names, out_root, say)
+        return _build_sets(config, cache, views, templates, names, out_root, say)
 
 
 def _build_sets(
     config: AlignConfig,
     cache: TeacherCache,
     views: list[ByteView],
+    templates: list[ChatTemplate | None],
     names: list[str],
     out_root: Location,
     say: Callable[[str], None],
 ) -> list[AlignedSetSummary]:
     num_shards = cache.num_shards
     sets: list[_SetOutput] = []
-    for student, name, view in zip(config.student_tokenizers, names, views, strict=True):
+    for student, name, view, template in zip(config.student_tokenizers, names, views, templates, strict=True):
         root = out_root / name
         identity = {
             "format_version": ALIGNED_FORMAT_VERSION,
@@ -281,6 +348,8 @@ def _build_sets(
             "student_tokenizer_fingerprint": view.fingerprint,
             "settings": config.settings.identity(),
         }
+        if cache.chat_docs and template is not None:  # how the student renders the conversations
+            identity["chat_template"] = template.describe()["sha256"]
         try:
             AlignedSet.prepare_output(root, identity, config.overwrite)
         except (OutputRefusedError, StorageError) as err:
@@ -288,7 +357,7 @@ def _build_sets(
         _save_student_tokenizer(student, root / TOKENIZER_DIR)
         AlignedSet.write_manifest(root, _manifest(cache, config, student, view, identity, [], "in_progress"))
         pending = AlignedSet.pending_shards(root, num_shards)
-        sets.append(_SetOutput(student, name, view, root, identity, pending))
+        sets.append(_SetOutput(student, name, view, root, identity, pending, template))
 
     work = sorted({k for s in sets for k in s.pending})
     if work:
@@ -332,6 +401,26 @@ def _load_students(students: tuple[str, ...]) -> list[ByteView]:
     return views
 
 
+def _student_templates(
+    students: tuple[str, ...], override: str | None, required: bool
+) -> list[ChatTemplate | None]:
+    """Each student's chat template: its own, else the ``--chat-template`` file; refused up front when the cache
+    holds conversations and a student has neither."""
+    from alm_pipeline.assets import resolve_model
+
+    templates = []
+    for student in students:
+        path = student if student == "bytes" else resolve_model(student)
+        try:
+            template = load_chat_template(path) or (load_chat_template(path, override) if override else None)
+        except ChatError as err:
+            raise AlignError(str(err)) from None
+        if template is None and required:
+            raise AlignError(no_template_message(student, "student"))
+        templates.append(template)
+    return templates
+
+
 def _save_student_tokenizer(student: str, folder: Location) -> None:
     """Save the student tokenizer in Hugging Face format to ``folder`` (any backend): written to a local
     temporary folder, then each file stored; ``tokenizer_config.json`` goes last, so its presence means the
@@ -360,8 +449,10 @@ def _manifest(cache, config, student, view, identity, infos, state) -> dict:
     coverage = CoverageStats()
     dropped: dict[str, int] = {}
     examples: list[str] = []
+    chat = ChatStats()
     for info in infos:
         coverage.add(CoverageStats(**info.stats["coverage"]))
+        chat.add(info.stats.get("chat", {}))
         for reason, n in info.stats["dropped"].items():
             dropped[reason] = dropped.get(reason, 0) + n
         examples += info.stats["dropped_examples"][: max(0, 20 - len(examples))]
@@ -371,6 +462,12 @@ def _manifest(cache, config, student, view, identity, infos, state) -> dict:
         "dropped": dropped,
         "dropped_examples": examples,
     }
+    if chat.conversations:
+        report["chat"] = {
+            **chat.as_dict(),
+            "loss_on": config.settings.chat_loss_on,
+            "coverage": (chat.covered_bytes / chat.loss_bytes) if chat.loss_bytes else None,
+        }
     return AlignedSet.new_manifest(
         state,
         identity,
@@ -388,7 +485,11 @@ def _manifest(cache, config, student, view, identity, infos, state) -> dict:
             "folder": TOKENIZER_DIR,
             **{k: v for k, v in view.describe().items() if k != "special_ids"},
         },
-        settings={**config.settings.identity(), "min_coverage": config.settings.min_coverage},
+        settings={
+            **config.settings.identity(),
+            "min_coverage": config.settings.min_coverage,
+            "loss_on": config.settings.loss_on,
+        },
         coverage=report,
     )
 
@@ -406,23 +507,29 @@ class _AlignCacheShard:
         teacher_special: np.ndarray,
         sets: list[_SetOutput],
         settings: AlignSettings,
+        columns: list[str] = CACHE_COLUMNS,
     ):
         self.cache_root, self.teacher_special, self.settings = cache_root, teacher_special, settings
-        # what a task needs of each set: its student and its folder (not the driver's list of pending shards)
-        self.sets = [(s.view, s.root.uri) for s in sets]
+        self.columns = columns
+        # what a task needs of each set: its student, its folder and its chat template (not the driver's list of
+        # pending shards)
+        self.sets = [(s.view, s.root.uri, s.template) for s in sets]
 
     def __call__(self, row: dict) -> dict:
         k = int(row["shard"])
-        table = TeacherCache.read_shard_entry(self.cache_root, _entry(row), columns=CACHE_COLUMNS)
+        table = TeacherCache.read_shard_entry(self.cache_root, _entry(row), columns=self.columns)
         written = 0
         for i in row["sets"]:
-            view, root = self.sets[int(i)]
-            coverage, dropped = CoverageStats(), DroppedDocs()
-            aligned = align_table(table, self.teacher_special, view, self.settings, coverage, dropped)
+            view, root, template = self.sets[int(i)]
+            coverage, dropped, chat = CoverageStats(), DroppedDocs(), ChatStats()
+            aligned = align_table(
+                table, self.teacher_special, view, self.settings, coverage, dropped, template, chat
+            )
             stats = {
                 "coverage": asdict(coverage),
                 "dropped": dropped.counts,
                 "dropped_examples": dropped.examples,
+                "chat": chat.as_dict(),
             }
             AlignedSet.write_shard(root, k, aligned, stats=stats, row_group_size=ALIGNED_ROW_GROUP_ROWS)
             written += 1
@@ -459,7 +566,9 @@ def _entry(row: dict) -> store.ShardInfo:
 
 
 def _run_ray(config: AlignConfig, cache: TeacherCache, sets: list[_SetOutput], work: list[int]) -> None:
-    fn = _AlignCacheShard(cache.root.uri, cache.special_token_mask(), sets, config.settings)
+    fn = _AlignCacheShard(
+        cache.root.uri, cache.special_token_mask(), sets, config.settings, cache_columns(cache)
+    )
     pending = [set(s.pending) for s in sets]
     targets = [[i for i, p in enumerate(pending) if k in p] for k in work]
     options = worker_options()
@@ -485,16 +594,19 @@ def stream_aligned(
     ensure_ray(ray_config or RayConfig())
     cache = open_cache(cache_path, verify=True)
     (view,) = _load_students((student_tokenizer,))
+    (template,) = _student_templates((student_tokenizer,), None, cache.chat_docs > 0)
     special = cache.special_token_mask()
     root = cache.root.uri
+    columns = cache_columns(cache)
 
     def transform(batch: pa.Table) -> pa.Table:
         tables = [
             align_table(
-                TeacherCache.read_shard_entry(root, _entry(row), columns=CACHE_COLUMNS),
+                TeacherCache.read_shard_entry(root, _entry(row), columns=columns),
                 special,
                 view,
                 settings,
+                student_template=template,
             )
             for row in batch.to_pylist()
         ]

@@ -49,6 +49,10 @@ class CorpusConfig:
         cli="data",
     )
     text_field: str = option("text", "Field holding the document text")
+    messages_field: str = option(
+        "messages",
+        "Field holding a conversation (a list of {role, content}), used where a row has no text field",
+    )
     id_field: str | None = option(None, "Field holding a unique document id (default: hash of text)")
     split: str = option("train", "Split, for hub datasets and DatasetDict folders")
     limit: int | None = option(
@@ -77,21 +81,27 @@ class CorpusConfig:
             path = location(text).uri
         else:
             path = os.path.realpath(text) if os.path.exists(text) else text
-        return {
+        described = {
             "path": path,
             "text_field": self.text_field,
             "id_field": self.id_field,
             "split": self.split,
             "limit": self.limit,
         }
+        if self.messages_field != "messages":  # recorded only when changed: older caches keep their identity
+            described["messages_field"] = self.messages_field
+        return described
 
 
 @dataclass(frozen=True)
 class Document:
+    """A document: plain ``text``, or a conversation (``messages``; ``text`` is then their canonical JSON)."""
+
     doc_id: str
     text: str
     source: str  # file:line or file#row (a range that does not start its file: "file (byte N)")
     position: object = field(default=None, compare=False, repr=False)  # for exact_source
+    messages: tuple | None = field(default=None, compare=False, repr=False)  # chat.Message, in order
 
 
 def exact_source(entry: ShardEntry, doc: Document) -> str:
@@ -423,8 +433,13 @@ def _validate(record, pos, reader: _ShardReader, config: CorpusConfig) -> Docume
     """The record as a Document; None for an empty text. Errors name the exact file and line/row."""
     if not isinstance(record, dict):
         raise CorpusError(f"{reader.exact(pos)}: expected an object with a {config.text_field!r} field")
+    if record.get(config.text_field) is None and record.get(config.messages_field) is not None:
+        return _conversation(record, pos, reader, config)
     if config.text_field not in record:
-        raise CorpusError(f"{reader.exact(pos)}: missing text field {config.text_field!r}")
+        raise CorpusError(
+            f"{reader.exact(pos)}: missing text field {config.text_field!r} (or a conversation in "
+            f"{config.messages_field!r})"
+        )
     text = record[config.text_field]
     if not isinstance(text, str):
         raise CorpusError(
@@ -438,13 +453,38 @@ def _validate(record, pos, reader: _ShardReader, config: CorpusConfig) -> Docume
         ) from None
     if not text.strip():
         return None
-    if config.id_field:
-        if config.id_field not in record or record[config.id_field] is None:
-            raise CorpusError(f"{reader.exact(pos)}: missing id field {config.id_field!r}")
-        doc_id = str(record[config.id_field])
-    else:
-        doc_id = text_hash_id(text)
+    doc_id = _doc_id(record, pos, reader, config, text)
     return Document(doc_id=doc_id, text=text, source=reader.where(pos), position=pos)
+
+
+def _doc_id(record: dict, pos, reader: _ShardReader, config: CorpusConfig, hashed: str) -> str:
+    """The row's ``--id-field`` value, or (without one) a hash of ``hashed``: the text, or a conversation's
+    canonical JSON."""
+    if not config.id_field:
+        return text_hash_id(hashed)
+    if config.id_field not in record or record[config.id_field] is None:
+        raise CorpusError(f"{reader.exact(pos)}: missing id field {config.id_field!r}")
+    return str(record[config.id_field])
+
+
+def _conversation(record: dict, pos, reader: _ShardReader, config: CorpusConfig) -> Document:
+    from alm_pipeline.pipeline.chat import ChatError, messages_json, parse_messages
+
+    value = record[config.messages_field]
+    if isinstance(value, str):  # a conversation stored as a JSON string (a Parquet string column)
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise CorpusError(
+                f"{reader.exact(pos)}: {config.messages_field!r} is a string but not JSON"
+            ) from None
+    try:
+        messages = parse_messages(value, reader.exact(pos))
+    except ChatError as err:
+        raise CorpusError(str(err)) from None
+    canonical = messages_json(messages)
+    doc_id = _doc_id(record, pos, reader, config, canonical)
+    return Document(doc_id=doc_id, text=canonical, source=reader.where(pos), position=pos, messages=messages)
 
 
 class _ShardReader:
@@ -584,7 +624,8 @@ class _ShardReader:
             pf = pq.ParquetFile(stream)
             stop = pf.metadata.num_rows if self.entry.stop is None else self.entry.stop
             names = set(pf.schema_arrow.names)
-            columns = [c for c in (config.text_field, config.id_field) if c and c in names] or None
+            wanted = (config.text_field, config.messages_field, config.id_field)
+            columns = [c for c in wanted if c and c in names] or None
             row = 0
             for g in range(pf.metadata.num_row_groups):
                 rows = pf.metadata.row_group(g).num_rows

@@ -39,6 +39,8 @@ from alm_pipeline.cache.arrow import ipc_to_table, ragged_list_array, table_to_i
 from alm_pipeline.cache.dataset import OutputRefusedError
 from alm_pipeline.cache.teacher import (
     BOUNDARY_FILE,
+    CHAT_COLUMNS,
+    CHAT_FIELDS,
     FORMAT_VERSION,
     LOGPROB_DTYPES,
     TeacherCache,
@@ -48,11 +50,21 @@ from alm_pipeline.cache.teacher import (
     write_boundary_tokens,
 )
 from alm_pipeline.cache.token_bytes import TOKEN_BYTES_FILE, write_token_bytes
-from alm_pipeline.configs import check_choice, check_int, check_number, check_positive, option
+from alm_pipeline.configs import check_choice, check_file, check_int, check_number, check_positive, option
 from alm_pipeline.locking import output_lock
 from alm_pipeline.model_files import ModelFilesError, check_model
 from alm_pipeline.modeling import DTYPES
 from alm_pipeline.pipeline.byteview import ByteView, TokenizerMismatchError, byte_view_from_hf
+from alm_pipeline.pipeline.chat import (
+    ChatEncoding,
+    ChatError,
+    ChatTemplate,
+    Message,
+    encode_chat,
+    load_chat_template,
+    messages_json,
+    no_template_message,
+)
 from alm_pipeline.pipeline.corpus import (
     CorpusConfig,
     CorpusError,
@@ -89,6 +101,7 @@ TOKENIZED_SCHEMA = pa.schema(
         pa.field("token_ids", pa.list_(pa.int32()), nullable=False),
         pa.field("offsets", pa.list_(pa.int32()), nullable=False),
         pa.field("truncated", pa.bool_(), nullable=False),
+        *CHAT_FIELDS,
     ]
 )
 
@@ -135,6 +148,11 @@ class TeacherCacheConfig:
         False,
         "Compact cache: store neither the text nor the byte offsets (about 2.3 bytes/token less); readers "
         "derive both exactly from the token ids and the teacher's token bytes, saved once in the cache",
+    )
+    chat_template: str | None = option(
+        None,
+        "Jinja chat template file that renders the corpus's conversations (rows with messages) for the "
+        "teacher (default: the teacher tokenizer's own chat template)",
     )
     batch_tokens: int = option(8192, "Padded tokens per forward pass")
     concurrency: str = option(
@@ -199,6 +217,7 @@ class TeacherCacheConfig:
     def __post_init__(self) -> None:
         """Every setting checked here, before any work (messages name the option)."""
         check_choice("--engine", self.engine, ("hf", "vllm"))
+        check_file("--chat-template", self.chat_template)
         check_choice("--logprob-dtype", self.logprob_dtype, LOGPROB_DTYPES)
         check_choice("--boundary-mode", self.boundary_mode, ("exact", "topk"))
         check_choice("--dtype", self.dtype, ("auto", *DTYPES))
@@ -277,6 +296,10 @@ class TeacherCacheConfig:
         }
         if self.derive_text:  # only when set: caches written before the option keep their identity
             settings["text"] = "derived"
+        if (
+            self.chat_template
+        ):  # only when given, as above (the teacher's own template is part of the teacher)
+            settings["chat_template"] = hashlib.sha256(Path(self.chat_template).read_bytes()).hexdigest()[:16]
         if self.boundary_mode != "exact":  # an approximate σ must never be mixed with (or resumed as) exact
             settings["boundary_mode"] = f"{self.boundary_mode}:{self.boundary_topk}"
         return settings
@@ -406,11 +429,17 @@ def _build(
     if not plan:
         raise TeacherCacheError(f"{config.corpus.path}: no usable documents")
     num_shards = len(plan)
+    try:
+        template = load_chat_template(teacher_path, config.chat_template)
+    except ChatError as err:
+        raise TeacherCacheError(str(err)) from None
     boundary = write_boundary_tokens(root, view.boundary_token_ids())
     if config.derive_text:  # before any shard: the writers check each row against these bytes
         write_token_bytes(root, view.token_bytes)
     corpus = {**identity["corpus"], "files": len(listing.files), **_corpus_totals([], listing)}
-    manifest = _manifest(config, identity, view, teacher_path, corpus, num_shards, boundary, "in_progress")
+    manifest = _manifest(
+        config, identity, view, teacher_path, corpus, num_shards, boundary, "in_progress", template=template
+    )
     if existing is None or existing.get("state") != "complete":
         TeacherCache.write_manifest(root, manifest)
 
@@ -421,7 +450,9 @@ def _build(
     if pending:
         say(f"scoring {len(pending)} shards with engine {config.engine!r}")
         timings["until_pipeline"] = time.time() - t0
-        timings.update(_run_ray_pipeline(config, teacher_path, view, out, [plan[k] for k in pending], say))
+        timings.update(
+            _run_ray_pipeline(config, teacher_path, view, template, out, [plan[k] for k in pending], say)
+        )
 
     infos = finished_shards(TeacherCache, root, num_shards, TeacherCacheError)
     corpus.update(_corpus_totals(infos, listing))
@@ -431,7 +462,7 @@ def _build(
         say("checking that document ids are unique across shards")
         _check_duplicate_ids(config, out, infos, plan)
     manifest = _manifest(
-        config, identity, view, teacher_path, corpus, num_shards, boundary, "complete", shards=infos
+        config, identity, view, teacher_path, corpus, num_shards, boundary, "complete", infos, template
     )
     TeacherCache.write_manifest(root, manifest)
     seconds = time.time() - t0
@@ -622,6 +653,7 @@ def _manifest(
     boundary: dict,
     state: str,
     shards: list[store.ShardInfo] | None = None,
+    template: ChatTemplate | None = None,
 ) -> dict:
     shards = shards or []
     return TeacherCache.new_manifest(
@@ -643,6 +675,8 @@ def _manifest(
             else {}
         ),
         totals=cache_totals(shards),
+        chat_columns=True,
+        chat_template=template.describe() if template is not None else None,
     )
 
 
@@ -653,6 +687,7 @@ def _run_ray_pipeline(
     config: TeacherCacheConfig,
     teacher_path: str,
     view: ByteView,
+    template: ChatTemplate | None,
     out: Location,
     pending: list[ShardEntry],
     say: Callable[[str], None],
@@ -671,7 +706,8 @@ def _run_ray_pipeline(
         # otherwise start the cheap tasks of every shard first, and the first shard would wait for all of them
         spare = cluster_cpus() - pool[1] * config.num_cpus_per_actor
         tasks = ray.data.TaskPoolStrategy(size=min(len(pending), max(2, int(spare / light["num_cpus"] / 2))))
-        ds = ds.map(_ReadTokenizeShard(view, config.corpus, config.max_length), compute=tasks, **light)
+        read = _ReadTokenizeShard(view, config.corpus, config.max_length, template, config.derive_text)
+        ds = ds.map(read, compute=tasks, **light)
         ds = ds.map_batches(
             _ScoreShards,
             fn_constructor_kwargs={
@@ -850,8 +886,17 @@ class _ReadTokenizeShard:
     """Ray Data task: a shard's plan entry → its documents read, validated, de-duplicated (within the shard),
     normalised and tokenized, as an Arrow IPC payload; plus the shard's corpus statistics and content digest."""
 
-    def __init__(self, view: ByteView, corpus: CorpusConfig, max_length: int):
+    def __init__(
+        self,
+        view: ByteView,
+        corpus: CorpusConfig,
+        max_length: int,
+        template: ChatTemplate | None = None,
+        derive_text: bool = False,
+    ):
         self.view, self.corpus, self.max_length = view, corpus, max_length
+        self.template, self.derive_text = template, derive_text
+        self._pieces: dict = {}  # the teacher's tokens of template texts already seen (see encode_chat)
 
     def __call__(self, row: dict) -> dict:
         entry = ShardEntry.from_json(json.loads(row["shard"]))
@@ -866,7 +911,23 @@ class _ReadTokenizeShard:
         stats = CorpusStats()
         digest = hashlib.sha256()
         doc_ids, ids, offsets, texts, truncated = [], [], [], [], []
+        chat: dict[str, list] = {name: [] for name in CHAT_COLUMNS}
         for doc in read_shard(entry, self.corpus, stats):
+            if doc.messages is not None:
+                enc, canonical = self._conversation(entry, doc)
+                digest.update(doc.doc_id.encode() + b"\0" + canonical.encode("utf-8") + b"\0")
+                for name, value in zip(
+                    CHAT_COLUMNS, (canonical, enc.content_spans, enc.token_message), strict=True
+                ):
+                    chat[name].append(value)
+                doc_ids.append(doc.doc_id)
+                ids.append(enc.token_ids)
+                offsets.append(enc.offsets)
+                texts.append(enc.text)
+                truncated.append(enc.truncated)
+                continue
+            for name in CHAT_COLUMNS:
+                chat[name].append(None)
             text = self.view.normalize_text(doc.text)
             digest.update(doc.doc_id.encode() + b"\0" + text.encode("utf-8") + b"\0")
             try:
@@ -897,11 +958,41 @@ class _ReadTokenizeShard:
                 "token_ids": ragged_list_array(ids, pa.int32()),
                 "offsets": ragged_list_array(offsets, pa.int32()),
                 "truncated": pa.array(truncated, pa.bool_()),
+                "messages": pa.array(chat["messages"], pa.string()),
+                "content_spans": _nullable_lists(chat["content_spans"], pa.int32()),
+                "token_message": _nullable_lists(chat["token_message"], pa.int16()),
             },
             schema=TOKENIZED_SCHEMA,
         )
         corpus = {**stats.to_json(), "sha256": digest.hexdigest(), "slice": entry.describe()}
         return {"shard": entry.index, "payload": table_to_ipc(table), "corpus": json.dumps(corpus)}
+
+    def _conversation(self, entry: ShardEntry, doc) -> tuple[ChatEncoding, str]:
+        """A conversation rendered with the teacher's template (contents normalised as plain texts are) and
+        tokenized; errors name the document's exact line."""
+        where = f"document {doc.doc_id} at {exact_source(entry, doc)}"
+        if self.template is None:
+            raise TeacherCacheError(f"{no_template_message(self.view.name, 'teacher')} (first one: {where})")
+        if self.derive_text:
+            raise TeacherCacheError(
+                f"{where}: a conversation, and --derive-text caches cannot hold conversations (the rendering's "
+                "special tokens stand for their literal text, which token bytes do not give back): run without "
+                "--derive-text"
+            )
+        messages = tuple(Message(m.role, self.view.normalize_text(m.content)) for m in doc.messages)
+        try:
+            rendered = self.template.render(messages, where)
+            enc = encode_chat(self.view, rendered, len(messages), self.max_length, where, self._pieces)
+        except (ChatError, TokenizerMismatchError) as err:
+            raise TeacherCacheError(
+                f"{err}. The teacher cannot render or tokenize this conversation exactly."
+            ) from None
+        return enc, messages_json(messages)
+
+
+def _nullable_lists(values: list, value_type: pa.DataType) -> pa.Array:
+    """A list array with a null for each None (plain-text rows have no chat columns)."""
+    return pa.array([None if v is None else np.asarray(v).tolist() for v in values], pa.list_(value_type))
 
 
 class _ScoreShards:
@@ -1030,6 +1121,7 @@ class _WriteShard:
             stats=stats,
             logprob_dtype=self.logprob_dtype,
             derive_text=self.derive_text,
+            chat=True,
         )
         return {
             "shard": k,

@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from alm_pipeline.configs import check_choice, check_int, check_number, check_positive, option
+from alm_pipeline.configs import check_choice, check_file, check_int, check_number, check_positive, option
+from alm_pipeline.pipeline.align_chat import LOSS_ON
 from alm_pipeline.pipeline.ray_utils import RayConfig, parse_resources
 from alm_pipeline.storage import is_uri
 from alm_pipeline.trainer.loss import DISTANCES, ALMLossConfig, Distance
@@ -70,6 +71,15 @@ class DataConfig:
     max_student_length: int | None = option(
         None, "With --cache: student tokens per document (default: whole cached text)"
     )
+    chat_template: str | None = option(
+        None,
+        "With --cache: Jinja chat template file for a student tokenizer that has none (conversations only; a "
+        "local file that every node can read)",
+    )
+    loss_on: str | None = option(
+        None,
+        "With --cache: which chunks of a conversation count: assistant, all or auto (default, as in align)",
+    )
     shuffle_window: int = option(
         16384,
         "Documents per shuffle window: each epoch permutes the row groups (with --cache: the cache shards), then "
@@ -96,13 +106,20 @@ class DataConfig:
         if self.cache is not None and not self.student_tokenizer:
             raise ValueError("--cache needs --student-tokenizer (a tokenizer folder, or 'bytes')")
         if self.aligned is not None and (
-            self.student_tokenizer or self.gamma is not None or self.max_student_length
+            self.student_tokenizer
+            or self.gamma is not None
+            or self.max_student_length
+            or self.chat_template
+            or self.loss_on is not None
         ):
             raise ValueError(
-                "--student-tokenizer / --gamma / --max-student-length are alignment settings for --cache; an aligned "
-                "set already fixes them"
+                "--student-tokenizer / --gamma / --max-student-length / --chat-template / --loss-on are alignment "
+                "settings for --cache; an aligned set already fixes them"
             )
         check_number("--gamma", self.gamma, 0, 1, allow_none=True)
+        if self.loss_on is not None:
+            check_choice("--loss-on", self.loss_on, LOSS_ON)
+        check_file("--chat-template", self.chat_template)
         check_int("--max-student-length", self.max_student_length, allow_none=True)
         check_int("--shuffle-window", self.shuffle_window)
         check_int("--data-cache-mib", self.data_cache_mib)
@@ -440,6 +457,7 @@ class TrainConfig:
                 aligned=_absolute(self.data.aligned),
                 cache=_absolute(self.data.cache),
                 student_tokenizer=_absolute(self.data.student_tokenizer),
+                chat_template=_absolute(self.data.chat_template),
             ),
             student=dataclasses.replace(
                 self.student,

@@ -160,14 +160,17 @@ class CacheBlockReader(BlockReader):
         self.need_groups = need_groups
 
     def _read_block(self, b: int) -> tuple[AlignedRows, np.ndarray]:
-        from alm_pipeline.cache.teacher import TeacherCache
+        from alm_pipeline.cache.teacher import CHAT_COLUMNS, TeacherCache
         from alm_pipeline.pipeline.align_stage import CACHE_COLUMNS
         from alm_pipeline.storage import location
 
         f = int(self.index.block_file[b])
         uri = self.index.files[f]
         try:  # as every cache reader gets them: ℓ and σ as fp32, text/offsets of a compact cache derived
-            table = TeacherCache.read_stored(self._parquet(f), CACHE_COLUMNS, location(uri))
+            parquet = self._parquet(f)
+            stored = parquet.schema_arrow.names
+            columns = CACHE_COLUMNS + [c for c in CHAT_COLUMNS if c in stored]
+            table = TeacherCache.read_stored(parquet, columns, location(uri))
         except (OSError, ValueError) as err:
             raise TrainingError(f"{uri}: cannot read the cache shard ({err})") from None
         try:

@@ -85,7 +85,7 @@ def cache_aligner(config: TrainConfig):
     """Stream mode: the function that aligns a table of cache rows to the run's student tokenizer."""
     from alm_pipeline.assets import resolve_model
     from alm_pipeline.cache.teacher import open_cache
-    from alm_pipeline.pipeline.align_stage import AlignSettings, align_table
+    from alm_pipeline.pipeline.align_stage import AlignError, AlignSettings, _student_templates, align_table
     from alm_pipeline.pipeline.byteview import load_byte_view
 
     data = config.data
@@ -94,11 +94,18 @@ def cache_aligner(config: TrainConfig):
         kwargs["gamma"] = data.gamma
     if data.max_student_length is not None:
         kwargs["max_student_length"] = data.max_student_length
+    if data.loss_on is not None:
+        kwargs["loss_on"] = data.loss_on
     settings = AlignSettings(**kwargs)
-    special = open_cache(data.cache, verify=False).special_token_mask()
+    cache = open_cache(data.cache, verify=False)
+    special = cache.special_token_mask()
     tok = data.student_tokenizer
     view = load_byte_view(tok if tok == "bytes" else resolve_model(tok))
-    return lambda table: align_table(table, special, view, settings)
+    try:
+        (template,) = _student_templates((tok,), data.chat_template, cache.chat_docs > 0)
+    except AlignError as err:
+        raise TrainingError(str(err)) from None
+    return lambda table: align_table(table, special, view, settings, student_template=template)
 
 
 def block_reader(config: TrainConfig, index: TrainIndex) -> BlockReader:

@@ -43,6 +43,8 @@ def test_quickstart_reduced_end_to_end(ray_local, tmp_path, llama_sp_model, toke
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "teacher bits/byte" in result.output
+    # the chat stage needs a teacher with a chat template; this one has none
+    assert "chat stage skipped: the teacher" in result.output and not (out / "chat").exists()
     assert (out / "cache" / "manifest.json").exists()
     for name in ("bytes", "tok_byte_level"):
         manifest = json.loads((out / "aligned" / name / "manifest.json").read_text())

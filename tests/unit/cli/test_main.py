@@ -128,6 +128,7 @@ BAD_TEACHER_CACHE_OPTIONS = [
     (["--vllm-max-num-batched-tokens", "0"], "--vllm-max-num-batched-tokens must be an integer >= 1"),
     (["--max-docs", "0"], "--max-docs must be an integer >= 1"),
     (["--num-cpus", "0"], "--num-cpus must be an integer >= 1"),
+    (["--chat-template", "/nope.jinja"], "--chat-template /nope.jinja: no such file"),
 ]
 
 
@@ -154,6 +155,8 @@ def test_teacher_cache_options_are_checked_before_anything_runs(tmp_path, args, 
         (["--gamma", "1.5"], "--gamma must be a number in [0, 1]"),
         (["--num-cpus", "0"], "--num-cpus must be an integer >= 1"),
         (["--address", "nowhere"], "--address must be auto, HOST:PORT or ray://HOST:PORT"),
+        (["--loss-on", "everything"], "unknown --loss-on 'everything'"),
+        (["--chat-template", "/nope.jinja"], "--chat-template /nope.jinja: no such file"),
         ([], "no-cache: not a teacher cache (no manifest.json)"),
     ],
 )

@@ -64,6 +64,33 @@ BAD_TRAIN_OPTIONS = [
         ],
         "--max-student-length must be an integer >= 1",
     ),
+    (
+        [
+            "--cache",
+            "{missing}",
+            "--student-tokenizer",
+            "bytes",
+            "--loss-on",
+            "most",
+            "--init-from",
+            "{model}",
+        ],
+        "unknown --loss-on 'most'",
+    ),
+    (
+        [
+            "--cache",
+            "{missing}",
+            "--student-tokenizer",
+            "bytes",
+            "--chat-template",
+            "{missing}",
+            "--init-from",
+            "{model}",
+        ],
+        "--chat-template {missing}: no such file",
+    ),  # fmt: skip
+    (["+", "--loss-on", "all"], "alignment settings for --cache"),
     (["+", "--shuffle-window", "0"], "--shuffle-window must be an integer >= 1"),
     (["+", "--data-cache-mib", "0"], "--data-cache-mib must be an integer >= 1"),
     (["+", "--prefetch-steps", "0"], "--prefetch-steps must be an integer >= 1"),
