@@ -626,6 +626,16 @@ def coverage_report_lines(summary: AlignedSetSummary, manifest: dict) -> list[st
         f"  per chunk: {cov['mean_chunk_bytes']:.2f} bytes, {cov['mean_chunk_teacher_tokens']:.2f} teacher tokens, "
         f"{cov['mean_chunk_student_tokens']:.2f} student tokens; {cov['mean_group_bytes']:.2f} bytes per merged chunk",
     ]
+    chat = cov.get("chat")
+    if chat:
+        share = f"{chat['coverage']:.2%}" if chat["coverage"] is not None else "n/a"
+        paired = chat["paired_template_runs"]
+        lines.append(
+            f"  conversations: {chat['conversations']}, coverage {share} of the {chat['loss_bytes']} content bytes "
+            f"the loss sees (--loss-on {chat['loss_on']}; {chat['content_bytes']} content bytes in all); template "
+            f"runs paired {paired}, left out {chat['teacher_template_runs'] - paired} of the teacher's and "
+            f"{chat['student_template_runs'] - paired} of the student's"
+        )
     if cov["dropped"]:
         lines.append(f"  dropped documents: {json.dumps(cov['dropped'])}")
     if summary.low_coverage:

@@ -116,6 +116,18 @@ class ChatTemplate:
     tokens: tuple[tuple[str, str], ...] = ()
 
     def render(self, messages: tuple[Message, ...], where: str = "") -> RenderedChat:
+        """The rendering as pieces. The template only ever sees placeholders for the contents, so what it writes
+        depends on the roles alone: the layout (template text and where each content goes) is rendered once
+        per sequence of roles and remembered."""
+        key = (self.source, self.tokens, tuple(m.role for m in messages))
+        layout = _LAYOUTS.get(key)
+        if layout is None:
+            layout = self._layout(messages, where)
+            if len(_LAYOUTS) < _MAX_LAYOUTS:
+                _LAYOUTS[key] = layout
+        return RenderedChat(tuple((messages[i].content, i) if i >= 0 else (text, i) for text, i in layout))
+
+    def _layout(self, messages: tuple[Message, ...], where: str) -> tuple[tuple[str, int], ...]:
         placeholders = [{"role": m.role, "content": _PLACEHOLDER.format(i)} for i, m in enumerate(messages)]
         try:
             rendered = _compile(self.source).render(
@@ -134,7 +146,7 @@ class ChatTemplate:
                 )
             if match.start() > pos:
                 pieces.append((rendered[pos : match.start()], -1))
-            pieces.append((messages[index].content, index))
+            pieces.append(("", index))
             pos, expected = match.end(), expected + 1
         if expected != len(messages):
             raise ChatError(
@@ -143,7 +155,7 @@ class ChatTemplate:
             )
         if pos < len(rendered):
             pieces.append((rendered[pos:], -1))
-        return RenderedChat(tuple(pieces))
+        return tuple(pieces)
 
     def describe(self) -> dict:
         import hashlib
@@ -210,6 +222,9 @@ def _special_token_strings(folder: Path) -> tuple[tuple[str, str], ...]:
 
 
 _COMPILED: dict[str, object] = {}
+# (template source, its tokens, the roles of a conversation) -> the rendering's layout (see ChatTemplate.render)
+_LAYOUTS: dict[tuple, tuple[tuple[str, int], ...]] = {}
+_MAX_LAYOUTS = 65536
 
 
 def _compile(source: str):

@@ -87,7 +87,7 @@ def test_align_renders_with_each_students_template_and_reports_the_pairing(chat_
     _, cache_dir = chat_cache
     (tmp_path / "mistral.jinja").write_text(MISTRAL_TEMPLATE)
     out = tmp_path / "aligned"
-    _cli("align", "--cache", str(cache_dir), "--student-tokenizer", "bytes", "--student-tokenizer",
+    output = _cli("align", "--cache", str(cache_dir), "--student-tokenizer", "bytes", "--student-tokenizer",
          "qwen3-tokenizer", "--student-tokenizer", "mistral-tokenizer", "--chat-template",
          str(tmp_path / "mistral.jinja"), "--output", str(out))  # fmt: skip
     for name in ("bytes", "qwen3-tokenizer", "mistral-tokenizer"):
@@ -99,6 +99,8 @@ def test_align_renders_with_each_students_template_and_reports_the_pairing(chat_
         assert 0 < chat["loss_bytes"] < chat["content_bytes"], name  # only assistant content counts
         assert chat["coverage"] >= (0.99 if name == "bytes" else 0.95), (name, chat)
         assert sum(s.rows for s in open_aligned_set(out / name).shards) == 18, name
+    # the command's report says it too, per student
+    assert output.count("conversations: 16, coverage") == 3 and "left out 0 of the teacher's" in output
 
     # --loss-on all: every message's content counts, and the choice is part of the aligned set's settings
     _cli("align", "--cache", str(cache_dir), "--student-tokenizer", "bytes", "--loss-on", "all", "--output",

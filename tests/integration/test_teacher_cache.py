@@ -364,6 +364,9 @@ def test_resume_after_kill_gives_identical_cache(ray_local, tmp_path, assets_dir
         "logprob",
         "boundary_logprob",
         "truncated",
+        "messages",  # the chat columns: null for plain texts
+        "content_spans",
+        "token_message",
     ]
 
 

@@ -17,6 +17,7 @@ from alm_pipeline.pipeline.align_chat import ChatStats, encode_rows, is_conversa
 from alm_pipeline.pipeline.align_stage import AlignSettings, align_table
 from alm_pipeline.pipeline.byteview import load_byte_view
 from alm_pipeline.pipeline.chat import (
+    BYTES_CHAT_TEMPLATE,
     ChatError,
     ChatTemplate,
     Message,
@@ -134,6 +135,22 @@ def test_the_bytes_template_renders_one_header_line_per_message_and_eos_after_as
         + CONVERSATION[2].content
         + "<eos>\n"
     )
+
+
+def test_conversations_with_the_same_roles_share_a_layout_but_keep_their_own_content():
+    """The layout is remembered per sequence of roles (the template sees placeholders only): a second conversation
+    with the same roles gets its own contents in the same places, and an error still names its own row."""
+    template = load_chat_template("bytes")
+    other = tuple(Message(m.role, m.content.upper() + " (2)") for m in CONVERSATION)
+    first, second = template.render(CONVERSATION, "row 1"), template.render(other, "row 2")
+    assert [t for t, m in second.pieces if m >= 0] == [m.content for m in other]
+    assert [t for t, m in second.pieces if m < 0] == [t for t, m in first.pieces if m < 0]
+    fresh = ChatTemplate("{# not remembered yet #}" + BYTES_CHAT_TEMPLATE, "fresh", template.tokens)
+    assert second.text == fresh.render(other).text
+    strict = ChatTemplate("{{ raise_exception('no') }}", "t")
+    for row in ("row 1", "row 2"):
+        with pytest.raises(ChatError, match=f"^{row}: "):
+            strict.render(CONVERSATION, row)
 
 
 def test_a_template_that_drops_a_message_or_raises_is_an_error_naming_it():
