@@ -68,6 +68,11 @@ def teacher_cache(config: TeacherCacheConfig) -> None:
         f"done: {summary.docs} documents, {summary.tokens} tokens in {summary.shards_total} shards "
         f"({summary.shards_reused} reused) in {summary.seconds:.1f}s -> {summary.output}"
     )
+    if summary.shards_rescored:
+        say(
+            f"{summary.shards_rescored} scoring attempt(s) repeated (a lost node's scored shards rebuilt, a "
+            "restarted scoring actor or a failed attempt); the cache is complete"
+        )
 
 
 @app.command()

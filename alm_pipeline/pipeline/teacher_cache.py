@@ -186,6 +186,11 @@ class TeacherCacheConfig:
         None, "Testing: the scoring actor raises on this shard (its first --fail-times attempts)"
     )
     fail_times: int = option(1, "Testing: with --fail-shard, how many attempts fail")
+    hold_writes: str | None = option(
+        None,
+        "Testing: write tasks wait until this local file exists, and each scored shard leaves a note in "
+        "PATH.scored/ (shard, attempt, node), so that a test can lose the node holding scored shards' only copy",
+    )
     overwrite: bool = option(False, "Replace an existing cache that has other settings")
     ray: RayConfig = field(default_factory=RayConfig)
     # vLLM engine (engine="vllm"; see alm_pipeline.pipeline.engine_vllm)
@@ -339,6 +344,9 @@ class CacheRunSummary:
     seconds: float
     tokens_per_second: float
     timings: dict = field(default_factory=dict)  # seconds per phase (stage, ray pipeline, first shard, ...)
+    # scoring attempts repeated for the shards written: a lost node (its scored shards rebuilt), a dead actor or
+    # a failed attempt (--shard-attempts)
+    shards_rescored: int = 0
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -444,15 +452,15 @@ def _build(
         TeacherCache.write_manifest(root, manifest)
 
     pending = TeacherCache.pending_shards(root, num_shards)
-    reused = num_shards - len(pending)
+    reused, rescored = num_shards - len(pending), 0
     if reused:
         say(f"resuming: {reused}/{num_shards} shards already written and verified")
     if pending:
         say(f"scoring {len(pending)} shards with engine {config.engine!r}")
         timings["until_pipeline"] = time.time() - t0
-        timings.update(
-            _run_ray_pipeline(config, teacher_path, view, template, out, [plan[k] for k in pending], say)
-        )
+        run = _run_ray_pipeline(config, teacher_path, view, template, out, [plan[k] for k in pending], say)
+        rescored = int(run.pop("rescored"))
+        timings.update(run)
 
     infos = finished_shards(TeacherCache, root, num_shards, TeacherCacheError)
     corpus.update(_corpus_totals(infos, listing))
@@ -477,6 +485,7 @@ def _build(
         seconds=round(seconds, 2),
         tokens_per_second=round(tokens / seconds, 1) if seconds > 0 else 0.0,
         timings={k: round(v, 3) for k, v in timings.items()},
+        shards_rescored=rescored,
     )
 
 
@@ -692,7 +701,8 @@ def _run_ray_pipeline(
     pending: list[ShardEntry],
     say: Callable[[str], None],
 ) -> dict:
-    """Run the Ray Data steps over the ``pending`` shards; returns timings (seconds, tokens)."""
+    """Run the Ray Data steps over the ``pending`` shards; returns timings (seconds, tokens) and ``rescored``,
+    the scoring attempts repeated for the shards written."""
     import ray.data
 
     engine_config = _engine_config(config, teacher_path)
@@ -718,6 +728,7 @@ def _run_ray_pipeline(
                 "out": out.uri,
                 "attempts": config.shard_attempts,
                 "fault": None if config.fail_shard is None else (config.fail_shard, config.fail_times),
+                "hold": config.hold_writes,
             },
             batch_size=1,
             batch_format="numpy",
@@ -727,7 +738,7 @@ def _run_ray_pipeline(
             resources={k: v for k, v in need.items() if k not in ("CPU", "GPU")} or None,
             **remote,
         )
-        write = _WriteShard(out.uri, config.logprob_dtype, config.derive_text)
+        write = _WriteShard(out.uri, config.logprob_dtype, config.derive_text, config.hold_writes)
         return ds.map(write, compute=tasks, **light)
 
     # run_shards hands each item to the steps as the row's "shard" value: here the shard's own plan entry
@@ -749,6 +760,7 @@ def _run_ray_pipeline(
         "ray_pipeline": run.seconds,
         "first_shard": run.first_shard_seconds,
         "actor_busy": float(run.totals.get("actor_seconds", 0.0)),
+        "rescored": int(run.totals.get("rescored", 0)),
     }
     if run.steady_rate is not None:
         timings["steady_tokens_per_second"] = run.steady_rate
@@ -1007,9 +1019,11 @@ class _ScoreShards:
         out: str,
         attempts: int,
         fault: tuple[int, int] | None = None,
+        hold: str | None = None,
     ):
         self.out, self.attempts = out, attempts
         self.fault = fault  # (shard, attempts to fail): --fail-shard, for tests
+        self.hold = hold  # --hold-writes, for tests
         boundary_ids = read_boundary_tokens(_root(location(boundary_file))).astype(np.int64)
         if engine == "hf":
             from alm_pipeline.pipeline.engine_hf import HFTeacherEngine
@@ -1027,13 +1041,14 @@ class _ScoreShards:
             raise TeacherCacheError(f"unknown engine {engine!r}")
 
     def __call__(self, batch: dict) -> dict:
-        shards, payloads, busy, errors = [], [], [], []
+        shards, payloads, busy, errors, attempts = [], [], [], [], []
         for k, payload in zip(batch["shard"], batch["payload"], strict=True):
             t0 = time.perf_counter()
             table = ipc_to_table(payload)
             seqs = [np.asarray(x, dtype=np.int32) for x in table["token_ids"].to_numpy(zero_copy_only=False)]
+            attempt = 0
             try:
-                self._start_attempt(int(k))
+                attempt = self._start_attempt(int(k))
                 self._maybe_fail(int(k))
                 scored = self.engine.score(seqs) if seqs else []
             except ShardAttemptError as err:  # the shard's last attempt: reported, the run goes on without it
@@ -1041,6 +1056,7 @@ class _ScoreShards:
                 payloads.append(b"")
                 busy.append(time.perf_counter() - t0)
                 errors.append(str(err))
+                attempts.append(attempt)
                 continue
             except Exception as err:  # the engine or the device (tokenized input cannot fail here)
                 self._failed(int(k), err)
@@ -1052,18 +1068,23 @@ class _ScoreShards:
             payloads.append(table_to_ipc(table))
             busy.append(time.perf_counter() - t0)
             errors.append("")
+            attempts.append(attempt)
+            if self.hold:
+                self._note_scored(int(k), attempt)
         return {
             "shard": np.array(shards),
             "payload": np.array(payloads, dtype=object),
             "actor_seconds": np.array(busy),  # time this shard occupied the scoring actor
             "corpus": batch["corpus"],
             "error": np.array(errors, dtype=object),  # a shard given up on: why (its payload is empty)
+            "attempt": np.array(attempts),  # the attempt's number (1 unless the shard was scored before)
         }
 
-    def _start_attempt(self, shard: int) -> None:
+    def _start_attempt(self, shard: int) -> int:
         """Count an attempt at ``shard`` (in OUTPUT/.attempts/, which the run clears at its start and end, so a
-        restarted actor sees it); refuse one past --shard-attempts: the earlier ones died without a word (the
-        process crashed)."""
+        restarted actor sees it) and return its number; refuse one past --shard-attempts: the earlier ones died
+        without a word (the process crashed). A shard scored again because the node holding its scored rows was
+        lost counts too."""
         counter = location(self.out) / ATTEMPTS_DIR / f"shard-{shard}"
         attempt = (int(counter.read_text()) if counter.exists() else 0) + 1
         counter.write_bytes(str(attempt).encode())
@@ -1071,6 +1092,15 @@ class _ScoreShards:
             last = location(self.out) / ATTEMPTS_DIR / f"shard-{shard}.error"
             why = last.read_text() if last.exists() else "the scoring actor died on it without a word"
             raise ShardAttemptError(shard, f"failed {attempt - 1} time(s), giving up: {why}")
+        return attempt
+
+    def _note_scored(self, shard: int, attempt: int) -> None:
+        """--hold-writes: leave ``PATH.scored/shard-K.attempt-A.NODE`` for the test that waits for it."""
+        import ray
+
+        notes = Path(f"{self.hold}.scored")
+        notes.mkdir(parents=True, exist_ok=True)
+        (notes / f"shard-{shard}.attempt-{attempt}.{ray.get_runtime_context().get_node_id()}").touch()
 
     def _failed(self, shard: int, err: Exception) -> None:
         """After a failed attempt: record the error and end this process, so that Ray Data starts a fresh actor
@@ -1099,19 +1129,26 @@ class _ScoreShards:
 class _WriteShard:
     """Ray Data task: scored shard payload → ``shards/shard-K.parquet`` + marker (atomic)."""
 
-    def __init__(self, out: str, logprob_dtype: str = "float32", derive_text: bool = False):
+    def __init__(
+        self, out: str, logprob_dtype: str = "float32", derive_text: bool = False, hold: str | None = None
+    ):
         self.out, self.logprob_dtype, self.derive_text = out, logprob_dtype, derive_text
+        self.hold = hold  # --hold-writes, for tests
 
     def __call__(self, row: dict) -> dict:
         k = int(row["shard"])
+        rescored = max(0, int(row["attempt"]) - 1)
         if row["error"]:  # given up on: nothing to write
             return {
                 "shard": k,
                 "tokens": 0,
                 "rows": 0,
                 "actor_seconds": float(row["actor_seconds"]),
+                "rescored": rescored,
                 "error": row["error"],
             }
+        while self.hold and not Path(self.hold).exists():
+            time.sleep(0.05)
         table = ipc_to_table(row["payload"])
         stats = {**shard_stats(table), "corpus": json.loads(row["corpus"])}
         info = TeacherCache.write_shard(
@@ -1128,5 +1165,6 @@ class _WriteShard:
             "tokens": info.tokens,
             "rows": info.rows,
             "actor_seconds": float(row["actor_seconds"]),
+            "rescored": rescored,
             "error": "",
         }

@@ -387,6 +387,7 @@ def test_a_failing_scoring_actor_is_retried_on_a_fresh_one_then_named(ray_local,
     )
     assert (out / ".injected_failures" / "shard-1").read_text() == "1"  # the fault did happen
     assert summary.docs == clean.docs and not (out / ".attempts").exists()
+    assert clean.shards_rescored == 0 and summary.shards_rescored == 1
     assert_same_cache_rows(cache_rows(out), cache_rows(tmp_path / "clean"))
 
     out = tmp_path / "given_up"

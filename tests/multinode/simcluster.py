@@ -15,10 +15,15 @@ from dataclasses import dataclass
 from typing import Any
 
 ACCEL = "accel"  # the custom resource standing in for a GPU
-HEALTH_CHECKS = {  # a lost node is declared dead within ~2 s
+SYSTEM_CONFIG = {
+    # a lost node is declared dead within ~2 s
     "health_check_initial_delay_ms": 0,
     "health_check_period_ms": 500,
     "health_check_failure_threshold": 3,
+    # results above 1 KiB go through the producing node's object store, as real shards (megabytes) do; Ray's
+    # default (100 KiB) would return the tests' small shards inline to the driver, where a lost node cannot
+    # take them along
+    "max_direct_call_object_size": 1024,
 }
 
 
@@ -43,7 +48,7 @@ class SimCluster:
         from ray.cluster_utils import Cluster
 
         self.cluster = Cluster(
-            initialize_head=True, head_node_args={"num_cpus": head_cpus, "_system_config": HEALTH_CHECKS}
+            initialize_head=True, head_node_args={"num_cpus": head_cpus, "_system_config": SYSTEM_CONFIG}
         )
         self.workers = [self.add_worker() for _ in range(workers)]
         self.cluster.wait_for_nodes()
@@ -66,6 +71,12 @@ class SimCluster:
         node = self.workers.pop(index)
         self.cluster.remove_node(node, allow_graceful=False)
 
+    def worker_index(self, node_id: str) -> int:
+        """The index in :attr:`workers` of the worker node with this Ray node id."""
+        ids = [node.node_id for node in self.workers]
+        assert node_id in ids, f"{node_id} is not a live worker node ({ids})"
+        return ids.index(node_id)
+
     def run_losing_a_node(
         self,
         run: Callable[[], Any],
@@ -74,11 +85,14 @@ class SimCluster:
         progress: Callable[[], int] | None = None,
         replace_after: float | None = None,
         nodes: int = 1,
+        which: Callable[[], str] | None = None,
+        after_loss: Callable[[], None] | None = None,
         timeout: float = 600,
     ) -> tuple[Any, NodeLoss]:
         """Call ``run()`` in a thread; once ``condition()`` holds, remove ``nodes`` worker nodes without a graceful
-        shutdown (preempted machines); with ``replace_after``, add a fresh worker node that many seconds later (an
-        autoscaler replacing it). Node changes happen in this thread: Ray's ``Cluster`` sets signal handlers,
+        shutdown (preempted machines): the first ones, or the one whose Ray node id ``which()`` returns; with
+        ``replace_after``, add a fresh worker node that many seconds later (an autoscaler replacing it); then
+        call ``after_loss()``. Node changes happen in this thread: Ray's ``Cluster`` sets signal handlers,
         which only the main thread may. Returns ``run()``'s result (or raises its exception) and the loss."""
         loss = NodeLoss()
         outcome: dict[str, Any] = {}
@@ -98,12 +112,14 @@ class SimCluster:
             time.sleep(0.05)
         if thread.is_alive():
             for _ in range(nodes):
-                self.remove_worker(0)
+                self.remove_worker(self.worker_index(which()) if which is not None else 0)
             loss.removed_at = time.monotonic()
             loss.progress = progress() if progress is not None else None
             if replace_after is not None:
                 time.sleep(replace_after)
                 self.workers.append(self.add_worker())
+            if after_loss is not None:
+                after_loss()
         thread.join(max(1.0, deadline - time.monotonic()))
         assert not thread.is_alive(), f"the run did not finish within {timeout:g} s"
         if "error" in outcome:

@@ -5,6 +5,7 @@ for step). Prints the time from the node loss to the run's end (the recovery mea
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -30,18 +31,15 @@ def _shards_written(out: Path) -> int:
 
 
 def _cache_config(model: Path, corpus: Path, out: Path, **kw):
-    return teacher_cache_config(
-        model,
-        corpus,
-        out,
-        max_length=96,
-        shard_size=shard_bytes(corpus, 8),
-        batch_tokens=512,
-        concurrency=2,
-        num_cpus_per_actor=0.5,
-        actor_resources=ON_WORKERS,
-        **kw,
-    )
+    settings = {
+        "max_length": 96,
+        "shard_size": shard_bytes(corpus, 8),
+        "batch_tokens": 512,
+        "concurrency": 2,
+        "num_cpus_per_actor": 0.5,
+        "actor_resources": ON_WORKERS,
+    }
+    return teacher_cache_config(model, corpus, out, **{**settings, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +62,51 @@ def test_teacher_cache_survives_a_lost_worker_node(cluster, tmp_path, gpt2_bl_mo
     assert summary.shards_written == 8
     assert_same_cache_rows(cache_rows(out), cache_rows(reference_cache))
     print(f"\nteacher-cache: node lost -> run finished in {loss.recovery_seconds:.1f} s")
+
+
+def test_teacher_cache_rebuilds_scored_shards_whose_only_copy_was_on_the_lost_node(
+    cluster, tmp_path, gpt2_bl_model, corpus, reference_cache
+):
+    """The case the test above cannot isolate: every shard scored, none written, and the node that scored them
+    (so the only copy of most scored shards, in its object store) is lost. Ray rebuilds each lost block from its
+    lineage by scoring the shard again on a restarted actor, and the cache equals the one without the fault.
+    ``--hold-writes`` keeps the write tasks waiting and notes each scored shard (shard, attempt, node)."""
+    out, gate = tmp_path / "faulty", tmp_path / "release-writes"
+    notes = Path(f"{gate}.scored")
+
+    def scored() -> list[tuple[int, int, str]]:
+        found = []
+        for p in notes.glob("shard-*") if notes.exists() else ():
+            shard, attempt, node = p.name.split(".", 2)
+            found.append((int(shard.removeprefix("shard-")), int(attempt.removeprefix("attempt-")), node))
+        return sorted(found)
+
+    def release() -> None:
+        time.sleep(3)  # until the head has declared the node dead (health checks: ~1.5 s)
+        gate.touch()
+
+    config = _cache_config(gpt2_bl_model, corpus, out, concurrency=1, hold_writes=str(gate))
+    summary, loss = cluster.run_losing_a_node(
+        lambda: build_teacher_cache(config),
+        lambda: len(scored()) == 8,  # one replica: all 8 shards scored on its node, none written
+        progress=lambda: _shards_written(out),
+        which=lambda: scored()[0][2],
+        after_loss=release,
+    )
+    assert loss.progress == 0
+    first = [(k, a, n) for k, a, n in scored() if a == 1]
+    lost_node = first[0][2]
+    assert [k for k, *_ in first] == list(range(8)) and {n for *_, n in first} == {lost_node}
+    again = [(k, a, n) for k, a, n in scored() if a > 1]
+    # shards whose only copy went with the node (a write task already running had pulled a copy of its own)
+    assert again, "no scored shard was lost with its node: the case did not occur"
+    assert all(n != lost_node for *_, n in again)
+    assert summary.shards_written == 8 and summary.shards_rescored == len(again)
+    assert_same_cache_rows(cache_rows(out), cache_rows(reference_cache))
+    print(
+        f"\nteacher-cache: {len(again)} of 8 scored shards lost with their node and rebuilt; "
+        f"run finished {loss.recovery_seconds:.1f} s after the loss"
+    )
 
 
 def _logged_steps(out: Path) -> int:
