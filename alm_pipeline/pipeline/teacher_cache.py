@@ -186,6 +186,9 @@ class TeacherCacheConfig:
         None, "Testing: the scoring actor raises on this shard (its first --fail-times attempts)"
     )
     fail_times: int = option(1, "Testing: with --fail-shard, how many attempts fail")
+    fail_crash: bool = option(
+        False, "Testing: with --fail-shard, the actor's process exits without a word instead of raising"
+    )
     hold_writes: str | None = option(
         None,
         "Testing: write tasks wait until this local file exists, and each scored shard leaves a note in "
@@ -727,7 +730,9 @@ def _run_ray_pipeline(
                 "tokenizer_size": view.vocab_size,
                 "out": out.uri,
                 "attempts": config.shard_attempts,
-                "fault": None if config.fail_shard is None else (config.fail_shard, config.fail_times),
+                "fault": None
+                if config.fail_shard is None
+                else (config.fail_shard, config.fail_times, config.fail_crash),
                 "hold": config.hold_writes,
             },
             batch_size=1,
@@ -1018,11 +1023,11 @@ class _ScoreShards:
         tokenizer_size: int,
         out: str,
         attempts: int,
-        fault: tuple[int, int] | None = None,
+        fault: tuple[int, int, bool] | None = None,
         hold: str | None = None,
     ):
         self.out, self.attempts = out, attempts
-        self.fault = fault  # (shard, attempts to fail): --fail-shard, for tests
+        self.fault = fault  # (shard, attempts to fail, crash): --fail-shard, for tests
         self.hold = hold  # --hold-writes, for tests
         boundary_ids = read_boundary_tokens(_root(location(boundary_file))).astype(np.int64)
         if engine == "hf":
@@ -1115,7 +1120,8 @@ class _ScoreShards:
         os._exit(75)  # an unexpected exit: Ray restarts the actor and retries its tasks
 
     def _maybe_fail(self, shard: int) -> None:
-        """--fail-shard: raise on that shard while fewer than --fail-times attempts have failed (counted in
+        """--fail-shard: raise on that shard (with --fail-crash: end the process at once, as a segfault or the
+        kernel's OOM killer would) while fewer than --fail-times attempts have failed (counted in
         OUTPUT/.injected_failures/, so a fresh actor sees the count)."""
         if self.fault is None or shard != self.fault[0]:
             return
@@ -1123,6 +1129,8 @@ class _ScoreShards:
         failed = int(counter.read_text()) if counter.exists() else 0
         if failed < self.fault[1]:
             counter.write_bytes(str(failed + 1).encode())
+            if self.fault[2]:
+                os._exit(139)
             raise RuntimeError(f"injected failure {failed + 1} of {self.fault[1]} (--fail-shard)")
 
 

@@ -408,6 +408,50 @@ def test_a_failing_scoring_actor_is_retried_on_a_fresh_one_then_named(ray_local,
     assert_same_cache_rows(cache_rows(out), cache_rows(tmp_path / "clean"))
 
 
+def test_a_scoring_actor_that_dies_without_a_word_counts_as_a_failed_attempt(
+    ray_local, tmp_path, gpt2_bl_model
+):
+    """The actor's process ends on shard 1 with no exception (a segfault, the OOM killer): the attempt is counted
+    all the same, so a fresh actor scores the shard again; an actor that dies on every attempt makes the run
+    stop naming the shard instead of retrying it forever."""
+    docs = [{"id": f"d{i}", "text": f"document number {i} of the corpus"} for i in range(6)]
+    data = write_jsonl(tmp_path / "c.jsonl", docs)
+    size = shard_bytes(data, 3)
+    clean = build_teacher_cache(_config(gpt2_bl_model, data, tmp_path / "clean", shard_size=size))
+
+    out = tmp_path / "crashed_once"
+    summary = build_teacher_cache(
+        _config(gpt2_bl_model, data, out, shard_size=size, fail_shard=1, fail_times=1, fail_crash=True)
+    )
+    assert (out / ".injected_failures" / "shard-1").read_text() == "1"  # the process did die
+    assert summary.shards_rescored == 1 and summary.docs == clean.docs
+    assert_same_cache_rows(cache_rows(out), cache_rows(tmp_path / "clean"))
+
+    out = tmp_path / "crashes_always"
+    with pytest.raises(
+        TeacherCacheError,
+        match=r"1 shard\(s\) not written: shard 1: failed 2 time\(s\), giving up: the scoring actor died on it "
+        r"without a word",
+    ):
+        build_teacher_cache(
+            _config(
+                gpt2_bl_model,
+                data,
+                out,
+                shard_size=size,
+                fail_shard=1,
+                fail_times=9,
+                fail_crash=True,
+                shard_attempts=2,
+            )
+        )
+    assert (out / ".injected_failures" / "shard-1").read_text() == "2"
+    assert sorted(p.name for p in (out / "shards").glob("*.done.json")) == [
+        "shard-00000000.done.json",
+        "shard-00000002.done.json",
+    ]
+
+
 def test_concurrency_larger_than_the_cluster_starts_with_what_fits(ray_local, tmp_path, gpt2_bl_model):
     """Three replicas of 0.75 CPU on a 2-CPU local Ray: the run starts with the two that fit and says so; a replica
     that no node can hold (a resource the cluster lacks) is refused before anything runs."""
