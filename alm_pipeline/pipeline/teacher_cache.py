@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -226,6 +227,8 @@ class TeacherCacheConfig:
         """Every setting checked here, before any work (messages name the option)."""
         check_choice("--engine", self.engine, ("hf", "vllm"))
         check_file("--chat-template", self.chat_template)
+        if self.hold_writes is not None and is_uri(self.hold_writes):  # the hook waits for a local file
+            raise ValueError(f"--hold-writes must be a local path, got {self.hold_writes!r}")
         check_choice("--logprob-dtype", self.logprob_dtype, LOGPROB_DTYPES)
         check_choice("--boundary-mode", self.boundary_mode, ("exact", "topk"))
         check_choice("--dtype", self.dtype, ("auto", *DTYPES))
@@ -732,7 +735,7 @@ def _run_ray_pipeline(
                 "attempts": config.shard_attempts,
                 "fault": None
                 if config.fail_shard is None
-                else (config.fail_shard, config.fail_times, config.fail_crash),
+                else InjectedFault(config.fail_shard, config.fail_times, config.fail_crash),
                 "hold": config.hold_writes,
             },
             batch_size=1,
@@ -1012,6 +1015,15 @@ def _nullable_lists(values: list, value_type: pa.DataType) -> pa.Array:
     return pa.array([None if v is None else np.asarray(v).tolist() for v in values], pa.list_(value_type))
 
 
+class InjectedFault(NamedTuple):
+    """--fail-shard / --fail-times / --fail-crash (tests): on ``shard``, the first ``times`` attempts fail, by an
+    exception or (``crash``) by the process ending at once."""
+
+    shard: int
+    times: int
+    crash: bool = False
+
+
 class _ScoreShards:
     """Ray Data actor: one teacher engine, scores whole shards (length-sorted batches inside)."""
 
@@ -1023,11 +1035,11 @@ class _ScoreShards:
         tokenizer_size: int,
         out: str,
         attempts: int,
-        fault: tuple[int, int, bool] | None = None,
+        fault: InjectedFault | None = None,
         hold: str | None = None,
     ):
         self.out, self.attempts = out, attempts
-        self.fault = fault  # (shard, attempts to fail, crash): --fail-shard, for tests
+        self.fault = fault  # --fail-shard, for tests
         self.hold = hold  # --hold-writes, for tests
         boundary_ids = read_boundary_tokens(_root(location(boundary_file))).astype(np.int64)
         if engine == "hf":
@@ -1123,15 +1135,15 @@ class _ScoreShards:
         """--fail-shard: raise on that shard (with --fail-crash: end the process at once, as a segfault or the
         kernel's OOM killer would) while fewer than --fail-times attempts have failed (counted in
         OUTPUT/.injected_failures/, so a fresh actor sees the count)."""
-        if self.fault is None or shard != self.fault[0]:
+        if self.fault is None or shard != self.fault.shard:
             return
         counter = location(self.out) / ".injected_failures" / f"shard-{shard}"
         failed = int(counter.read_text()) if counter.exists() else 0
-        if failed < self.fault[1]:
+        if failed < self.fault.times:
             counter.write_bytes(str(failed + 1).encode())
-            if self.fault[2]:
+            if self.fault.crash:
                 os._exit(139)
-            raise RuntimeError(f"injected failure {failed + 1} of {self.fault[1]} (--fail-shard)")
+            raise RuntimeError(f"injected failure {failed + 1} of {self.fault.times} (--fail-shard)")
 
 
 class _WriteShard:

@@ -13,9 +13,11 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from typer.testing import CliRunner
 
 from alm_pipeline.cache import open_cache, store
 from alm_pipeline.cache.store import CacheIntegrityError
+from alm_pipeline.cli.main import app
 from alm_pipeline.pipeline.byteview import load_byte_view
 from alm_pipeline.pipeline.teacher_cache import TeacherCacheConfig, TeacherCacheError, build_teacher_cache
 from tests.factories import (
@@ -419,12 +421,17 @@ def test_a_scoring_actor_that_dies_without_a_word_counts_as_a_failed_attempt(
     size = shard_bytes(data, 3)
     clean = build_teacher_cache(_config(gpt2_bl_model, data, tmp_path / "clean", shard_size=size))
 
-    out = tmp_path / "crashed_once"
-    summary = build_teacher_cache(
-        _config(gpt2_bl_model, data, out, shard_size=size, fail_shard=1, fail_times=1, fail_crash=True)
+    out = tmp_path / "crashed_once"  # through the CLI, which reports the repeated attempt
+    result = CliRunner().invoke(
+        app,
+        ["teacher-cache", "--teacher", str(gpt2_bl_model), "--data", str(data), "--id-field", "id"]
+        + ["--output", str(out), "--max-length", "128", "--shard-size", str(size), "--batch-tokens", "512"]
+        + ["--fail-shard", "1", "--fail-times", "1", "--fail-crash"],
+        env={"COLUMNS": "200"},
     )
+    assert result.exit_code == 0, result.output + repr(result.exception)
     assert (out / ".injected_failures" / "shard-1").read_text() == "1"  # the process did die
-    assert summary.shards_rescored == 1 and summary.docs == clean.docs
+    assert "1 scoring attempt(s) repeated" in result.output and f"{clean.docs} documents" in result.output
     assert_same_cache_rows(cache_rows(out), cache_rows(tmp_path / "clean"))
 
     out = tmp_path / "crashes_always"

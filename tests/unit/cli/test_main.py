@@ -129,6 +129,7 @@ BAD_TEACHER_CACHE_OPTIONS = [
     (["--max-docs", "0"], "--max-docs must be an integer >= 1"),
     (["--num-cpus", "0"], "--num-cpus must be an integer >= 1"),
     (["--chat-template", "/nope.jinja"], "--chat-template /nope.jinja: no such file"),
+    (["--hold-writes", "s3://bucket/gate"], "--hold-writes must be a local path, got 's3://bucket/gate'"),
 ]
 
 
